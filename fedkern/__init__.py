@@ -1,0 +1,41 @@
+"""fedkern: fused kernels for communication-efficient, robust and memory-efficient training.
+
+Ops (torch.library namespace "fedkern", dispatched to the C++ core on CPU, Triton / CUDA C++ on
+GPU, plain PyTorch elsewhere): ``topk_compress``, ``randk_compress``, ``ef14_topk_``,
+``ef21_topk_``, ``ef14_randk_``, ``ef21_randk_``, ``sparse_add_``, ``sparse_add_batched_``.
+Backends: ``fedkern.backends()`` reports what is usable; ``with fedkern.backend(name):`` or
+FEDKERN_BACKEND forces one. Building blocks: ``fedkern.compress``.
+"""
+
+from fedkern import compress
+from fedkern.ops import (
+    backend,
+    backends,
+    current_backend,
+    ef14_randk_,
+    ef14_topk_,
+    ef21_randk_,
+    ef21_topk_,
+    randk_compress,
+    sparse_add_,
+    sparse_add_batched_,
+    topk_compress,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "backend",
+    "backends",
+    "compress",
+    "current_backend",
+    "ef14_randk_",
+    "ef14_topk_",
+    "ef21_randk_",
+    "ef21_topk_",
+    "randk_compress",
+    "sparse_add_",
+    "sparse_add_batched_",
+    "topk_compress",
+]

@@ -1,0 +1,123 @@
+"""Argument checks shared by the op schemas.
+
+Every public op validates its arguments here before any kernel runs, so that kernels only ever see
+contiguous float32/bfloat16 tensors on one device, k in [1, numel] and finite fp32 scalars, and so
+that nothing is modified when an error is raised. Messages name the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16)
+DTYPE_TAG = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def float_tensor(name: str, x) -> torch.Tensor:
+    tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32 or bfloat16 tensor, got dtype {x.dtype}")
+    if x.is_sparse or x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must have at least one element, got shape {tuple(x.shape)}")
+    return x
+
+
+def writable(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A buffer updated in place through a flat view must be contiguous and not need grad."""
+    if not x.is_contiguous():
+        raise ValueError(f"{name} is updated in place and must be contiguous")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} is updated in place and must not require grad")
+    return x
+
+
+def same_as(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {x.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {x.dtype}")
+    if x.shape != ref.shape:
+        raise ValueError(
+            f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(x.shape)}"
+        )
+    return x
+
+
+def disjoint(name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if isinstance(x, FakeTensor) or x.device.type == "meta":
+        return  # no memory behind it (torch.compile tracing, meta tensors)
+    if x.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
+        raise ValueError(f"{name} and {other_name} must not share memory")
+
+
+def integer(name: str, v, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {rng}, got {v}")
+    return v
+
+
+def k_for(k, numel: int, x_name: str = "x") -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= int(k) <= numel:
+        raise ValueError(f"k must be in [1, {x_name}.numel()={numel}], got {int(k)}")
+    return int(k)
+
+
+def fp32_scalar(name: str, v, *, nonneg: bool = False) -> float:
+    """A finite Python number, returned rounded to the nearest float32 (what every kernel uses)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if nonneg and v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    with np.errstate(over="ignore"):
+        r = float(np.float32(v))
+    if not math.isfinite(r):
+        raise ValueError(f"{name} must fit in float32, got {v}")
+    return r
+
+
+def boolean(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
+
+
+def schema_types(**args) -> None:
+    """Type-check Python scalars before torch.ops parses them (its errors do not name the API).
+
+    Keyword names select the expected type: k/seed/step -> int, lr/alpha -> real, unbiased -> bool.
+    """
+    for name, val in args.items():
+        if name in ("k", "seed", "step"):
+            ok = isinstance(val, numbers.Integral) and not isinstance(val, bool)
+            want = "an int"
+        elif name in ("lr", "alpha"):
+            ok = isinstance(val, numbers.Real) and not isinstance(val, bool)
+            want = "a real number"
+        else:
+            ok, want = isinstance(val, bool), "a bool"
+        if not ok:
+            raise TypeError(f"{name} must be {want}, got {type(val).__name__}")
+        if name in ("seed", "step") and not 0 <= int(val) < 2**63:
+            raise ValueError(f"{name} must be an int in [0, 2**63), got {val}")

@@ -1,0 +1,111 @@
+"""Shared test setup: backend parametrization, tolerances, the float64 oracle helpers.
+
+Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors, which must be switched on
+before triton is first imported -- hence the environment variable below, set before fedkern loads.
+On CI (CI=true) a backend that should exist on this machine (the C++ core, Triton's interpreter)
+failing to load is an error, not a skip, so a broken build cannot pass as skipped tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fedkern  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.bfloat16]
+
+#: Unit roundoff per dtype. Results are compared with the float64 oracle to within two roundings
+#: of the result (rtol) and two roundings of the operands' magnitude (atol, for cancellation).
+EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
+
+
+def _backend_param(name: str):
+    ok, why = fedkern.ops._dispatch.backend_status(name)
+    required = os.environ.get("CI") == "true" and name in ("cpu", "triton")
+    if ok or required:
+        return pytest.param(name, id=name)
+    return pytest.param(name, id=name, marks=pytest.mark.skip(reason=why))
+
+
+BACKEND_PARAMS = [_backend_param(n) for n in ("reference", "cpu", "triton", "cuda")]
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's test tensors live: CUDA for the GPU backends when a GPU exists."""
+    if backend == "cuda" or (backend == "triton" and HAS_CUDA):
+        return "cuda"
+    return "cpu"
+
+
+def interpreted(backend: str) -> bool:
+    """Triton in its interpreter is ~1000x slower: such cases use smaller sizes."""
+    return backend == "triton" and not HAS_CUDA
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request):
+    """Each test body runs with this backend forced."""
+    with fedkern.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def gen():
+    """Fresh random inputs every run; the seed is in the captured output of a failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random inputs from torch.Generator().manual_seed({seed})")
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(n, dtype, gen, device="cpu", kind="normal"):
+    """Random test vector: normal, or with many ties / zeros of both signs / inf / NaN."""
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    if kind == "ties":
+        x = torch.randint(-3, 4, (n,), generator=gen).double()
+    elif kind == "special":
+        x = torch.randint(-3, 4, (n,), generator=gen).double()
+        specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")],
+                                dtype=torch.float64)  # fmt: skip
+        pick = torch.randint(0, 5, (n,), generator=gen)
+        mask = torch.rand(n, generator=gen) < 0.3
+        x = torch.where(mask, specials[pick], x)
+    elif kind == "equal":
+        x = torch.full((n,), 1.5, dtype=torch.float64)
+    return x.to(dtype).to(device)
+
+
+def oracle_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """float64/NumPy top-k indices: order by (NaN first, then |x| descending, then index)."""
+    a = x.detach().double().cpu().numpy()
+    nan = np.isnan(a)
+    mag = np.where(nan, 0.0, np.abs(a))
+    order = np.lexsort((np.arange(a.size), -mag, -nan.astype(np.int64)))
+    return torch.from_numpy(np.sort(order[:k]))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality of two float tensors (NaN payloads aside)."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    both_nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    ia = a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32)
+    ib = b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32)
+    return bool(((ia == ib) | both_nan).all())
+
+
+def close64(actual: torch.Tensor, expected64: torch.Tensor, dtype, scale: float = 0.0) -> None:
+    """Compare with the float64 oracle: |a - e| <= 2 eps |e| + 2 eps scale (scale: operand size)."""
+    eps = EPS[dtype]
+    torch.testing.assert_close(
+        actual.detach().cpu().double(), expected64.detach().cpu().double(), equal_nan=True,
+        rtol=2 * eps, atol=2 * eps * scale + 1e-300,
+    )  # fmt: skip
