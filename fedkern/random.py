@@ -4,16 +4,17 @@ fedkern never stores random masks: every random choice is a pure function of a k
 (seed, step) produces the same mask on the reference, C++, Triton and CUDA backends, bit for bit,
 and a mask can be communicated as its seed.
 
-The generator is Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11):
-a 128-bit counter (c0, c1, c2, c3) and a 64-bit key (k0, k1) map to four uint32 words through ten
-rounds of multiply-high/low and xor, with the key bumped by the Weyl constants between rounds.
+The generator is Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+SC'11): a 128-bit counter (c0, c1, c2, c3) and a 64-bit key (k0, k1) map to four uint32 words
+through ten rounds of multiply-high/low and xor, with the key bumped by the Weyl constants between
+rounds.
 
 Rand-k draws its index set from a keyed pseudo-random permutation of [0, n) (a balanced Feistel
-network on 2h bits with cycle walking); its eight round keys are the Philox words of the counter
-(seed_lo, seed_hi, step_lo, step_hi) under the keys (STREAM_RANDK, 0) and (STREAM_RANDK, 1), computed
-here once per call and passed to the kernels as plain integers. (seed, step) go into the counter, the
-input Philox is designed to diffuse, rather than into the key: with the key carrying the seed, the
-subsets drawn for consecutive seeds on tiny n failed a chi-square uniformity test.
+network on 2h bits with cycle walking); its eight round keys are the Philox words of the
+counter (seed_lo, seed_hi, step_lo, step_hi) under the keys (STREAM_RANDK, 0) and (STREAM_RANDK, 1),
+computed here once per call and passed to the kernels as plain integers. (seed, step) go into the
+counter, the input Philox is designed to diffuse, rather than into the key: with the key carrying
+the seed, the subsets drawn for consecutive seeds on tiny n failed a chi-square uniformity test.
 """
 
 from __future__ import annotations

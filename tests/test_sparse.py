@@ -72,7 +72,9 @@ def test_opcheck(backend, gen):
     dev = device_for(backend)
     values, indices = messages(3, 10, 100, torch.float32, gen, dev)
     dense = torch.zeros(100, device=dev)
-    torch.library.opcheck(torch.ops.fedkern.sparse_add_.default, (dense, values[0], indices[0], 2.0))
+    torch.library.opcheck(
+        torch.ops.fedkern.sparse_add_.default, (dense, values[0], indices[0], 2.0)
+    )
     torch.library.opcheck(torch.ops.fedkern.sparse_add_batched_.default, (dense, values, indices))
 
 

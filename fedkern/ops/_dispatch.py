@@ -58,7 +58,10 @@ def _probe(name: str) -> tuple[bool, str]:
         if triton_interpreted():
             return True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)"
         if not torch.cuda.is_available():
-            return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton's interpreter on CPU)"
+            return (
+                False,
+                "no CUDA device (set TRITON_INTERPRET=1 to run Triton's interpreter on CPU)",
+            )
         return True, "Triton JIT on CUDA"
     if name == "cuda":
         if not torch.cuda.is_available():
@@ -146,9 +149,7 @@ def pick(op: str, impls: dict[str, Callable], device: torch.device) -> Callable:
         if not ok:
             raise RuntimeError(f"backend {name!r} is forced but unusable: {why}")
         if not _device_ok(name, device):
-            raise RuntimeError(
-                f"backend {name!r} cannot run fedkern.{op} on {device.type} tensors"
-            )
+            raise RuntimeError(f"backend {name!r} cannot run fedkern.{op} on {device.type} tensors")
         return impls[name]
     order = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
     for cand in order:

@@ -50,7 +50,11 @@ def _cpu_ef21(grad, state, k, keys, scale):
 
 
 def _impls(name: str, cpu) -> dict:
-    return {"reference": getattr(ref, name), "cpu": cpu, "triton": lazy("fedkern.kernels.randk", name)}
+    return {
+        "reference": getattr(ref, name),
+        "cpu": cpu,
+        "triton": lazy("fedkern.kernels.randk", name),
+    }
 
 
 IMPLS = {

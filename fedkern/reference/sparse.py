@@ -7,8 +7,6 @@ once, on store.
 
 from __future__ import annotations
 
-import torch
-
 
 def sparse_add_batched_(dense, values, indices, alpha: float) -> None:
     """Mutates 1-D contiguous ``dense``; values/indices are [m, k]."""
