@@ -1,0 +1,635 @@
+"""Benchmark cases: each fedkern op against the way a competent user writes it in eager PyTorch.
+
+A :class:`Case` names an op, a size and a dtype. ``case.setup(device)`` builds the inputs (fresh,
+from a fixed seed, so every run and both sides see the same data) and returns a :class:`Prepared`
+with the fedkern call, the eager baseline, the re-arming of mutated buffers and the bytes the op
+must move. :func:`run_case` times both sides interleaved, repetition by repetition, and reports
+medians. The same cases drive ``fedkern bench`` (fedkern.cli) and the pytest-benchmark suites in
+bench/.
+
+Eager baselines (``eager_*`` below; 1-D inputs, the indices unsorted as torch returns them):
+
+  topk_compress        i = x.abs().topk(k, sorted=False).indices; v = x[i]
+  randk_compress       i = torch.randperm(n)[:k]; v = x[i] * (n/k)
+  ef14_topk_           e.add_(g, alpha=lr); i = e.abs().topk(k, sorted=False).indices
+                       v = e[i]; e[i] = 0
+  ef21_topk_           d = g - s; i = d.abs().topk(k, sorted=False).indices; v = d[i]; s[i] += v
+  ef14_randk_          e.add_(g, alpha=lr); i = torch.randperm(n)[:k]; v = e[i]; e[i] = 0
+  ef21_randk_          i = torch.randperm(n)[:k]; v = g[i] - s[i]; s[i] += v
+  sparse_add_batched_  dense.index_add_(0, indices.flatten(), values.flatten(), alpha=a): one call
+                       over the m concatenated messages (faster than a Python loop of m calls)
+
+Fairness: the mutated buffer (EF error / state) is restored from a pristine copy before every
+repetition of either side, untimed; sparse_add_batched_ accumulates into its own dense buffer on
+both sides (the cost does not depend on the values). Rand-k calls advance ``step`` every call, as
+training does. Timing: warm-up, then fedkern and eager alternate; per repetition, CUDA events
+around the call on a synchronized device (CPU: perf_counter). ``ratio = eager / fedkern`` (> 1:
+fedkern is faster); ``GB/s = bytes / fedkern time`` with ``bytes`` the traffic the op cannot avoid
+(see :func:`min_bytes`).
+
+Peak memory: on CUDA the growth of ``torch.cuda.max_memory_allocated`` over one call (outputs
+included); on Linux CPUs the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs after ``malloc_trim``) over one call; elsewhere None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import importlib
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+import fedkern
+
+SEED = 1234
+LR = 0.5
+ALPHA = 1.0
+M_MESSAGES = 16
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+FAMILY = {
+    "topk_compress": "topk",
+    "ef14_topk_": "topk",
+    "ef21_topk_": "topk",
+    "randk_compress": "randk",
+    "ef14_randk_": "randk",
+    "ef21_randk_": "randk",
+    "sparse_add_batched_": "sparse",
+}
+#: Ops whose fedkern kernel must read the whole input (compared with one read at copy bandwidth).
+FULL_PASS = ("topk_compress", "ef14_topk_", "ef21_topk_", "ef14_randk_")
+
+EAGER = {
+    "topk_compress": "x.abs().topk(k, sorted=False) + x[i]",
+    "randk_compress": "x[randperm(n)[:k]] * (n/k)",
+    "ef14_topk_": "e.add_(g, alpha=lr); topk(e.abs()); v = e[i]; e[i] = 0",
+    "ef21_topk_": "d = g - s; topk(d.abs()); v = d[i]; s[i] += v",
+    "ef14_randk_": "e.add_(g, alpha=lr); i = randperm(n)[:k]; v = e[i]; e[i] = 0",
+    "ef21_randk_": "i = randperm(n)[:k]; v = g[i] - s[i]; s[i] += v",
+    "sparse_add_batched_": "dense.index_add_(0, I.flatten(), V.flatten(), alpha=a) (one call)",
+}
+
+
+# --------------------------------------------------------------------------- eager baselines
+
+
+def _perm(n: int, k: int, device) -> torch.Tensor:
+    return torch.randperm(n, device=device)[:k]
+
+
+def eager_topk(x: torch.Tensor, k: int):
+    """(values, indices) of the k largest |x|, the way eager PyTorch does it."""
+    i = x.abs().topk(k, sorted=False).indices
+    return x[i], i
+
+
+def eager_randk(x: torch.Tensor, k: int, *, unbiased: bool = True, indices=None):
+    """Rand-k through randperm; ``indices`` replaces the draw (tests compare like with like)."""
+    n = x.numel()
+    i = _perm(n, k, x.device) if indices is None else indices
+    v = x[i]
+    return (v * (n / k) if unbiased else v), i
+
+
+def eager_ef14_topk_(g, e, k: int, *, lr: float = 1.0):
+    """Classic error feedback with top-k in eager PyTorch; mutates ``e``."""
+    e.add_(g, alpha=lr)
+    i = e.abs().topk(k, sorted=False).indices
+    v = e[i]
+    e[i] = 0
+    return v, i
+
+
+def eager_ef21_topk_(g, s, k: int):
+    """EF21 with top-k in eager PyTorch; mutates ``s``."""
+    d = g - s
+    i = d.abs().topk(k, sorted=False).indices
+    v = d[i]
+    s[i] += v
+    return v, i
+
+
+def eager_ef14_randk_(g, e, k: int, *, lr: float = 1.0, unbiased: bool = False, indices=None):
+    """Classic error feedback with rand-k (randperm) in eager PyTorch; mutates ``e``."""
+    n = e.numel()
+    e.add_(g, alpha=lr)
+    i = _perm(n, k, e.device) if indices is None else indices
+    if unbiased:
+        v = e[i] * (n / k)
+        e[i] -= v
+    else:
+        v = e[i]
+        e[i] = 0
+    return v, i
+
+
+def eager_ef21_randk_(g, s, k: int, *, unbiased: bool = False, indices=None):
+    """EF21 with rand-k (randperm) in eager PyTorch; mutates ``s``."""
+    n = s.numel()
+    i = _perm(n, k, s.device) if indices is None else indices
+    v = g[i] - s[i]
+    if unbiased:
+        v = v * (n / k)
+    s[i] += v
+    return v, i
+
+
+def eager_sparse_add_batched_(dense, values, indices, *, alpha: float = 1.0):
+    """m sparse messages into ``dense`` with one index_add_ over the concatenated messages."""
+    return dense.index_add_(0, indices.reshape(-1), values.reshape(-1), alpha=alpha)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Prepared:
+    """Ready-to-time callables over one case's inputs (see the module docstring)."""
+
+    fedkern: Callable[[], object]
+    eager: Callable[[], object]
+    rearm_fedkern: Callable[[], None]
+    rearm_eager: Callable[[], None]
+    nbytes: int
+    tensors: dict = field(default_factory=dict)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _restore(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+    def rearm() -> None:
+        dst.copy_(src)
+
+    return rearm
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: ``op`` on ``n`` elements (the dense size for sparse ops), keep ``k``.
+
+    For ``sparse_add_batched_``, ``m`` messages of ``k`` entries each go into a dense [n] vector.
+    """
+
+    op: str
+    n: int
+    k: int
+    dtype: torch.dtype = torch.float32
+    m: int = 1
+
+    @property
+    def family(self) -> str:
+        return FAMILY[self.op]
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def id(self) -> str:
+        """Unique, filterable name, e.g. ``topk_compress-n1e7-k1e5-fp32``."""
+        m = f"-m{self.m}" if self.op == "sparse_add_batched_" else ""
+        return f"{self.op}-n{fmt_n(self.n)}{m}-k{fmt_n(self.k)}-{self.dtype_name}"
+
+    @property
+    def eager_desc(self) -> str:
+        return EAGER[self.op]
+
+    def full_pass(self) -> bool:
+        return self.op in FULL_PASS
+
+    def footprint(self) -> int:
+        """Rough bytes both sides need at once (inputs, copies, eager temporaries)."""
+        es = self.dtype.itemsize
+        if self.op == "sparse_add_batched_":
+            return 2 * self.n * es + self.m * self.k * (es + 8) * 3
+        return 6 * self.n * es + 2 * self.n * 8  # buffers + abs/diff temps + randperm's int64s
+
+    def setup(self, device) -> Prepared:
+        """Fresh inputs from a fixed seed on ``device`` and the two calls over them."""
+        device = torch.device(device)
+        gen = torch.Generator(device=device).manual_seed(SEED)
+        return _SETUP[self.op](self, device, gen)
+
+
+def fmt_n(n: int) -> str:
+    """1000000 -> '1e6', 20000 -> '2e4', 12345 -> '12345'."""
+    if n >= 1000:
+        e = int(math.floor(math.log10(n)))
+        mant, rem = divmod(n, 10**e)
+        if rem == 0:
+            return f"{mant}e{e}"
+    return str(n)
+
+
+def _randn(n, case: Case, device, gen, scale: float = 1.0) -> torch.Tensor:
+    x = torch.randn(n, generator=gen, device=device, dtype=torch.float32)
+    if scale != 1.0:
+        x.mul_(scale)
+    return x.to(case.dtype)
+
+
+def min_bytes(case: Case, touched: int | None = None) -> int:
+    """Bytes the op must move at least: reads of its inputs, writes of its outputs.
+
+    ``touched`` (sparse_add_batched_ only) is the number of distinct dense entries the messages hit.
+    """
+    n, k, es = case.n, case.k, case.dtype.itemsize
+    out = k * (es + 8)  # values + int64 indices written
+    return {
+        "topk_compress": n * es + out,
+        "randk_compress": k * es + out,  # gathers k entries
+        "ef14_topk_": 3 * n * es + out,  # read g, read + write e
+        "ef21_topk_": 2 * n * es + k * es + out,  # read g, s; write s at k entries
+        "ef14_randk_": 3 * n * es + out,
+        "ef21_randk_": 3 * k * es + out,  # g[I], s[I] read, s[I] written
+        "sparse_add_batched_": case.m * k * (es + 8) + 2 * (touched or 0) * es,
+    }[case.op]
+
+
+def _setup_topk(case, device, gen):
+    x = _randn(case.n, case, device, gen)
+    return Prepared(
+        fedkern=lambda: fedkern.topk_compress(x, case.k),
+        eager=lambda: eager_topk(x, case.k),
+        rearm_fedkern=_nothing,
+        rearm_eager=_nothing,
+        nbytes=min_bytes(case),
+        tensors={"x": x},
+    )
+
+
+def _setup_randk(case, device, gen):
+    x = _randn(case.n, case, device, gen)
+    step = itertools.count()
+    return Prepared(
+        fedkern=lambda: fedkern.randk_compress(x, case.k, seed=SEED, step=next(step)),
+        eager=lambda: eager_randk(x, case.k, unbiased=True),
+        rearm_fedkern=_nothing,
+        rearm_eager=_nothing,
+        nbytes=min_bytes(case),
+        tensors={"x": x},
+    )
+
+
+def _setup_feedback(case, device, gen):
+    g = _randn(case.n, case, device, gen)
+    buf0 = _randn(case.n, case, device, gen, 0.1 if case.op.startswith("ef14") else 1.0)
+    b_fk, b_eg = buf0.clone(), buf0.clone()
+    k, step = case.k, itertools.count()
+    fk, eg = {
+        "ef14_topk_": (
+            lambda: fedkern.ef14_topk_(g, b_fk, k, lr=LR),
+            lambda: eager_ef14_topk_(g, b_eg, k, lr=LR),
+        ),
+        "ef21_topk_": (
+            lambda: fedkern.ef21_topk_(g, b_fk, k),
+            lambda: eager_ef21_topk_(g, b_eg, k),
+        ),
+        "ef14_randk_": (
+            lambda: fedkern.ef14_randk_(g, b_fk, k, seed=SEED, step=next(step), lr=LR),
+            lambda: eager_ef14_randk_(g, b_eg, k, lr=LR),
+        ),
+        "ef21_randk_": (
+            lambda: fedkern.ef21_randk_(g, b_fk, k, seed=SEED, step=next(step)),
+            lambda: eager_ef21_randk_(g, b_eg, k),
+        ),
+    }[case.op]
+    return Prepared(
+        fedkern=fk,
+        eager=eg,
+        rearm_fedkern=_restore(b_fk, buf0),
+        rearm_eager=_restore(b_eg, buf0),
+        nbytes=min_bytes(case),
+        tensors={"grad": g, "buf0": buf0, "buf_fedkern": b_fk, "buf_eager": b_eg},
+    )
+
+
+def sparse_indices(d: int, m: int, k: int, gen, device) -> torch.Tensor:
+    """[m, k] int64, each row k distinct ascending indices in [0, d), uniformly spread."""
+    rows = []
+    for _ in range(m):
+        cand = torch.unique(torch.randint(d, (k + k // 8 + 16,), generator=gen, device=device))
+        while cand.numel() < k:  # only when k is close to d
+            more = torch.randint(d, (k,), generator=gen, device=device)
+            cand = torch.unique(torch.cat([cand, more]))
+        keep = torch.randperm(cand.numel(), generator=gen, device=device)[:k]
+        rows.append(cand[keep.sort().values])
+    return torch.stack(rows)
+
+
+def _setup_sparse(case, device, gen):
+    dense0 = _randn(case.n, case, device, gen)
+    d_fk, d_eg = dense0, dense0.clone()
+    values = _randn(case.m * case.k, case, device, gen).view(case.m, case.k)
+    indices = sparse_indices(case.n, case.m, case.k, gen, device)
+    touched = int(torch.unique(indices).numel())
+    return Prepared(
+        fedkern=lambda: fedkern.sparse_add_batched_(d_fk, values, indices, alpha=ALPHA),
+        eager=lambda: eager_sparse_add_batched_(d_eg, values, indices, alpha=ALPHA),
+        rearm_fedkern=_nothing,  # both sides accumulate, each into its own buffer
+        rearm_eager=_nothing,
+        nbytes=min_bytes(case, touched),
+        tensors={"dense_fedkern": d_fk, "dense_eager": d_eg, "values": values, "indices": indices},
+    )
+
+
+_SETUP = {
+    "topk_compress": _setup_topk,
+    "randk_compress": _setup_randk,
+    "ef14_topk_": _setup_feedback,
+    "ef21_topk_": _setup_feedback,
+    "ef14_randk_": _setup_feedback,
+    "ef21_randk_": _setup_feedback,
+    "sparse_add_batched_": _setup_sparse,
+}
+
+OPS = tuple(_SETUP)
+
+
+def _k_of(n: int) -> int:
+    return max(1, n // 100)
+
+
+def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | None = None):
+    """The benchmark cases, in the order they run.
+
+    Quick: n = 1e6 and 1e7 fp32, k = 1% (plus bf16 at 1e7 for topk_compress), and
+    sparse_add_batched_ of 16 messages of 1e5 entries into 1e7. ``full`` adds bf16 everywhere and,
+    on CUDA, n = 1e8 and 1e9 (fp32 first). ``sizes`` replaces the sizes of the quick suite (k = 1%,
+    sparse: 16 messages into n), for smoke tests.
+    """
+    f32, b16 = torch.float32, torch.bfloat16
+    dense_ops = [op for op in OPS if op != "sparse_add_batched_"]
+    if sizes is not None:
+        sizes = [int(s) for s in sizes]
+        cases = [Case(op, n, _k_of(n), f32) for n in sizes for op in dense_ops]
+        cases += [Case("sparse_add_batched_", n, _k_of(n), f32, M_MESSAGES) for n in sizes]
+        return cases
+    cases = [Case(op, n, _k_of(n), f32) for n in (10**6, 10**7) for op in dense_ops]
+    cases.insert(cases.index(Case("topk_compress", 10**7, 10**5)) + 1,
+                 Case("topk_compress", 10**7, 10**5, b16))  # fmt: skip
+    cases.append(Case("sparse_add_batched_", 10**7, 10**5, f32, M_MESSAGES))
+    if not full:
+        return cases
+    big = (10**8, 10**9) if torch.device(device).type == "cuda" else ()
+    for n in big:
+        cases += [Case(op, n, _k_of(n), f32) for op in dense_ops]
+    if big:
+        cases.append(Case("sparse_add_batched_", 10**8, 10**6, f32, M_MESSAGES))
+    for n in (10**6, 10**7, *big):
+        cases += [Case(op, n, _k_of(n), b16) for op in dense_ops]
+    cases.append(Case("sparse_add_batched_", 10**7, 10**5, b16, M_MESSAGES))
+    if big:
+        cases.append(Case("sparse_add_batched_", 10**8, 10**6, b16, M_MESSAGES))
+    seen, out = set(), []
+    for c in cases:
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device) -> float:
+    """Seconds one call of ``fn`` takes (CUDA: events on a synchronized device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+_libc = None
+
+
+def _malloc_trim() -> None:
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(name) if name else False
+    if _libc and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def peak_memory(fn: Callable[[], object], device) -> int | None:
+    """Bytes of memory one call of ``fn`` adds at its peak (outputs included); None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return int(peak)
+    try:
+        _malloc_trim()  # hand freed heap pages back, so reusing them shows as growth again
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+        base = _proc_status("VmRSS")
+        out = fn()
+        peak = _proc_status("VmHWM") - base
+        del out
+        return max(int(peak), 0)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+_copy_cache: dict[tuple, float] = {}
+
+
+def copy_bandwidth(n: int, dtype: torch.dtype, device, reps: int = 5) -> float:
+    """Bytes/s of ``y.copy_(x)`` for n elements (read + write counted), median of ``reps``."""
+    device = torch.device(device)
+    key = (n, dtype, str(device))
+    if key not in _copy_cache:
+        x = torch.ones(n, dtype=dtype, device=device)
+        y = torch.empty_like(x)
+        y.copy_(x)
+        t = statistics.median(time_call(lambda: y.copy_(x), device) for _ in range(reps))
+        _copy_cache[key] = 2 * n * dtype.itemsize / t
+        del x, y
+        _release(device)
+    return _copy_cache[key]
+
+
+def _release(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def resolve_backend(op: str, device, choice: str = "auto") -> str | None:
+    """The backend a fedkern op runs with on ``device`` under ``choice``; None if it has none.
+
+    A forced backend the op has no kernel for gives None.
+    """
+    fam = FAMILY[op]
+    try:
+        impls = importlib.import_module(f"fedkern.ops.{fam}").IMPLS[op]
+        from fedkern.ops._dispatch import pick
+    except (ImportError, AttributeError, KeyError):
+        return choice
+    if choice != "auto":
+        return choice if choice in impls else None
+    with fedkern.backend("auto"):
+        fn = pick(op, impls, torch.device(device))
+    return next((name for name, f in impls.items() if f is fn), "auto")
+
+
+@dataclass
+class Budget:
+    """Repetitions per case: at least ``min_reps``, then until ``seconds`` of timed calls."""
+
+    warmup: int = 1
+    min_reps: int = 5
+    max_reps: int = 30
+    seconds: float = 2.0
+
+
+def run_case(case: Case, device, backend: str = "auto", budget: Budget | None = None) -> dict:
+    """Time ``case`` on ``device`` with fedkern forced to ``backend``; one result record.
+
+    Returns a dict with the case fields, ``backend`` (used), ``fedkern_ms`` / ``eager_ms``
+    (medians), their minima, ``ratio``, ``bytes``, ``gbps``, ``eager_gbps``, peak memory
+    (``fedkern_peak_bytes`` / ``eager_peak_bytes``, None when unknown), ``copy_gbps`` and
+    ``x_read`` (fedkern time over one read of the input at copy bandwidth) for ops that read
+    their whole input, and ``status`` ("ok" or "skipped" with ``note``).
+    """
+    device = torch.device(device)
+    budget = budget or Budget()
+    rec = {
+        "id": case.id,
+        "case": case.op,
+        "n": case.n,
+        "k": case.k,
+        "m": case.m,
+        "dtype": case.dtype_name,
+        "eager": case.eager_desc,
+        "backend": resolve_backend(case.op, device, backend),
+    }
+    if rec["backend"] is None:
+        return {**rec, "status": "skipped", "note": f"no {backend!r} kernel for {case.op}"}
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if case.footprint() > 0.9 * free:
+            gb = case.footprint() / 1e9
+            note = f"needs ~{gb:.0f} GB, {free / 1e9:.0f} GB free"
+            return {**rec, "status": "skipped", "note": note}
+    copy_bw = copy_bandwidth(case.n, case.dtype, device) if case.full_pass() else None
+    with fedkern.backend(backend):
+        p = case.setup(device)
+        for _ in range(max(1, budget.warmup)):
+            p.rearm_fedkern()
+            t = time_call(p.fedkern, device)
+            p.rearm_eager()
+            time_call(p.eager, device)
+        if t < 0.05:  # short calls: one more round for caches, clocks and JIT
+            p.rearm_fedkern()
+            time_call(p.fedkern, device)
+            p.rearm_eager()
+            time_call(p.eager, device)
+        t_fk, t_eg = [], []
+        while len(t_fk) < budget.max_reps and (
+            len(t_fk) < budget.min_reps or sum(t_fk) + sum(t_eg) < budget.seconds
+        ):
+            p.rearm_fedkern()
+            t_fk.append(time_call(p.fedkern, device))
+            p.rearm_eager()
+            t_eg.append(time_call(p.eager, device))
+        p.rearm_fedkern()
+        mem_fk = peak_memory(p.fedkern, device)
+        p.rearm_eager()
+        mem_eg = peak_memory(p.eager, device)
+        nbytes = p.nbytes
+    del p
+    _release(device)
+    fk, eg = statistics.median(t_fk), statistics.median(t_eg)
+    rec.update(
+        status="ok",
+        fedkern_ms=fk * 1e3,
+        eager_ms=eg * 1e3,
+        fedkern_min_ms=min(t_fk) * 1e3,
+        eager_min_ms=min(t_eg) * 1e3,
+        reps=len(t_fk),
+        ratio=eg / fk,
+        bytes=nbytes,
+        gbps=nbytes / fk / 1e9,
+        eager_gbps=nbytes / eg / 1e9,
+        fedkern_peak_bytes=mem_fk,
+        eager_peak_bytes=mem_eg,
+        copy_gbps=copy_bw / 1e9 if copy_bw else None,
+        x_read=fk / (case.n * case.dtype.itemsize / copy_bw) if copy_bw else None,
+    )
+    return rec
+
+
+def run_suite(
+    cases: Iterable[Case],
+    device,
+    backend: str = "auto",
+    budget: Budget | None = None,
+    *,
+    deadline: float | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> list[dict]:
+    """run_case over ``cases``; past ``deadline`` (time.monotonic()) the rest are skipped.
+
+    An exception in one case becomes a record with status "error" and the message; the others run.
+    """
+    cases = list(cases)
+    out = []
+    for i, case in enumerate(cases):
+        if deadline is not None and time.monotonic() > deadline:
+            rec = {"id": case.id, "case": case.op, "n": case.n, "k": case.k, "m": case.m,
+                   "dtype": case.dtype_name, "eager": case.eager_desc, "backend": None,
+                   "status": "skipped", "note": "time budget spent"}  # fmt: skip
+        else:
+            try:
+                rec = run_case(case, device, backend, budget)
+            except Exception as exc:  # report and go on: one broken case must not hide the rest
+                rec = {"id": case.id, "case": case.op, "n": case.n, "k": case.k, "m": case.m,
+                       "dtype": case.dtype_name, "eager": case.eager_desc,
+                       "backend": backend, "status": "error",
+                       "note": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}  # fmt: skip
+                with contextlib.suppress(Exception):
+                    _release(device)
+        out.append(rec)
+        if progress is not None:
+            progress(i, len(cases), rec)
+    return out
