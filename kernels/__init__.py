@@ -1,0 +1,11 @@
+"""Triton kernels of fedkern (installed as fedkern.kernels), one op family per module.
+
+    topk    top-k compression, EF14 / EF21 top-k: on-device radix select, ascending indices
+    randk   rand-k compression, EF14 / EF21 rand-k: keyed Feistel permutation of [0, n)
+    sparse  deterministic batched sparse accumulation into a dense vector
+
+Launchers take validated, contiguous, 1-D fp32/bf16 tensors on one device (CUDA, or CPU when
+TRITON_INTERPRET=1 is set before triton is imported) and follow the bit-exact numerics of the spec:
+fp32 arithmetic, no fused multiply-add (every launch passes enable_fp_fusion=False), one rounding to
+the tensor dtype per stored value.  This package imports nothing: import a submodule to load Triton.
+"""
