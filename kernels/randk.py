@@ -32,15 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import load_f32, round_to, store_f32
-
-_BLOCK = 1024
-_BLOCK_INTERPRETED = 16384  # CPU tensors run in Triton's interpreter: few, large programs
-
-
-def _block(count, device):
-    block = _BLOCK_INTERPRETED if device.type == "cpu" else _BLOCK
-    return min(block, triton.next_power_of_2(max(count, 16)))
+from .topk import block_for, load_f32, round_to, store_f32
 
 
 @triton.jit
@@ -144,7 +136,7 @@ def randk_indices(n, k, keys, device):
     """The k indices {perm(i) : i < k} of the keyed permutation of [0, n), int64 [k], ascending.
     keys: 8 ints in [0, 2^32); device: CUDA, or CPU under TRITON_INTERPRET=1."""
     out = torch.empty(k, dtype=torch.int64, device=device)
-    block = _block(k, device)
+    block = block_for(k, device)
     _perm_kernel[(triton.cdiv(k, block),)](
         out, n, k, _half_bits(n), *(_as_int32(key) for key in keys), block, enable_fp_fusion=False
     )
@@ -153,7 +145,7 @@ def randk_indices(n, k, keys, device):
 
 def _gather(mode, idx, x, y, scale):
     k = idx.numel()
-    block = _block(k, x.device)
+    block = block_for(k, x.device)
     val = torch.empty(k, dtype=x.dtype, device=x.device)
     _gather_kernel[(triton.cdiv(k, block),)](
         idx, x, y, val, k, float(scale), mode, x.dtype == torch.bfloat16, block,
@@ -174,7 +166,7 @@ def ef14_randk_(grad, error, k, keys, lr, scale):
     c = round(a[idx] * scale); error[idx] = round(a[idx] - c).
     Returns (c [k] dtype, idx int64 [k] ascending); error is modified in place, grad is not."""
     n = grad.numel()
-    block = _block(n, grad.device)
+    block = block_for(n, grad.device)
     _accumulate_kernel[(triton.cdiv(n, block),)](
         grad, error, n, float(lr), grad.dtype == torch.bfloat16, block, enable_fp_fusion=False
     )

@@ -20,15 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import load_f32, round_to, store_f32
-
-_BLOCK = 1024
-_BLOCK_INTERPRETED = 16384  # CPU tensors run in Triton's interpreter: few, large programs
-
-
-def _block(count, device):
-    block = _BLOCK_INTERPRETED if device.type == "cpu" else _BLOCK
-    return min(block, triton.next_power_of_2(max(count, 16)))
+from .topk import block_for, load_f32, round_to, store_f32
 
 
 @triton.jit
@@ -84,7 +76,7 @@ def sparse_add_batched_(dense, values, indices, alpha):
     """
     n = dense.numel()
     m, k = indices.shape
-    block = _block(n, dense.device)
+    block = block_for(n, dense.device)
     _sparse_add_kernel[(triton.cdiv(n, block),)](
         dense, values, indices, n, m, k, float(alpha), dense.dtype == torch.bfloat16, block,
         enable_fp_fusion=False,

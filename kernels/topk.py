@@ -243,14 +243,15 @@ def _epilogue_kernel(
         store_f32(y_ptr, idx, round_to(s + d, IS_BF16), mask, IS_BF16)
 
 
-def _block(count, device):
+def block_for(count, device):
+    """Elements per program for a pass over ``count`` elements (large programs when interpreted)."""
     block = _BLOCK_INTERPRETED if device.type == "cpu" else _BLOCK
     return min(block, triton.next_power_of_2(max(count, 16)))
 
 
 def _shape(n, device):
     """(BLOCK, tile, programs) of a pass over n elements: a bounded number of whole-block tiles."""
-    block = _block(n, device)
+    block = block_for(n, device)
     blocks = triton.cdiv(n, block)
     if device.type == "cpu":
         per_tile = triton.cdiv(blocks, _MAX_PROGRAMS_INTERPRETED)
@@ -356,7 +357,7 @@ def _select(src, x, y, k, lr):
 
 
 def _epilogue(mode, idx, x, y, k):
-    block = _block(k, x.device)
+    block = block_for(k, x.device)
     val = torch.empty(k, dtype=x.dtype, device=x.device)
     _epilogue_kernel[(triton.cdiv(k, block),)](
         idx, x, y, val, k, mode, x.dtype == torch.bfloat16, block, enable_fp_fusion=False
