@@ -68,7 +68,8 @@ def _probe(name: str) -> tuple[bool, str]:
             return False, "no CUDA device"
         from fedkern import cuda as _cuda
 
-        return _cuda.available()
+        ok, why = _cuda.available()
+        return ok, why or "CUDA C++ compiled at first use by CuPy (NVRTC)"
     raise AssertionError(name)
 
 
