@@ -46,7 +46,9 @@ step install 120 "$PY" -m pip install --no-build-isolation --no-deps -e .
 step backends 40 "$PY" -c "import json, torch, fedkern; print(torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA');
 print(json.dumps(fedkern.backends(), indent=2))"
-step gpu-tests 120 "$PY" -m pytest tests -q -x -k "cuda or triton"
+# Triton JIT-compiles every kernel variant on first use: allow for it. The CPU twin of the CUDA
+# kernels (test_cuda_emu) already ran in CI and is skipped here.
+step gpu-tests 200 "$PY" -m pytest tests -q --maxfail=20 -k "not cuda_emu and (cuda or triton)"
 # The benchmark stops starting cases 45 s before its limit; the rest are listed as skipped.
 BENCH_LIMIT=$(($(left) - 25))
 step bench "$BENCH_LIMIT" "$PY" -m fedkern bench --full --device cuda --out "$OUT" \
