@@ -84,7 +84,7 @@ def rand(n, dtype, gen, device="cpu", kind="normal"):
 
 def oracle_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     """float64/NumPy top-k indices: order by (NaN first, then |x| descending, then index)."""
-    a = x.detach().double().cpu().numpy()
+    a = x.detach().double().cpu().flatten().numpy()
     nan = np.isnan(a)
     mag = np.where(nan, 0.0, np.abs(a))
     order = np.lexsort((np.arange(a.size), -mag, -nan.astype(np.int64)))

@@ -218,3 +218,15 @@ def test_randk_bad_input(kwargs, exc, msg):
 def test_randk_requires_seed():
     with pytest.raises(TypeError, match="seed"):
         fedkern.randk_compress(torch.randn(10), 3)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_randk_compress_backward(backend, unbiased, gen):
+    dev = device_for(backend)
+    x = rand(50, torch.float32, gen, dev).requires_grad_()
+    values, indices = fedkern.randk_compress(x, 5, seed=2, step=0, unbiased=unbiased)
+    values.sum().backward()
+    expect = torch.zeros(50, dtype=torch.float64)
+    expect[indices.cpu()] = 10.0 if unbiased else 1.0
+    close64(x.grad, expect, torch.float32)
+    torch.library.opcheck(torch.ops.fedkern.randk_compress.default, (x, 5, 2, 0, unbiased))

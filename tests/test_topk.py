@@ -197,3 +197,16 @@ def test_ef14_bad_lr(lr):
     with pytest.raises((TypeError, ValueError), match="lr must"):
         fedkern.ef14_topk_(torch.randn(10), e, 3, lr=lr)
     assert same_bits(e, e0)
+
+
+def test_topk_compress_backward(backend, gen):
+    """d values / d x scatters the incoming gradient to the kept positions; zero elsewhere."""
+    dev = device_for(backend)
+    x = rand(6 * 7, torch.float32, gen, dev).view(6, 7).requires_grad_()
+    values, indices = fedkern.topk_compress(x, 9)
+    w = torch.randn(9, generator=gen).to(dev)
+    (values * w).sum().backward()
+    expect = torch.zeros(42, dtype=torch.float64)
+    expect[oracle_topk(x, 9)] = w.double().cpu()
+    close64(x.grad.flatten(), expect, torch.float32)
+    torch.library.opcheck(torch.ops.fedkern.topk_compress.default, (x, 4))

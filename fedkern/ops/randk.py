@@ -16,7 +16,7 @@ import torch
 from fedkern.ops import _validate as v
 from fedkern.ops._dispatch import pick
 from fedkern.ops._native import cpu_core, lazy, outputs, tag
-from fedkern.ops.topk import check_feedback, check_topk
+from fedkern.ops.topk import check_feedback, check_topk, scatter_backward
 from fedkern.random import randk_keys
 from fedkern.reference import randk as ref
 
@@ -88,6 +88,15 @@ def randk_compress_op(
 def _(x, k, seed, step=0, unbiased=True):
     k = check_topk(x, k)
     return x.new_empty(k), x.new_empty(k, dtype=torch.int64)
+
+
+def _randk_setup(ctx, inputs, output):
+    x, k, unbiased = inputs[0], inputs[1], inputs[4] if len(inputs) > 4 else True
+    ctx.indices, ctx.shape, ctx.numel = output[1], x.shape, x.numel()
+    ctx.scale, ctx.n_other = scale_for(x.numel(), k, unbiased), len(inputs) - 1
+
+
+randk_compress_op.register_autograd(scatter_backward, setup_context=_randk_setup)
 
 
 @torch.library.custom_op("fedkern::ef14_randk_", mutates_args=("error",))

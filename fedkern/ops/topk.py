@@ -89,6 +89,21 @@ def _(x, k):
     return x.new_empty(k), x.new_empty(k, dtype=torch.int64)
 
 
+def scatter_backward(ctx, grad_values, grad_indices):
+    """d values / d x: the incoming gradient scattered to the kept positions (times the scale)."""
+    grad = grad_values.new_zeros(ctx.numel)
+    grad[ctx.indices] = grad_values * ctx.scale if ctx.scale != 1.0 else grad_values
+    return (grad.view(ctx.shape),) + (None,) * ctx.n_other
+
+
+def _topk_setup(ctx, inputs, output):
+    ctx.indices, ctx.shape, ctx.numel = output[1], inputs[0].shape, inputs[0].numel()
+    ctx.scale, ctx.n_other = 1.0, len(inputs) - 1
+
+
+topk_compress_op.register_autograd(scatter_backward, setup_context=_topk_setup)
+
+
 @torch.library.custom_op("fedkern::ef14_topk_", mutates_args=("error",))
 def ef14_topk_op(grad: Tensor, error: Tensor, k: int, lr: float = 1.0) -> tuple[Tensor, Tensor]:
     k = check_feedback(grad, error, "error", k)
