@@ -153,7 +153,8 @@ def randk_compress(
 
     Returns:
         ``(values, indices)``: int64 indices [k], strictly ascending, and x at those indices
-        (times numel/k when unbiased), in x's dtype. New tensors on x's device.
+        (times numel/k when unbiased), in x's dtype. New tensors on x's device. ``values`` is
+        differentiable with respect to x (the gradient scatters back, times the same scale).
 
     Raises:
         TypeError / ValueError naming the argument.

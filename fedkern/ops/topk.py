@@ -143,7 +143,8 @@ def topk_compress(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         ``(values, indices)``: ``indices`` int64 [k], strictly ascending, the k entries of largest
         |x| (ties toward the lower index; -0 == +0; NaN counts as larger than +inf, as in
         torch.topk); ``values = x.flatten()[indices]``, x's dtype, bit-exact. New tensors on
-        x's device.
+        x's device. ``values`` is differentiable with respect to x: the gradient scatters back
+        to the kept positions.
 
     Raises:
         TypeError: x is not a float32/bfloat16 tensor, or k is not an int.
