@@ -8,6 +8,7 @@ it has one (TopK, RandK).
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 
@@ -21,7 +22,7 @@ from fedkern.ops.topk import ef14_topk_, ef21_topk_, topk_compress
 __all__ = ["Compressor", "TopK", "RandK", "ErrorFeedback"]
 
 
-class Compressor:
+class Compressor(abc.ABC):
     """Base class: a sparsifier defined by ``k`` (entries kept) or ``ratio`` (k = ceil(ratio*n)).
 
     Args:
@@ -48,9 +49,9 @@ class Compressor:
             return min(self.k, numel)
         return max(1, min(numel, math.ceil(self.ratio * numel)))
 
+    @abc.abstractmethod
     def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, indices)`` of the flattened x; x is not modified."""
-        raise NotImplementedError  # abstract: every concrete compressor overrides it
 
     def ef14_(self, grad, error, lr: float):
         """EF14 through compress + sparse_add (subclasses with a fused op override this)."""
@@ -72,10 +73,11 @@ class Compressor:
         return sparse_add_(out, values, indices)
 
     def state_dict(self) -> dict:
+        """Stateless by default: ``{}``. Compressors with state (RandK's step) override both."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 -- stateless default, not abstract
+        """Restore ``state_dict()``; the default compressor has nothing to restore."""
 
     def __repr__(self) -> str:
         arg = f"k={self.k}" if self.k is not None else f"ratio={self.ratio}"

@@ -109,3 +109,13 @@ def close64(actual: torch.Tensor, expected64: torch.Tensor, dtype, scale: float 
         actual.detach().cpu().double(), expected64.detach().cpu().double(), equal_nan=True,
         rtol=2 * eps, atol=2 * eps * scale + 1e-300,
     )  # fmt: skip
+
+
+def assert_matches_reference(backend: str, run) -> None:
+    """``run()`` under ``backend`` and under "reference" returns the same tensors, bit for bit."""
+    results = {}
+    for name in (backend, "reference"):
+        with fedkern.backend(name):
+            results[name] = run()
+    for got, want in zip(results[backend], results["reference"], strict=True):
+        assert same_bits(got, want) if got.is_floating_point() else torch.equal(got, want)

@@ -9,7 +9,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, close64, device_for, interpreted, rand, same_bits
+from conftest import (
+    DTYPES,
+    assert_matches_reference,
+    close64,
+    device_for,
+    interpreted,
+    rand,
+    same_bits,
+)
 
 import fedkern
 from fedkern.random import feistel_params, philox4x32, randk_keys
@@ -166,17 +174,16 @@ def test_randk_backends_agree_bit_for_bit(backend, dtype, gen):
     dev = device_for(backend)
     n = 3001 if interpreted(backend) else 50_001
     x, g, e = (rand(n, dtype, gen, dev, "special") for _ in range(3))
-    runs = {}
-    for name in (backend, "reference"):
-        with fedkern.backend(name):
-            e1, s1 = e.clone(), e.clone()
-            runs[name] = (
-                fedkern.randk_compress(x, 41, seed=3, step=2)
-                + fedkern.ef14_randk_(g, e1, 41, seed=3, step=2, lr=0.7, unbiased=True)
-                + fedkern.ef21_randk_(g, s1, 41, seed=3, step=2, unbiased=True) + (e1, s1)
-            )  # fmt: skip
-    for got, want in zip(runs[backend], runs["reference"], strict=True):
-        assert same_bits(got, want) if got.is_floating_point() else torch.equal(got, want)
+
+    def run():
+        e1, s1 = e.clone(), e.clone()
+        return (
+            fedkern.randk_compress(x, 41, seed=3, step=2)
+            + fedkern.ef14_randk_(g, e1, 41, seed=3, step=2, lr=0.7, unbiased=True)
+            + fedkern.ef21_randk_(g, s1, 41, seed=3, step=2, unbiased=True) + (e1, s1)
+        )  # fmt: skip
+
+    assert_matches_reference(backend, run)
 
 
 def test_opcheck(backend, gen):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, close64, device_for, interpreted, oracle_topk, rand, same_bits
+from conftest import (
+    DTYPES,
+    assert_matches_reference,
+    close64,
+    device_for,
+    interpreted,
+    oracle_topk,
+    rand,
+    same_bits,
+)
 
 import fedkern
 
@@ -119,16 +128,15 @@ def test_backends_agree_bit_for_bit(backend, dtype, kind, gen):
     dev = device_for(backend)
     n = 3001 if interpreted(backend) else 50_001
     x, g, e = (rand(n, dtype, gen, dev, kind) for _ in range(3))
-    runs = {}
-    for name in (backend, "reference"):
-        with fedkern.backend(name):
-            e1, s1 = e.clone(), e.clone()
-            runs[name] = (
-                fedkern.topk_compress(x, 37) + fedkern.ef14_topk_(g, e1, 37, lr=0.3)
-                + fedkern.ef21_topk_(g, s1, 37) + (e1, s1)
-            )  # fmt: skip
-    for got, want in zip(runs[backend], runs["reference"], strict=True):
-        assert same_bits(got, want) if got.is_floating_point() else torch.equal(got, want)
+
+    def run():
+        e1, s1 = e.clone(), e.clone()
+        return (
+            fedkern.topk_compress(x, 37) + fedkern.ef14_topk_(g, e1, 37, lr=0.3)
+            + fedkern.ef21_topk_(g, s1, 37) + (e1, s1)
+        )  # fmt: skip
+
+    assert_matches_reference(backend, run)
 
 
 def test_opcheck(backend, gen):
