@@ -136,7 +136,7 @@ def randk_indices(n, k, keys, device):
     """The k indices {perm(i) : i < k} of the keyed permutation of [0, n), int64 [k], ascending.
     keys: 8 ints in [0, 2^32); device: CUDA, or CPU under TRITON_INTERPRET=1."""
     out = torch.empty(k, dtype=torch.int64, device=device)
-    block = block_for(k, device)
+    block = block_for(k, out.device)
     _perm_kernel[(triton.cdiv(k, block),)](
         out, n, k, _half_bits(n), *(_as_int32(key) for key in keys), block, enable_fp_fusion=False
     )

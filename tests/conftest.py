@@ -50,11 +50,21 @@ def interpreted(backend: str) -> bool:
     return backend == "triton" and not HAS_CUDA
 
 
-@pytest.fixture(params=BACKEND_PARAMS)
-def backend(request):
-    """Each test body runs with this backend forced."""
-    with fedkern.backend(request.param):
-        yield request.param
+def backend_fixture(impls: dict):
+    """A ``backend`` fixture over the backends that every op in ``impls`` (an ops module's IMPLS
+    table) implements; each test body runs with that backend forced. A test module that covers an
+    op family without a CUDA C++ kernel (its GPU path is Triton) overrides the fixture with it."""
+    have = set.intersection(*(set(table) for table in impls.values()))
+
+    @pytest.fixture(params=[p for p in BACKEND_PARAMS if p.values[0] in have])
+    def backend(request):
+        with fedkern.backend(request.param):
+            yield request.param
+
+    return backend
+
+
+backend = backend_fixture({"all": dict.fromkeys(("reference", "cpu", "triton", "cuda"))})
 
 
 @pytest.fixture

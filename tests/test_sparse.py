@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, close64, device_for, interpreted, rand, same_bits
+from conftest import DTYPES, backend_fixture, close64, device_for, interpreted, rand, same_bits
 
 import fedkern
+from fedkern.ops.sparse import IMPLS
+
+# No CUDA C++ kernel for this family: on a GPU its kernels are Triton's.
+backend = backend_fixture(IMPLS)
 
 
 def messages(m, k, n, dtype, gen, dev):
