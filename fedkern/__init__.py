@@ -4,10 +4,11 @@ Ops (torch.library namespace "fedkern", dispatched to the C++ core on CPU, Trito
 GPU, plain PyTorch elsewhere): ``topk_compress``, ``randk_compress``, ``ef14_topk_``,
 ``ef21_topk_``, ``ef14_randk_``, ``ef21_randk_``, ``sparse_add_``, ``sparse_add_batched_``.
 Backends: ``fedkern.backends()`` reports what is usable; ``with fedkern.backend(name):`` or
-FEDKERN_BACKEND forces one. Building blocks: ``fedkern.compress``.
+FEDKERN_BACKEND forces one. Building blocks: ``fedkern.compress``; optimizers: ``fedkern.optim``
+(``MicroAdam``).
 """
 
-from fedkern import compress
+from fedkern import compress, optim
 from fedkern.ops import (
     backend,
     backends,
@@ -34,6 +35,7 @@ __all__ = [
     "ef14_topk_",
     "ef21_randk_",
     "ef21_topk_",
+    "optim",
     "randk_compress",
     "sparse_add_",
     "sparse_add_batched_",
