@@ -122,7 +122,7 @@ def bench_case(request, benchmark):
         info.update(case=case.op, side=side, n=case.n, k=case.k, m=case.m,
                     dtype=case.dtype_name, bytes=p.nbytes, peak_bytes=peak,
                     backend=B.resolve_backend(case.op, device, backend) if side == "fedkern"
-                    else "eager", eager=case.eager_desc)  # fmt: skip
+                    else "eager", eager=case.eager_desc, **p.extra)  # fmt: skip
         stats = getattr(getattr(benchmark, "stats", None), "stats", None)
         if stats is not None:
             info["gbps"] = p.nbytes / stats.median / 1e9

@@ -89,6 +89,10 @@ for r in doc["results"]:
     if r["case"] in ("topk_compress", "ef14_topk_") and r["n"] >= 10**8 and r["dtype"] == "fp32":
         ok = r["ratio"] >= 3 and r["x_read"] is not None and r["x_read"] <= 2.5
         target = "ok" if ok else "MISS (>= 3x eager, <= 2.5x one read)"
+    if r["case"] == "microadam_vs_adamw":  # issue 3: step time <= fused AdamW's
+        target = (f"{'ok' if r['ratio'] >= 1.0 else 'MISS (<= 1.0x AdamW fused)'}; "
+                  f"{r['bytes'] / r['n']:.2f} B/param/step; state "
+                  f"{r['state_bytes_per_param']:.2f} vs {r['eager_state_bytes_per_param']:.2f} B/param")
     xr = "-" if r.get("x_read") is None else f"{r['x_read']:.2f}"
     print(fmt.format(r["case"], n, r["dtype"], str(r["backend"]), f"{r['fedkern_ms']:.3f}",
                      f"{r['eager_ms']:.3f}", f"{r['ratio']:.2f}", f"{r['gbps']:.0f}", xr, target))

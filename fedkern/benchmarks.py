@@ -18,6 +18,12 @@ Eager baselines (``eager_*`` below; 1-D inputs, the indices unsorted as torch re
   ef21_randk_          i = torch.randperm(n)[:k]; v = g[i] - s[i]; s[i] += v
   sparse_add_batched_  dense.index_add_(0, indices.flatten(), values.flatten(), alpha=a): one call
                        over the m concatenated messages (faster than a Python loop of m calls)
+  microadam_step_      MicroAdam.step() on n parameters in 4 tensors (40/30/20/10%), default
+                       options, weight decay 0.01: against the same optimizer on the reference
+                       backend (plain PyTorch, the eager way to write MicroAdam)
+  microadam_vs_adamw   the same fedkern step against torch.optim.AdamW (foreach=True on CPU,
+                       fused=True on CUDA) on the same parameters; the records also carry the
+                       optimizer state in bytes per parameter of both sides
 
 Fairness: the mutated buffer (EF error / state) is restored from a pristine copy before every
 repetition of either side, untimed; sparse_add_batched_ accumulates into its own dense buffer on
@@ -65,7 +71,11 @@ FAMILY = {
     "ef14_randk_": "randk",
     "ef21_randk_": "randk",
     "sparse_add_batched_": "sparse",
+    "microadam_step_": "microadam",
+    "microadam_vs_adamw": "microadam",
 }
+#: Benchmark cases that time an op under another name (a second baseline).
+IMPL_OP = {"microadam_vs_adamw": "microadam_step_"}
 #: Ops whose fedkern kernel must read the whole input (compared with one read at copy bandwidth).
 FULL_PASS = ("topk_compress", "ef14_topk_", "ef21_topk_", "ef14_randk_")
 
@@ -77,6 +87,8 @@ EAGER = {
     "ef14_randk_": "e.add_(g, alpha=lr); i = randperm(n)[:k]; v = e[i]; e[i] = 0",
     "ef21_randk_": "i = randperm(n)[:k]; v = g[i] - s[i]; s[i] += v",
     "sparse_add_batched_": "dense.index_add_(0, I.flatten(), V.flatten(), alpha=a) (one call)",
+    "microadam_step_": "MicroAdam.step() on the reference backend (plain PyTorch)",
+    "microadam_vs_adamw": "torch.optim.AdamW.step() (foreach=True on CPU, fused=True on CUDA)",
 }
 
 
@@ -162,6 +174,7 @@ class Prepared:
     rearm_eager: Callable[[], None]
     nbytes: int
     tensors: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # merged into the result record
 
 
 def _nothing() -> None:
@@ -214,6 +227,8 @@ class Case:
         es = self.dtype.itemsize
         if self.op == "sparse_add_batched_":
             return 2 * self.n * es + self.m * self.k * (es + 8) * 3
+        if self.family == "microadam":  # params + grads twice, AdamW moments, reference temps
+            return 4 * self.n * es + 8 * self.n + 40 * self.n
         return 6 * self.n * es + 2 * self.n * 8  # buffers + abs/diff temps + randperm's int64s
 
     def setup(self, device) -> Prepared:
@@ -255,7 +270,21 @@ def min_bytes(case: Case, touched: int | None = None) -> int:
         "ef14_randk_": 3 * n * es + out,
         "ef21_randk_": 3 * k * es + out,  # g[I], s[I] read, s[I] written
         "sparse_add_batched_": case.m * k * (es + 8) + 2 * (touched or 0) * es,
+        "microadam_step_": microadam_bytes_moved(n, es),
+        "microadam_vs_adamw": microadam_bytes_moved(n, es),
     }[case.op]
+
+
+def microadam_bytes_moved(n: int, es: int, *, m: int = 10, k: int = 41, block: int = 4096,
+                          bucket: int = 256, decay: bool = True) -> int:  # fmt: skip
+    """Bytes one MicroAdam step must move for n parameters of ``es`` bytes: read the gradient,
+    read and write the 4-bit error feedback and its bucket statistics, write one window row,
+    read the whole window, and read + write the parameters (only the window's entries when
+    there is no weight decay)."""
+    stats = 2 * 2 * 4 * n // bucket
+    window_row = n * k // block * 4
+    params = 2 * n * es if decay else 2 * m * window_row // 4 * es
+    return n * es + n + stats + window_row + m * window_row + params
 
 
 def _setup_topk(case, device, gen):
@@ -345,6 +374,57 @@ def _setup_sparse(case, device, gen):
     )
 
 
+MICROADAM_SPLIT = (0.4, 0.3, 0.2, 0.1)
+
+
+def _setup_microadam(case, device, gen):
+    from fedkern.optim import MicroAdam
+
+    sizes = [int(case.n * f) for f in MICROADAM_SPLIT]
+    sizes[0] += case.n - sum(sizes)
+    init = [_randn(s, case, device, gen) for s in sizes]
+    grads = [_randn(s, case, device, gen, 1e-2) for s in sizes]
+
+    def params():
+        out = [torch.nn.Parameter(x.clone()) for x in init]
+        for p, g in zip(out, grads, strict=True):
+            p.grad = g
+        return out
+
+    opts = {"lr": 1e-3, "weight_decay": 0.01}
+    fk = MicroAdam(params(), **opts)
+    if case.op == "microadam_step_":
+        eg = MicroAdam(params(), **opts)
+
+        def eager() -> None:
+            with fedkern.backend("reference"):
+                eg.step()
+
+    else:
+        flag = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        eg = torch.optim.AdamW(params(), **opts, **flag)
+        eager = eg.step
+    fk.step()  # allocate the state outside the timed calls
+    eager()
+
+    def state_bytes(opt) -> int:
+        return sum(t.numel() * t.element_size() for st in opt.state.values()
+                   for t in st.values() if isinstance(t, torch.Tensor))  # fmt: skip
+
+    return Prepared(
+        fedkern=fk.step,
+        eager=eager,
+        rearm_fedkern=_nothing,  # a step costs the same whatever the parameter values
+        rearm_eager=_nothing,
+        nbytes=min_bytes(case),
+        tensors={"grads": grads, "fedkern_optimizer": fk, "eager_optimizer": eg},
+        extra={
+            "state_bytes_per_param": state_bytes(fk) / case.n,
+            "eager_state_bytes_per_param": state_bytes(eg) / case.n,
+        },  # fmt: skip
+    )
+
+
 _SETUP = {
     "topk_compress": _setup_topk,
     "randk_compress": _setup_randk,
@@ -353,6 +433,8 @@ _SETUP = {
     "ef14_randk_": _setup_feedback,
     "ef21_randk_": _setup_feedback,
     "sparse_add_batched_": _setup_sparse,
+    "microadam_step_": _setup_microadam,
+    "microadam_vs_adamw": _setup_microadam,
 }
 
 OPS = tuple(_SETUP)
@@ -362,25 +444,35 @@ def _k_of(n: int) -> int:
     return max(1, n // 100)
 
 
+MICROADAM_OPS = ("microadam_step_", "microadam_vs_adamw")
+MICROADAM_K = 41  # keep_count(0.01, 4096): the default density and block size
+
+
 def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | None = None):
     """The benchmark cases, in the order they run.
 
-    Quick: n = 1e6 and 1e7 fp32, k = 1% (plus bf16 at 1e7 for topk_compress), and
-    sparse_add_batched_ of 16 messages of 1e5 entries into 1e7. ``full`` adds bf16 everywhere and,
-    on CUDA, n = 1e8 and 1e9 (fp32 first). ``sizes`` replaces the sizes of the quick suite (k = 1%,
+    Quick: n = 1e6 and 1e7 fp32, k = 1% (plus bf16 at 1e7 for topk_compress),
+    sparse_add_batched_ of 16 messages of 1e5 entries into 1e7, and a MicroAdam step on 1e7 fp32
+    parameters against both baselines. ``full`` adds bf16 everywhere and, on CUDA, n = 1e8 and 1e9
+    (fp32 first; MicroAdam up to 1e8). ``sizes`` replaces the sizes of the quick suite (k = 1%,
     sparse: 16 messages into n), for smoke tests.
     """
     f32, b16 = torch.float32, torch.bfloat16
-    dense_ops = [op for op in OPS if op != "sparse_add_batched_"]
+    dense_ops = [op for op in OPS if op != "sparse_add_batched_" and op not in MICROADAM_OPS]
+
+    def micro(n, dtype):
+        return [Case(op, n, MICROADAM_K, dtype) for op in MICROADAM_OPS]
+
     if sizes is not None:
         sizes = [int(s) for s in sizes]
         cases = [Case(op, n, _k_of(n), f32) for n in sizes for op in dense_ops]
         cases += [Case("sparse_add_batched_", n, _k_of(n), f32, M_MESSAGES) for n in sizes]
-        return cases
+        return cases + [c for n in sizes for c in micro(n, f32)]
     cases = [Case(op, n, _k_of(n), f32) for n in (10**6, 10**7) for op in dense_ops]
     cases.insert(cases.index(Case("topk_compress", 10**7, 10**5)) + 1,
                  Case("topk_compress", 10**7, 10**5, b16))  # fmt: skip
     cases.append(Case("sparse_add_batched_", 10**7, 10**5, f32, M_MESSAGES))
+    cases += micro(10**7, f32)
     if not full:
         return cases
     big = (10**8, 10**9) if torch.device(device).type == "cuda" else ()
@@ -388,11 +480,14 @@ def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | Non
         cases += [Case(op, n, _k_of(n), f32) for op in dense_ops]
     if big:
         cases.append(Case("sparse_add_batched_", 10**8, 10**6, f32, M_MESSAGES))
+        cases += micro(10**8, f32)
     for n in (10**6, 10**7, *big):
         cases += [Case(op, n, _k_of(n), b16) for op in dense_ops]
     cases.append(Case("sparse_add_batched_", 10**7, 10**5, b16, M_MESSAGES))
+    cases += micro(10**7, b16)
     if big:
         cases.append(Case("sparse_add_batched_", 10**8, 10**6, b16, M_MESSAGES))
+        cases += micro(10**8, b16)
     seen, out = set(), []
     for c in cases:
         if c not in seen:
@@ -501,14 +596,14 @@ def resolve_backend(op: str, device, choice: str = "auto") -> str | None:
     """
     fam = FAMILY[op]
     try:
-        impls = importlib.import_module(f"fedkern.ops.{fam}").IMPLS[op]
+        impls = importlib.import_module(f"fedkern.ops.{fam}").IMPLS[IMPL_OP.get(op, op)]
         from fedkern.ops._dispatch import pick
     except (ImportError, AttributeError, KeyError):
         return choice
     if choice != "auto":
         return choice if choice in impls else None
     with fedkern.backend("auto"):
-        fn = pick(op, impls, torch.device(device))
+        fn = pick(IMPL_OP.get(op, op), impls, torch.device(device))
     return next((name for name, f in impls.items() if f is fn), "auto")
 
 
@@ -576,7 +671,7 @@ def run_case(case: Case, device, backend: str = "auto", budget: Budget | None = 
         mem_fk = peak_memory(p.fedkern, device)
         p.rearm_eager()
         mem_eg = peak_memory(p.eager, device)
-        nbytes = p.nbytes
+        nbytes, extra = p.nbytes, p.extra
     del p
     _release(device)
     fk, eg = statistics.median(t_fk), statistics.median(t_eg)
@@ -595,6 +690,7 @@ def run_case(case: Case, device, backend: str = "auto", budget: Budget | None = 
         eager_peak_bytes=mem_eg,
         copy_gbps=copy_bw / 1e9 if copy_bw else None,
         x_read=fk / (case.n * case.dtype.itemsize / copy_bw) if copy_bw else None,
+        **extra,
     )
     return rec
 

@@ -168,6 +168,12 @@ def markdown(meta: dict, results: list[dict]) -> str:
         lines += ["", "Copy bandwidth (y.copy_(x), read + write): " + ", ".join(
             f"n={B.fmt_n(n)} {dt} {bw:.1f} GB/s" for n, dt, bw in copies
         )]  # fmt: skip
+    states = [r for r in results if r.get("state_bytes_per_param") is not None]
+    if states:
+        lines += ["", "Optimizer state, bytes per parameter (fedkern / eager): " + ", ".join(
+            f"{r['case']} n={B.fmt_n(r['n'])} {r['dtype']} {r['state_bytes_per_param']:.3f} / "
+            f"{r['eager_state_bytes_per_param']:.3f}" for r in states
+        )]  # fmt: skip
     if notes:
         lines += ["", "Not run:", *notes]
     lines += ["", "Eager baselines:"]

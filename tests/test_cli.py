@@ -215,3 +215,31 @@ def test_run_case_record():
     assert rec["gbps"] == pytest.approx(rec["bytes"] / rec["fedkern_ms"] / 1e6)
     rec = B.run_case(B.Case("sparse_add_batched_", 100, 2, m=2), "cpu", backend="cuda")
     assert rec["status"] == "skipped"
+
+
+def test_bench_microadam_reports_state_bytes(tmp_path, capsys):
+    argv = ["bench", "--device", "cpu", "--filter", "microadam", "--sizes", "20000",
+            "--reps", "2", "--out", str(tmp_path)]  # fmt: skip
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "latest-cpu.json").read_text())
+    recs = {r["case"]: r for r in doc["results"]}
+    assert set(recs) == {"microadam_step_", "microadam_vs_adamw"}
+    for r in recs.values():
+        assert r["status"] == "ok" and r["backend"] == "cpu"
+        # 20000 parameters in 4 tensors: MicroAdam state, each tensor in whole 4096-blocks
+        assert 0.5 < r["state_bytes_per_param"] < 2.0
+    assert recs["microadam_vs_adamw"]["eager_state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+    assert "Optimizer state, bytes per parameter" in out
+
+
+def test_prepared_microadam_sides_compute_the_same_step():
+    """The benchmark's fedkern side and its reference-backend baseline take the same step."""
+    case = B.Case("microadam_step_", 30_000, B.MICROADAM_K)
+    p = case.setup("cpu")
+    p.fedkern()
+    p.eager()
+    fk = p.tensors["fedkern_optimizer"].param_groups[0]["params"]
+    eg = p.tensors["eager_optimizer"].param_groups[0]["params"]
+    for a, b in zip(fk, eg, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
