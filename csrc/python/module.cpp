@@ -12,8 +12,10 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "fedkern/common.h"
+#include "fedkern/microadam.h"
 #include "fedkern/randk.h"
 #include "fedkern/sparse.h"
 #include "fedkern/topk.h"
@@ -145,6 +147,60 @@ PYBIND11_MODULE(_C, m) {
       arg("dense_ptr"), arg("dtype"), arg("n_dense"), arg("val_ptr"), arg("idx_ptr"), arg("m"),
       arg("k"), arg("alpha"), nogil,
       "dense[j] = round(fp32(dense[j]) + sum over messages i (in order) of alpha*v[i, j]).");
+
+  m.def(
+      "microadam_step",
+      [](std::vector<uintptr_t> p_ptrs, std::vector<uintptr_t> g_ptrs, std::vector<int> dtypes,
+         std::vector<int64_t> numels, std::vector<uintptr_t> ef, std::vector<uintptr_t> ef_min,
+         std::vector<uintptr_t> ef_scale, std::vector<uintptr_t> idx, std::vector<uintptr_t> val,
+         std::vector<int64_t> rows, std::vector<double> c1, std::vector<double> c2, double decay,
+         double eps, std::vector<double> w1, std::vector<double> w2, int64_t window,
+         int64_t block_size, int64_t k, int64_t quant_bucket) {
+        const size_t t = p_ptrs.size();
+        for (size_t len :
+             {g_ptrs.size(), dtypes.size(), numels.size(), ef.size(), ef_min.size(),
+              ef_scale.size(), idx.size(), val.size(), rows.size(), c1.size(), c2.size()}) {
+          if (len != t)
+            throw std::invalid_argument("microadam_step: per-tensor list lengths differ");
+        }
+        if (window < 1 || w1.size() != static_cast<size_t>(window) || w2.size() != w1.size()) {
+          throw std::invalid_argument("microadam_step: w1 and w2 must have m >= 1 entries");
+        }
+        std::vector<fedkern::MicroAdamTensor> ts(t);
+        for (size_t i = 0; i < t; ++i) {
+          fedkern::MicroAdamTensor& x = ts[i];
+          x.p = ptr<void>(p_ptrs[i]);
+          x.g = ptr<const void>(g_ptrs[i]);
+          x.dtype = to_dtype(dtypes[i]);
+          x.n = numels[i];
+          x.ef = ptr<uint8_t>(ef[i]);
+          x.ef_min = ptr<float>(ef_min[i]);
+          x.ef_scale = ptr<float>(ef_scale[i]);
+          x.idx = ptr<int16_t>(idx[i]);
+          x.val = ptr<uint16_t>(val[i]);
+          x.row = rows[i];
+          x.c1 = static_cast<float>(c1[i]);
+          x.c2 = static_cast<float>(c2[i]);
+        }
+        const std::vector<float> w1f(w1.begin(), w1.end()), w2f(w2.begin(), w2.end());
+        fedkern::MicroAdamConfig cfg;
+        cfg.decay = static_cast<float>(decay);
+        cfg.eps = static_cast<float>(eps);
+        cfg.w1 = w1f.data();
+        cfg.w2 = w2f.data();
+        cfg.m = window;
+        cfg.D = block_size;
+        cfg.K = k;
+        cfg.Q = quant_bucket;
+        fedkern::microadam_step(ts.data(), static_cast<int64_t>(t), cfg);
+      },
+      arg("p_ptrs"), arg("g_ptrs"), arg("dtypes"), arg("numels"), arg("ef"), arg("ef_min"),
+      arg("ef_scale"), arg("idx"), arg("val"), arg("rows"), arg("c1"), arg("c2"), arg("decay"),
+      arg("eps"), arg("w1"), arg("w2"), arg("m"), arg("block_size"), arg("k"), arg("quant_bucket"),
+      nogil,
+      "One MicroAdam step over T tensors (fedkern/microadam.h): a = g + dequant(ef); per block "
+      "top-k of |a| into window row rows[i]; ef = quant4(residual); p = p*decay - "
+      "c1*mom1/(sqrt(mom2)*c2 + eps) from the window.");
 
   m.def(
       "build_info",

@@ -5,7 +5,10 @@
 // permutation, cycle walking and a std::sort. sparse add: per-coordinate accumulation in message
 // order. Inputs are random with ties, zeros, -0, inf and NaN, sizes from 1 up to beyond the
 // candidate cap (so the refining radix levels run), and every check is repeated with 1, 2 and 3
-// OpenMP threads: results must be identical bit for bit.
+// OpenMP threads: results must be identical bit for bit. MicroAdam: every step of a list of fp32
+// and bf16 tensors (partial last blocks, K >= block length, ties, inf and NaN) against a dense
+// transcription of the reference (selection by a full stable sort), state and parameters compared
+// bit for bit after each of several steps, on 1..3 threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +23,7 @@
 #include <vector>
 
 #include "fedkern/common.h"
+#include "fedkern/microadam.h"
 #include "fedkern/randk.h"
 #include "fedkern/sparse.h"
 #include "fedkern/topk.h"
@@ -345,6 +349,212 @@ static void check_bf16_rounding() {
   }
 }
 
+// ---- MicroAdam ----------------------------------------------------------------------------------
+
+struct MaTensor {
+  DType dtype;
+  int64_t n;
+  std::vector<float> pf, gf;        // float32 storage (dtype kFloat32)
+  std::vector<uint16_t> ph, gh;     // bf16 storage (dtype kBFloat16)
+  std::vector<uint8_t> ef;          // [nb*D/2]
+  std::vector<float> emin, escale;  // [nb*D/Q]
+  std::vector<int16_t> idx;         // [m, nb*K]
+  std::vector<uint16_t> val;        // [m, nb*K]
+  float c1, c2;
+
+  float p(int64_t i) const { return dtype == DType::kFloat32 ? pf[i] : bf16_to_f32(ph[i]); }
+  float g(int64_t i) const { return dtype == DType::kFloat32 ? gf[i] : bf16_to_f32(gh[i]); }
+  void set_p(int64_t i, float v) {
+    if (dtype == DType::kFloat32) {
+      pf[i] = v;
+    } else {
+      ph[i] = f32_to_bf16(v);
+    }
+  }
+  bool same(const MaTensor& o) const {
+    return same_bits(pf, o.pf) && ph == o.ph && ef == o.ef && same_bits(emin, o.emin) &&
+           same_bits(escale, o.escale) && idx == o.idx && val == o.val;
+  }
+};
+
+// One step on one tensor, transcribed from fedkern/reference/microadam.py.
+static void brute_microadam(MaTensor& t, int64_t row, float decay, float eps,
+                            const std::vector<float>& w1, const std::vector<float>& w2, int64_t D,
+                            int64_t K, int64_t Q) {
+  const int64_t m = static_cast<int64_t>(w1.size()), n = t.n, nb = (n + D - 1) / D;
+  const int64_t total = nb * D, cols = nb * K;
+  std::vector<float> a(total, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const int code = (t.ef[j / 2] >> (4 * (j % 2))) & 15;
+    const float e = t.emin[j / Q] + static_cast<float>(code) * t.escale[j / Q];
+    a[j] = t.g(j) + e;
+  }
+  std::vector<float> r = a;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t L = std::min(D, n - b * D), Kb = std::min(K, L);
+    std::vector<int64_t> order(L);
+    std::iota(order.begin(), order.end(), 0);
+    auto key = [&](int64_t i) { return f32_bits(a[b * D + i]) & 0x7fffffffu; };
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t x, int64_t y) { return key(x) > key(y); });
+    order.resize(Kb);
+    std::sort(order.begin(), order.end());
+    for (int64_t s = 0; s < K; ++s) {
+      const bool used = s < Kb;
+      t.idx[row * cols + b * K + s] = used ? static_cast<int16_t>(order[s]) : int16_t{-1};
+      t.val[row * cols + b * K + s] = used ? f32_to_bf16(a[b * D + order[s]]) : uint16_t{0};
+      if (used) r[b * D + order[s]] = 0.0f;
+    }
+  }
+  for (int64_t q = 0; q < total / Q; ++q) {
+    float lo = 0.0f, hi = 0.0f;
+    bool any = false, nan = false;
+    for (int64_t j = q * Q; j < std::min((q + 1) * Q, n); ++j) {
+      if (std::isnan(r[j])) nan = true;
+      lo = any ? std::min(lo, r[j]) : r[j];
+      hi = any ? std::max(hi, r[j]) : r[j];
+      any = true;
+    }
+    if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
+    const float scale = (hi - lo) / 15.0f;
+    t.emin[q] = lo;
+    t.escale[q] = scale;
+    for (int64_t j = q * Q; j < (q + 1) * Q; ++j) {
+      int code = 0;
+      if (j < n && scale > 0.0f) {
+        const float c = std::floor((r[j] - lo) / scale + 0.5f);
+        code = std::isnan(c) ? 0 : static_cast<int>(std::min(std::max(c, 0.0f), 15.0f));
+      }
+      if (j % 2 == 0) {
+        t.ef[j / 2] = static_cast<uint8_t>(code);
+      } else {
+        t.ef[j / 2] = static_cast<uint8_t>(t.ef[j / 2] | (code << 4));
+      }
+    }
+  }
+  std::vector<float> mom1(total, 0.0f), mom2(total, 0.0f);
+  for (int64_t age = 0; age < m; ++age) {
+    const int64_t rr = ((row - age) % m + m) % m;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int16_t i = t.idx[rr * cols + c];
+      if (i < 0) continue;
+      const int64_t pos = (c / K) * D + i;
+      const float v = bf16_to_f32(t.val[rr * cols + c]);
+      mom1[pos] = mom1[pos] + w1[age] * v;
+      mom2[pos] = mom2[pos] + w2[age] * (v * v);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float step = (t.c1 * mom1[j]) / (std::sqrt(mom2[j]) * t.c2 + eps);
+    t.set_p(j, t.p(j) * decay - step);
+  }
+}
+
+static MaTensor make_ma_tensor(DType dt, int64_t n, int64_t D, int64_t K, int64_t Q, int64_t m) {
+  MaTensor t;
+  t.dtype = dt;
+  t.n = n;
+  const int64_t nb = (n + D - 1) / D;
+  std::normal_distribution<float> nd;
+  if (dt == DType::kFloat32) {
+    t.pf.resize(n);
+    t.gf.resize(n);
+    for (auto& x : t.pf) x = nd(rng);
+  } else {
+    t.ph.resize(n);
+    t.gh.resize(n);
+    for (auto& x : t.ph) x = f32_to_bf16(nd(rng));
+  }
+  t.ef.assign(nb * D / 2, 0);
+  t.emin.assign(nb * D / Q, 0.0f);
+  t.escale.assign(nb * D / Q, 0.0f);
+  t.idx.assign(m * nb * K, -1);
+  t.val.assign(m * nb * K, 0);
+  t.c1 = 1e-3f * static_cast<float>(1 + rng() % 4);
+  t.c2 = 1.0f + 0.25f * static_cast<float>(rng() % 4);
+  return t;
+}
+
+// New gradients: mode 0 normal, 1 heavy ties (small integers), 2 all equal, 3 with inf and NaN.
+static void fill_grad(MaTensor& t, int mode) {
+  std::normal_distribution<float> nd;
+  for (int64_t i = 0; i < t.n; ++i) {
+    float v = nd(rng);
+    if (mode == 1) v = static_cast<float>(static_cast<int>(rng() % 7) - 3) * 0.5f;
+    if (mode == 2) v = 0.75f;
+    if (mode == 3 && rng() % 50 == 0) {
+      v = rng() % 2 ? std::numeric_limits<float>::quiet_NaN()
+                    : -std::numeric_limits<float>::infinity();
+    }
+    if (t.dtype == DType::kFloat32) {
+      t.gf[i] = v;
+    } else {
+      t.gh[i] = f32_to_bf16(v);
+    }
+  }
+}
+
+static void check_microadam(int64_t D, int64_t K, int64_t Q, int64_t m, float decay, int mode) {
+  g_context = "microadam D=" + std::to_string(D) + " K=" + std::to_string(K) +
+              " Q=" + std::to_string(Q) + " m=" + std::to_string(m) +
+              " decay=" + std::to_string(decay) + " mode=" + std::to_string(mode);
+  const int64_t sizes[] = {1, 7, D - 1, D, 2 * D + 5, 2 * D + K / 2 + 1, 5 * D + 3};
+  std::vector<MaTensor> want;
+  int which = 0;
+  for (int64_t n : sizes) {
+    want.push_back(make_ma_tensor(which++ % 2 ? DType::kBFloat16 : DType::kFloat32, n, D, K, Q, m));
+  }
+  std::vector<std::vector<MaTensor>> got(3, want);  // one copy per thread count
+  const float eps = 1e-8f;
+  std::vector<float> w1(m), w2(m);
+  for (int64_t a = 0; a < m; ++a) {
+    w1[a] = 0.1f * std::pow(0.9f, static_cast<float>(a));
+    w2[a] = 0.001f * std::pow(0.999f, static_cast<float>(a));
+  }
+  for (int step = 0; step < 4; ++step) {
+    const int64_t row = step % m;
+    for (auto& t : want) fill_grad(t, step == 3 ? mode : 0);
+    for (int th = 0; th < 3; ++th) {
+      for (size_t i = 0; i < want.size(); ++i) {
+        got[th][i].gf = want[i].gf;
+        got[th][i].gh = want[i].gh;
+      }
+    }
+    for (auto& t : want) brute_microadam(t, row, decay, eps, w1, w2, D, K, Q);
+    const MicroAdamConfig cfg{decay, eps, w1.data(), w2.data(), m, D, K, Q};
+    for (int th = 0; th < 3; ++th) {
+      set_threads(th + 1);
+      std::vector<MicroAdamTensor> ts;
+      for (auto& t : got[th]) {
+        void* p = t.dtype == DType::kFloat32 ? static_cast<void*>(t.pf.data())
+                                             : static_cast<void*>(t.ph.data());
+        const void* g = t.dtype == DType::kFloat32 ? static_cast<const void*>(t.gf.data())
+                                                   : static_cast<const void*>(t.gh.data());
+        ts.push_back(MicroAdamTensor{p, g, t.dtype, t.n, t.ef.data(), t.emin.data(),
+                                     t.escale.data(), t.idx.data(), t.val.data(), row, t.c1, t.c2});
+      }
+      microadam_step(ts.data(), static_cast<int64_t>(ts.size()), cfg);
+      for (size_t i = 0; i < want.size(); ++i) CHECK(got[th][i].same(want[i]));
+    }
+  }
+}
+
+static void run_microadam() {
+  for (int64_t D : {int64_t{64}, int64_t{256}}) {
+    for (int64_t K : {int64_t{1}, int64_t{5}, int64_t{41}, D}) {
+      if (K > D) continue;
+      for (int64_t Q : {int64_t{2}, int64_t{16}, D}) {
+        for (int64_t m : {int64_t{1}, int64_t{3}}) {
+          for (float decay : {1.0f, 0.99f}) {
+            for (int mode = 0; mode <= 3; ++mode) check_microadam(D, K, Q, m, decay, mode);
+          }
+        }
+      }
+    }
+  }
+  check_microadam(4096, 41, 256, 10, 0.99999f, 1);
+}
+
 static void run_all(bool big) {
   const int64_t sizes[] = {1, 2, 7, 64, 1000, 4097, 100003};
   for (int64_t n : sizes) {
@@ -400,12 +610,14 @@ static void run_all(bool big) {
 
 int main() {
   check_bf16_rounding();
+  run_microadam();
   run_all(true);  // tuned blocking: small inputs run serially, large ones on every thread
   // Tiny blocks (7 items, up to 5 per call) on 1..3 threads: the multi-block paths (per-block
   // histograms and offsets, candidate placement, tie hand-out, radix scatter, sparse chunks and
   // cursors) on inputs small enough to check against brute force.
   detail::blocking_override() = detail::BlockingOverride{7, 5};
   run_all(false);
+  run_microadam();
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;
