@@ -1,0 +1,306 @@
+"""MicroAdam's fused optimizer step over a list of tensors (Triton); the exact numerics are those of
+fedkern/reference/microadam.py, which also documents the state layout.
+
+Per tensor (n elements, blocks of D, K kept per block, buckets of Q, window of m rows), per block:
+
+    a    = fp32(g) + (ef_min[q] + code * ef_scale[q])          code: 4-bit error feedback
+    key  = bits(|a|) (int32, NaN above inf); the K_b = min(K, block length) largest keys, ties to
+           the lower index, go to window row `row` (ascending local indices as int16, a as bf16,
+           then -1 / 0 in unused slots)
+    r    = a with the selected entries set to 0; per bucket lo = min r, hi = max r,
+           scale = (hi - lo) / 15, code = clamp(floor((r - lo) / scale + 0.5), 0, 15) (0 when
+           scale is not > 0) -> ef, ef_min, ef_scale
+    mom1 = sum_age w1[age] * v, mom2 = sum_age w2[age] * v^2 over the window entries (i, v)
+    p    = round(p * decay - (c1 * mom1) / (sqrt(mom2) * c2 + eps))
+
+Every sum and product is rounded to fp32 on its own (launches pass enable_fp_fusion=False; division
+and sqrt are IEEE: div_rn, sqrt_rn); bf16 is rounded with the integer helpers of topk.py.
+
+Kernels (each launched once per parameter dtype present; one program per block of D elements of
+any tensor of the call; per-tensor pointers, sizes and constants come from an int64 table):
+  _select_quantize_kernel  steps 1-3: the block is held in registers; the K_b-th largest key T is
+      found by a bitwise binary search (31 block-wide counts); selected = key > T, or key == T and
+      fewer than K_b - #{key > T} ties before it (exclusive tl.cumsum); slot = cumsum(selected) - 1
+      (scatter store, indices come out ascending); bucket min/max on a [D/Q, Q] view.
+  _window_update_kernel    steps 4-5: runs over the block's m*K window entries in chunks; each entry
+      looks up its index in every row (ascending, unused -1 slots compare as 65535 and sort last)
+      with a vectorised binary search, summing w*v over ages 0..m-1 in order (so the moments equal
+      the reference's bit for bit); only the entry of the newest row holding an index writes p,
+      from the original p.  When decay != 1, tl.histograms of the entries over sub-ranges of the
+      block mark the window positions and the other elements get p * decay (disjoint stores: no
+      barrier needed).
+The second launch sees the window row written by the first (kernel boundary).
+
+Launcher, per parameter dtype: an int64 table (per tensor: the 7 data pointers, n, its first block,
+its window row, c1 and c2 as float32 bits; then w1 and w2), one pinned host-to-device copy per call;
+a cached int32 block -> tensor map; grid = all blocks of the dtype's tensors.
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .topk import load_f32, round_to, store_f32
+
+# Columns of the per-tensor table (int64); floats are stored as their float32 bits.
+_P = tl.constexpr(0)
+_G = tl.constexpr(1)
+_EF = tl.constexpr(2)
+_EF_MIN = tl.constexpr(3)
+_EF_SCALE = tl.constexpr(4)
+_IDX = tl.constexpr(5)
+_VAL = tl.constexpr(6)
+_N = tl.constexpr(7)
+_FIRST = tl.constexpr(8)  # index of the tensor's first block in the launch
+_ROW = tl.constexpr(9)
+_C1 = tl.constexpr(10)
+_C2 = tl.constexpr(11)
+_NF = tl.constexpr(12)
+_LEVELS = tl.constexpr(15.0)
+_ENTRIES = 1024  # window entries per chunk of the second kernel (GPU)
+_ENTRIES_INTERPRETED = 4096
+_SUBRANGE = 512  # elements per histogram of window positions (decay != 1)
+
+
+@triton.jit
+def _ptr(row_ptr, col: tl.constexpr, ty: tl.constexpr):
+    return tl.load(row_ptr + col).to(tl.pointer_type(ty), bitcast=True)
+
+
+@triton.jit
+def _f32_at(ptr):
+    return tl.load(ptr).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["k"])
+def _select_quantize_kernel(
+    tab_ptr, owner_ptr, k, IS_BF16: tl.constexpr, D: tl.constexpr, Q: tl.constexpr
+):
+    pid = tl.program_id(0)
+    row_ptr = tab_ptr + tl.load(owner_ptr + pid).to(tl.int64) * _NF
+    if IS_BF16:
+        g_ptr = _ptr(row_ptr, _G, tl.bfloat16)
+    else:
+        g_ptr = _ptr(row_ptr, _G, tl.float32)
+    ef_ptr = _ptr(row_ptr, _EF, tl.uint8)
+    min_ptr = _ptr(row_ptr, _EF_MIN, tl.float32)
+    scale_ptr = _ptr(row_ptr, _EF_SCALE, tl.float32)
+    n = tl.load(row_ptr + _N)
+    b = pid - tl.load(row_ptr + _FIRST)
+    k64 = k.to(tl.int64)
+    ncols = tl.cdiv(n, D) * k64
+    col0 = tl.load(row_ptr + _ROW) * ncols + b * k64  # window row `row`, block b's first column
+    idx_ptr = _ptr(row_ptr, _IDX, tl.int16) + col0
+    val_ptr = _ptr(row_ptr, _VAL, tl.bfloat16) + col0
+    start = b * D
+    length = tl.minimum(n - start, D)
+    kb = tl.minimum(k64, length).to(tl.int32)
+    offs = tl.arange(0, D)
+    mask = offs < length
+
+    # 1. a = g + dequantized error feedback
+    byte = tl.load(ef_ptr + start // 2 + offs // 2).to(tl.int32)
+    code = ((byte >> ((offs & 1) * 4)) & 15).to(tl.float32)
+    bucket = start // Q + offs // Q
+    e = tl.load(min_ptr + bucket) + code * tl.load(scale_ptr + bucket)
+    a = tl.where(mask, load_f32(g_ptr + start, offs, mask, IS_BF16) + e, 0.0)
+
+    # 2. threshold T = the kb-th largest key, built bit by bit; padding has key -1 (below all)
+    key = tl.where(mask, a.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
+    thr = kb * 0
+    bit = kb * 0 + 30
+    while bit >= 0:  # a while loop: the interpreter cannot range() here
+        cand = thr | (1 << bit)
+        thr = tl.where(tl.sum((key >= cand).to(tl.int32)) >= kb, cand, thr)
+        bit -= 1
+    gt = (key > thr).to(tl.int32)
+    eq = (key == thr).to(tl.int32)
+    need = kb - tl.sum(gt)
+    sel = (gt > 0) | ((eq > 0) & (tl.cumsum(eq, 0) - eq < need))
+    slot = tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(idx_ptr + slot, offs.to(tl.int16), mask=sel)
+    store_f32(val_ptr, slot, round_to(a, True), sel, True)
+    pad = (offs >= kb) & (offs < k)  # unused slots (only when the block is shorter than k)
+    tl.store(idx_ptr + offs, tl.full([D], -1, tl.int16), mask=pad)
+    store_f32(val_ptr, offs, tl.zeros([D], dtype=tl.float32), pad, True)
+
+    # 3. 4-bit quantization of the residual, per bucket of Q elements of the tensor
+    r = tl.reshape(tl.where(sel, 0.0, a), [D // Q, Q])
+    inside = tl.reshape(mask, [D // Q, Q])
+    lo = tl.min(tl.where(inside, r, float("inf")), axis=1)
+    hi = tl.max(tl.where(inside, r, float("-inf")), axis=1)
+    empty = tl.arange(0, D // Q) * Q >= length
+    lo = tl.where(empty, 0.0, lo)
+    hi = tl.where(empty, 0.0, hi)
+    scale = tl.math.div_rn(hi - lo, tl.full([D // Q], _LEVELS, tl.float32))
+    sc = tl.broadcast_to(scale[:, None], [D // Q, Q])
+    ok = (sc > 0.0) & inside  # scale > 0 is false for NaN
+    c = tl.floor(tl.math.div_rn(r - lo[:, None], tl.where(ok, sc, 1.0)) + 0.5)
+    c = tl.minimum(tl.maximum(tl.where(c != c, 0.0, c), 0.0), _LEVELS)
+    c = tl.where(ok, c, 0.0).to(tl.int32)
+    pair = tl.reshape(c, [D // 2, 2]) << (tl.arange(0, 2) * 4)[None, :]
+    tl.store(ef_ptr + start // 2 + tl.arange(0, D // 2), tl.sum(pair, axis=1).to(tl.uint8))
+    qoffs = start // Q + tl.arange(0, D // Q)
+    tl.store(min_ptr + qoffs, lo)
+    tl.store(scale_ptr + qoffs, scale)
+
+
+@triton.jit(do_not_specialize=["k", "m", "w_off", "decay", "eps"])
+def _window_update_kernel(
+    tab_ptr,
+    owner_ptr,
+    k,
+    m,
+    w_off,
+    decay,
+    eps,
+    IS_BF16: tl.constexpr,
+    D: tl.constexpr,
+    EB: tl.constexpr,
+    S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_ptr = tab_ptr + tl.load(owner_ptr + pid).to(tl.int64) * _NF
+    if IS_BF16:
+        p_ptr = _ptr(row_ptr, _P, tl.bfloat16)
+    else:
+        p_ptr = _ptr(row_ptr, _P, tl.float32)
+    n = tl.load(row_ptr + _N)
+    b = pid - tl.load(row_ptr + _FIRST)
+    row = tl.load(row_ptr + _ROW).to(tl.int32)
+    c1 = _f32_at(row_ptr + _C1)
+    c2 = _f32_at(row_ptr + _C2)
+    k64 = k.to(tl.int64)
+    ncols = tl.cdiv(n, D) * k64
+    idx_ptr = _ptr(row_ptr, _IDX, tl.int16) + b * k64  # block b's columns of row 0
+    val_ptr = _ptr(row_ptr, _VAL, tl.bfloat16) + b * k64
+    start = b * D
+    p_ptr = p_ptr + start
+    length = tl.minimum(n - start, D)
+    total = m * k  # entries of the block in the window
+    e0 = 0
+    while e0 < total:
+        e = e0 + tl.arange(0, EB)
+        pr = e // k  # physical row of the entry
+        raw = tl.load(idx_ptr + pr.to(tl.int64) * ncols + (e - pr * k), mask=e < total, other=-1)
+        x = raw.to(tl.int32)
+        valid = x >= 0
+        age0 = (row - pr + m) % m
+        m1 = tl.zeros([EB], dtype=tl.float32)
+        m2 = tl.zeros([EB], dtype=tl.float32)
+        newer = tl.zeros([EB], dtype=tl.int32)  # found in a row newer than the entry's own
+        age = 0
+        while age < m:  # ages in order: the sums match the reference's order exactly
+            r = (row - age + m) % m
+            rp = idx_ptr + r.to(tl.int64) * ncols
+            # last position whose entry (as uint16: unused -1 slots sort last) is <= x
+            pos = tl.zeros([EB], dtype=tl.int32)
+            span = k
+            while span > 1:
+                half = span // 2
+                probe = tl.load(rp + pos + half, mask=valid, other=0).to(tl.int32) & 0xFFFF
+                pos = tl.where(probe <= x, pos + half, pos)
+                span -= half
+            hit = valid & (tl.load(rp + pos, mask=valid, other=-1).to(tl.int32) == x)
+            v = load_f32(val_ptr + r.to(tl.int64) * ncols, pos, hit, True)
+            m1 = tl.where(hit, m1 + _f32_at(tab_ptr + w_off + age) * v, m1)
+            m2 = tl.where(hit, m2 + _f32_at(tab_ptr + w_off + m + age) * (v * v), m2)
+            newer = newer | (hit & (age < age0)).to(tl.int32)
+            age += 1
+        writer = valid & (newer == 0)
+        p = load_f32(p_ptr, x, writer, IS_BF16)
+        u = tl.math.div_rn(c1 * m1, tl.sqrt_rn(m2) * c2 + eps)
+        store_f32(p_ptr, x, round_to(p * decay - u, IS_BF16), writer, IS_BF16)
+        e0 += EB
+    if decay != 1.0:
+        # elements outside the window: p * decay.  Window positions are marked by histograms of
+        # the entries over sub-ranges of S elements (S / 32 registers per thread for the bins).
+        s0 = 0
+        while s0 < length:
+            marks = tl.zeros([S], dtype=tl.int32)
+            e0 = 0
+            while e0 < total:
+                e = e0 + tl.arange(0, EB)
+                pr = e // k
+                raw = tl.load(
+                    idx_ptr + pr.to(tl.int64) * ncols + (e - pr * k), mask=e < total, other=-1
+                )
+                y = raw.to(tl.int32) - s0
+                marks += tl.histogram(y, S, mask=(y >= 0) & (y < S))
+                e0 += EB
+            offs = s0 + tl.arange(0, S)
+            rest = (offs < length) & (marks == 0)
+            p = load_f32(p_ptr, offs, rest, IS_BF16)
+            store_f32(p_ptr, offs, round_to(p * decay, IS_BF16), rest, IS_BF16)
+            s0 += S
+
+
+def _f32_bits(xs):
+    return np.asarray(xs, dtype=np.float32).view(np.int32).astype(np.int64)
+
+
+_OWNERS = {}  # (device, blocks per tensor) -> int32 block -> tensor map
+
+
+def _owners(nbs, device):
+    key = (str(device), tuple(nbs))
+    out = _OWNERS.get(key)
+    if out is None:
+        if len(_OWNERS) > 64:
+            _OWNERS.clear()
+        out = torch.from_numpy(np.repeat(np.arange(len(nbs), dtype=np.int32), nbs)).to(device)
+        _OWNERS[key] = out
+    return out
+
+
+def _num_warps(d):
+    return min(32, max(4, d // 512))
+
+
+def microadam_step_(
+    params, grads, ef, ef_min, ef_scale, idx, val, rows, c1, c2, decay, eps, w1, w2,
+    block_size, k, quant_bucket,
+) -> None:  # fmt: skip
+    """One MicroAdam step over lists of tensors, in place; arguments as in
+    ``fedkern.reference.microadam.microadam_step_`` (validated by ``fedkern.ops.microadam``).
+
+    params/grads: contiguous 1-D fp32/bf16 (dtypes may differ between tensors, grads[i] has
+    params[i]'s dtype); ef uint8 [nb*D/2], ef_min/ef_scale fp32 [nb*D/Q], idx int16 [m, nb*K],
+    val bf16 [m, nb*K]; all on one device (CUDA, or CPU under TRITON_INTERPRET=1).  rows, c1, c2:
+    per tensor; w1, w2: per age (length m); decay, eps: floats.  params and the state are updated.
+    Two launches per parameter dtype present.
+    """
+    device = params[0].device
+    D, Q, m = block_size, quant_bucket, len(w1)
+    interpreted = device.type == "cpu"
+    cap = _ENTRIES_INTERPRETED if interpreted else _ENTRIES
+    eb = min(cap, max(16, triton.next_power_of_2(m * k)))
+    for dtype in dict.fromkeys(p.dtype for p in params):
+        group = [i for i, p in enumerate(params) if p.dtype == dtype]
+        nbs = [triton.cdiv(params[i].numel(), D) for i in group]
+        first = np.concatenate(([0], np.cumsum(nbs)[:-1]))
+        table = np.empty((len(group), 12), dtype=np.int64)
+        for j, i in enumerate(group):
+            tensors = (params[i], grads[i], ef[i], ef_min[i], ef_scale[i], idx[i], val[i])
+            table[j, :7] = [t.data_ptr() for t in tensors]
+            table[j, 7:10] = [params[i].numel(), first[j], rows[i]]
+        table[:, 10] = _f32_bits([c1[i] for i in group])
+        table[:, 11] = _f32_bits([c2[i] for i in group])
+        tab = torch.from_numpy(np.concatenate((table.reshape(-1), _f32_bits(list(w1) + list(w2)))))
+        grid = (int(sum(nbs)),)
+        bf16 = dtype == torch.bfloat16
+        ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            if device.type == "cuda":  # pinned + non_blocking: no host sync with queued work
+                tab = tab.pin_memory().to(device, non_blocking=True)
+            owners = _owners(nbs, device)
+            _select_quantize_kernel[grid](
+                tab, owners, k, bf16, D, Q, num_warps=_num_warps(D), enable_fp_fusion=False
+            )
+            _window_update_kernel[grid](
+                tab, owners, k, m, table.size, float(decay), float(eps), bf16, D, eb,
+                min(D, _SUBRANGE), num_warps=4, enable_fp_fusion=False,
+            )  # fmt: skip
