@@ -454,7 +454,8 @@ def test_opcheck():
 # ---- quality: MicroAdam trains as well as AdamW on real data ------------------------------------
 def test_digits_mlp_within_1_5_points_of_adamw():
     """scikit-learn's digits (bundled), MLP 64-256-10, 20 epochs of batches of 32, lr 1e-3 for
-    both: MicroAdam's test accuracy is within 1.5 points of AdamW's, averaged over two seeds."""
+    both: MicroAdam's test accuracy is within 1.5 points of AdamW's, averaged over four seeds
+    (one seed alone varies by about 1.5 points either way)."""
     datasets = pytest.importorskip("sklearn.datasets")
     x, y = datasets.load_digits(return_X_y=True)
     x, y = torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y)
@@ -478,8 +479,9 @@ def test_digits_mlp_within_1_5_points_of_adamw():
         with torch.no_grad():
             return (net(x[test_idx]).argmax(1) == y[test_idx]).double().mean().item() * 100
 
-    adamw = np.mean([accuracy(lambda p: torch.optim.AdamW(p, lr=1e-3), s) for s in (0, 1)])
-    micro = np.mean([accuracy(lambda p: MicroAdam(p, lr=1e-3), s) for s in (0, 1)])
+    seeds = range(4)
+    adamw = np.mean([accuracy(lambda p: torch.optim.AdamW(p, lr=1e-3), s) for s in seeds])
+    micro = np.mean([accuracy(lambda p: MicroAdam(p, lr=1e-3), s) for s in seeds])
     print(f"test accuracy: AdamW {adamw:.2f}%, MicroAdam {micro:.2f}%")
     assert adamw > 90.0
     assert micro >= adamw - 1.5
