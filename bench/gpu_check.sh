@@ -101,6 +101,12 @@ bw = sorted({(r["n"], r["dtype"], r["copy_gbps"]) for r in doc["results"] if r.g
 print("copy bandwidth: " + ", ".join(f"{short(n)} {d} {b:.0f} GB/s" for n, d, b in bw))
 EOF
 
+# latest-cuda.* repeat the time-stamped files: drop them from a separate OUT (the device tool brings
+# back at most 8 files), after the table above has read them.
+if [ "$(realpath "$OUT")" != "$(realpath bench/results)" ]; then
+    rm -f "$OUT"/latest-cuda.json "$OUT"/latest-cuda.md
+fi
+
 if ((${#FAILED[@]})); then
     echo "FAILED steps: ${FAILED[*]}"
     exit 1
