@@ -50,6 +50,7 @@ print(json.dumps(fedkern.backends(), indent=2))"
 # kernels (test_cuda_emu) already ran in CI and is skipped here.
 step gpu-tests 200 "$PY" -m pytest tests -q --maxfail=20 -k "not cuda_emu and (cuda or triton)"
 step microadam-profile 60 "$PY" bench/profile_microadam.py
+step microadam-sweep 150 "$PY" bench/microadam_sweep.py
 # The benchmark stops starting cases 45 s before its limit; the rest are listed as skipped.
 BENCH_LIMIT=$(($(left) - 25))
 step bench "$BENCH_LIMIT" "$PY" -m fedkern bench --full --device cuda --out "$OUT" \

@@ -77,7 +77,13 @@ def _f32_at(ptr):
 
 @triton.jit(do_not_specialize=["k"])
 def _select_quantize_kernel(
-    tab_ptr, owner_ptr, k, IS_BF16: tl.constexpr, D: tl.constexpr, Q: tl.constexpr
+    tab_ptr,
+    owner_ptr,
+    k,
+    IS_BF16: tl.constexpr,
+    D: tl.constexpr,
+    Q: tl.constexpr,
+    BITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_ptr = tab_ptr + tl.load(owner_ptr + pid).to(tl.int64) * _NF
@@ -108,14 +114,28 @@ def _select_quantize_kernel(
     e = tl.load(min_ptr + bucket) + code * tl.load(scale_ptr + bucket)
     a = tl.where(mask, load_f32(g_ptr + start, offs, mask, IS_BF16) + e, 0.0)
 
-    # 2. threshold T = the kb-th largest key, built bit by bit; padding has key -1 (below all)
+    # 2. threshold T = the kb-th largest key, built from the top bit down; padding has key -1
     key = tl.where(mask, a.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
     thr = kb * 0
     bit = kb * 0 + 30
-    while bit >= 0:  # a while loop: the interpreter cannot range() here
-        cand = thr | (1 << bit)
-        thr = tl.where(tl.sum((key >= cand).to(tl.int32)) >= kb, cand, thr)
-        bit -= 1
+    if BITS == 2:  # bit 30 alone, then bits 29..0 two at a time: 16 block-wide counts, not 31
+        thr = tl.where(tl.sum((key >= (1 << 30)).to(tl.int32)) >= kb, 1 << 30, 0)
+        bit -= 2
+        while bit >= 0:  # counts of key >= thr | j << bit for j = 1, 2, 3 in one int64 sum
+            c1_ = (key >= (thr | (1 << bit))).to(tl.int64)
+            c2_ = (key >= (thr | (2 << bit))).to(tl.int64)
+            c3_ = (key >= (thr | (3 << bit))).to(tl.int64)
+            packed = tl.sum(c1_ | (c2_ << 16) | (c3_ << 32))  # counts <= D <= 2**15
+            j = ((packed & 0xFFFF) >= kb).to(tl.int32)
+            j += (((packed >> 16) & 0xFFFF) >= kb).to(tl.int32)
+            j += (((packed >> 32) & 0xFFFF) >= kb).to(tl.int32)
+            thr = thr | (j << bit)
+            bit -= 2
+    else:
+        while bit >= 0:  # a while loop: the interpreter cannot range() here
+            cand = thr | (1 << bit)
+            thr = tl.where(tl.sum((key >= cand).to(tl.int32)) >= kb, cand, thr)
+            bit -= 1
     gt = (key > thr).to(tl.int32)
     eq = (key == thr).to(tl.int32)
     need = kb - tl.sum(gt)
@@ -238,6 +258,91 @@ def _window_update_kernel(
             s0 += S
 
 
+@triton.jit(do_not_specialize=["total_blocks", "k", "m", "w_off", "decay", "eps"])
+def _window_scratch_kernel(
+    tab_ptr,
+    owner_ptr,
+    scratch_ptr,
+    total_blocks,
+    k,
+    m,
+    w_off,
+    decay,
+    eps,
+    IS_BF16: tl.constexpr,
+    D: tl.constexpr,
+    KP: tl.constexpr,
+    CH: tl.constexpr,
+):
+    """Steps 4-5 with a per-program scratch of 2*D fp32 (zero on entry, zero again on exit):
+    persistent programs take blocks pid, pid + P, ...; each adds the window rows into its scratch
+    one row at a time, newest first (a row's indices are distinct, so a row's scatter has no
+    conflicts; a barrier orders the rows; the sums are in the reference's order), then streams
+    the block once: p = p * decay - (c1 * mom1) / (sqrt(mom2) * c2 + eps) everywhere (exactly
+    p * decay where the moments are 0), then clears the touched scratch entries."""
+    pid = tl.program_id(0)
+    s1 = scratch_ptr + pid.to(tl.int64) * (2 * D)
+    s2 = s1 + D
+    j = tl.arange(0, KP)
+    blk = pid
+    while blk < total_blocks:
+        row_ptr = tab_ptr + tl.load(owner_ptr + blk).to(tl.int64) * _NF
+        if IS_BF16:
+            p_ptr = _ptr(row_ptr, _P, tl.bfloat16)
+        else:
+            p_ptr = _ptr(row_ptr, _P, tl.float32)
+        n = tl.load(row_ptr + _N)
+        b = blk - tl.load(row_ptr + _FIRST)
+        row = tl.load(row_ptr + _ROW).to(tl.int32)
+        c1 = _f32_at(row_ptr + _C1)
+        c2 = _f32_at(row_ptr + _C2)
+        k64 = k.to(tl.int64)
+        ncols = tl.cdiv(n, D) * k64
+        idx_ptr = _ptr(row_ptr, _IDX, tl.int16) + b * k64  # block b's columns of row 0
+        val_ptr = _ptr(row_ptr, _VAL, tl.bfloat16) + b * k64
+        start = b * D
+        length = tl.minimum(n - start, D)
+        age = 0
+        while age < m:
+            rp = (row - age + m) % m * ncols
+            c0 = 0
+            while c0 < k:
+                x = tl.load(idx_ptr + rp + c0 + j, mask=c0 + j < k, other=-1).to(tl.int32)
+                ok = x >= 0
+                v = load_f32(val_ptr + rp + c0, j, ok, True)
+                a1 = tl.load(s1 + x, mask=ok, other=0.0)
+                a2 = tl.load(s2 + x, mask=ok, other=0.0)
+                tl.store(s1 + x, a1 + _f32_at(tab_ptr + w_off + age) * v, mask=ok)
+                tl.store(s2 + x, a2 + _f32_at(tab_ptr + w_off + m + age) * (v * v), mask=ok)
+                c0 += KP
+            tl.debug_barrier()  # this row's sums are visible to the whole program
+            age += 1
+        o0 = 0
+        while o0 < length:
+            offs = o0 + tl.arange(0, CH)
+            inb = offs < length
+            m1 = tl.load(s1 + offs, mask=inb, other=0.0)
+            m2 = tl.load(s2 + offs, mask=inb, other=0.0)
+            p = load_f32(p_ptr + start, offs, inb, IS_BF16)
+            u = tl.math.div_rn(c1 * m1, tl.sqrt_rn(m2) * c2 + eps)
+            store_f32(p_ptr + start, offs, round_to(p * decay - u, IS_BF16), inb, IS_BF16)
+            o0 += CH
+        tl.debug_barrier()  # every read of the scratch is done
+        age = 0
+        while age < m:
+            rp = (row - age + m) % m * ncols
+            c0 = 0
+            while c0 < k:
+                x = tl.load(idx_ptr + rp + c0 + j, mask=c0 + j < k, other=-1).to(tl.int32)
+                ok = x >= 0
+                tl.store(s1 + x, tl.zeros([KP], dtype=tl.float32), mask=ok)
+                tl.store(s2 + x, tl.zeros([KP], dtype=tl.float32), mask=ok)
+                c0 += KP
+            age += 1
+        tl.debug_barrier()  # the scratch is clear before the next block
+        blk += tl.num_programs(0)
+
+
 def _f32_bits(xs):
     return np.asarray(xs, dtype=np.float32).view(np.int32).astype(np.int64)
 
@@ -254,6 +359,21 @@ def _owners(nbs, device):
         out = torch.from_numpy(np.repeat(np.arange(len(nbs), dtype=np.int32), nbs)).to(device)
         _OWNERS[key] = out
     return out
+
+
+#: Launch choices (bench/microadam_sweep.py times the alternatives on a GPU): threshold bits per
+#: block-wide count in the selection (1 or 2), warps of the selection kernel (None: by D), the
+#: window kernel ("scratch": per-program scratch, persistent; "search": binary search per entry),
+#: its warps, and its resident programs per SM.
+TUNING = {"bits": 2, "warps_select": None, "window": "scratch", "warps_window": 4,
+          "programs_per_sm": 4}  # fmt: skip
+
+
+def _programs(device) -> int:
+    if device.type != "cuda":
+        return 3  # interpreter: a few programs, so that each takes several blocks in tests
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms * TUNING["programs_per_sm"]
 
 
 def _num_warps(d):
@@ -298,9 +418,19 @@ def microadam_step_(
                 tab = tab.pin_memory().to(device, non_blocking=True)
             owners = _owners(nbs, device)
             _select_quantize_kernel[grid](
-                tab, owners, k, bf16, D, Q, num_warps=_num_warps(D), enable_fp_fusion=False
-            )
-            _window_update_kernel[grid](
-                tab, owners, k, m, table.size, float(decay), float(eps), bf16, D, eb,
-                min(D, _SUBRANGE), num_warps=4, enable_fp_fusion=False,
+                tab, owners, k, bf16, D, Q, TUNING["bits"],
+                num_warps=TUNING["warps_select"] or _num_warps(D), enable_fp_fusion=False,
+            )  # fmt: skip
+            if TUNING["window"] == "search":
+                _window_update_kernel[grid](
+                    tab, owners, k, m, table.size, float(decay), float(eps), bf16, D, eb,
+                    min(D, _SUBRANGE), num_warps=4, enable_fp_fusion=False,
+                )  # fmt: skip
+                continue
+            programs = min(grid[0], _programs(device))
+            scratch = torch.zeros(programs * 2 * D, dtype=torch.float32, device=device)
+            _window_scratch_kernel[(programs,)](
+                tab, owners, scratch, grid[0], k, m, table.size, float(decay), float(eps), bf16,
+                D, min(64, triton.next_power_of_2(k)), min(D, 1024),
+                num_warps=TUNING["warps_window"], enable_fp_fusion=False,
             )  # fmt: skip

@@ -490,3 +490,40 @@ def test_digits_mlp_within_1_5_points_of_adamw():
     assert adamw > 90.0
     assert micro >= adamw - 1.5
     assert not math.isnan(micro)
+
+
+@pytest.mark.parametrize(
+    "tuning",
+    [{"bits": 1}, {"bits": 2}, {"window": "search"}, {"window": "scratch"}],
+    ids=["bits1", "bits2", "search", "scratch"],
+)
+def test_triton_launch_variants(tuning, gen, monkeypatch):
+    """Every launch choice of the Triton kernels (kernels/microadam.py TUNING) gives the
+    reference's state bit for bit and its parameters to rounding: several tensors of both dtypes,
+    blocks of several tensors per persistent program, decay < 1, 5 steps."""
+    pytest.importorskip("triton")
+    from fedkern.kernels import microadam as tk
+
+    monkeypatch.setattr(tk, "TUNING", {**tk.TUNING, **tuning})
+    dev = device_for("triton")
+    sizes = [(64 * 5 + 3, torch.float32), (64 * 2, torch.bfloat16), (40, torch.float32)]
+    D, K, Q, m = 64, 5, 16, 3
+    ps = [torch.randn(n, generator=gen).to(dt) for n, dt in sizes]
+    grads = [[torch.randn(n, generator=gen).to(dt) for n, dt in sizes] for _ in range(5)]
+    out = {}
+    for name in ("triton", "reference"):
+        params = [p.clone().to(dev) for p in ps]
+        states = [new_state(p.numel(), D, K, Q, m, dev) for p in params]
+        with fedkern.backend(name):
+            for t, gs in enumerate(grads, start=1):
+                fedkern.ops.microadam.microadam_step_(
+                    params, [g.to(dev) for g in gs], states, [t] * 3, lr=1e-2, eps=1e-8,
+                    weight_decay=0.1, block_size=D, k=K, quant_bucket=Q,
+                )  # fmt: skip
+        out[name] = (params, states)
+    for i, (_, dt) in enumerate(sizes):
+        for key in KEYS:
+            assert torch.equal(out["triton"][1][i][key].cpu(), out["reference"][1][i][key].cpu())
+        torch.testing.assert_close(
+            out["triton"][0][i].cpu(), out["reference"][0][i].cpu(), rtol=2 * EPS[dt], atol=1e-6
+        )
