@@ -99,7 +99,9 @@ def _one_tensor(p, g, ef, ef_min, ef_scale, idx, val, row, c1, c2, decay, eps, w
     empty = ~ib.any(dim=1)
     lo = torch.where(empty, 0.0, lo)
     hi = torch.where(empty, 0.0, hi)
-    scale = (hi - lo) / LEVELS
+    # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its reciprocal,
+    # which is not the correctly rounded quotient the spec (and the CPU) uses
+    scale = (hi - lo) / torch.full_like(hi, LEVELS)
     q = torch.floor((rb - lo[:, None]) / scale[:, None] + 0.5)
     q = torch.nan_to_num(q, nan=0.0).clamp(0, LEVELS)
     q = torch.where((scale[:, None] > 0) & ib, q, 0.0).to(torch.uint8).view(-1, 2)
