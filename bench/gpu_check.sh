@@ -5,7 +5,8 @@
 # under `timeout`, the benchmark gets what is left of the budget and stops starting new cases in
 # time. A failed step does not stop the script; it is reported, and the exit status is non-zero.
 #
-# Usage: bash bench/gpu_check.sh        (OUT=dir to write results there too; default bench/results)
+# Usage: bash bench/gpu_check.sh        (OUT=dir to write results there too; default bench/results;
+#        BENCH_FILTER=substring to benchmark only the matching cases)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,8 +54,9 @@ step microadam-profile 60 "$PY" bench/profile_microadam.py
 step microadam-sweep 150 "$PY" bench/microadam_sweep.py
 # The benchmark stops starting cases 45 s before its limit; the rest are listed as skipped.
 BENCH_LIMIT=$(($(left) - 25))
+# BENCH_FILTER=substring runs only the matching cases (e.g. a rerun after one family changed).
 step bench "$BENCH_LIMIT" "$PY" -m fedkern bench --full --device cuda --out "$OUT" \
-    --max-seconds $((BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : 45))
+    --max-seconds $((BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : 45)) ${BENCH_FILTER:+--filter "$BENCH_FILTER"}
 
 if [ "$(realpath "$OUT")" != "$(realpath bench/results)" ]; then
     cp -f "$OUT"/cuda-*.json "$OUT"/cuda-*.md "$OUT"/latest-cuda.json "$OUT"/latest-cuda.md \

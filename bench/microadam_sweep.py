@@ -20,11 +20,10 @@ DEFAULT = dict(tk.TUNING)
 VARIANTS = [
     {},
     {"bits": 1},
+    {"bits": 2},
     {"warps_select": 4},
     {"warps_select": 16},
     {"window": "search"},
-    {"warps_window": 8},
-    {"programs_per_sm": 2},
     {"programs_per_sm": 8},
 ]
 SIZES = (40_000_000, 30_000_000, 20_000_000, 10_000_000)

@@ -118,7 +118,28 @@ def _select_quantize_kernel(
     key = tl.where(mask, a.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
     thr = kb * 0
     bit = kb * 0 + 30
-    if BITS == 2:  # bit 30 alone, then bits 29..0 two at a time: 16 block-wide counts, not 31
+    if BITS == 8:  # radix select: 4 histograms of 8, 8, 8 and 7 bits among the keys left
+        bins = tl.arange(0, 256)
+        cand = mask
+        total = length.to(tl.int32)  # keys matching the threshold's bits found so far
+        need = kb  # of those, how many the top-K still takes
+        shift = 23
+        while shift >= 0:
+            digit = (key >> shift) & 255
+            hist = tl.histogram(digit, 256, mask=cand)
+            cum = tl.cumsum(hist, 0)
+            # the threshold's digit d: cum[d - 1] <= total - need < cum[d]
+            d = tl.sum((cum <= total - need).to(tl.int32))
+            at = tl.sum(tl.where(bins == d, (cum.to(tl.int64) << 20) | hist, 0))
+            need -= total - (at >> 20).to(tl.int32)  # minus the keys with a larger digit
+            total = (at & 0xFFFFF).to(tl.int32)
+            thr = thr | (d << shift)
+            cand = cand & (digit == d)
+            if shift == 7:  # the last 7 bits (bit 7, already fixed, rides along in the digit)
+                shift = 0
+            else:
+                shift -= 8
+    elif BITS == 2:  # bit 30 alone, then bits 29..0 two at a time: 16 block-wide counts, not 31
         thr = tl.where(tl.sum((key >= (1 << 30)).to(tl.int32)) >= kb, 1 << 30, 0)
         bit -= 2
         while bit >= 0:  # counts of key >= thr | j << bit for j = 1, 2, 3 in one int64 sum
@@ -361,11 +382,12 @@ def _owners(nbs, device):
     return out
 
 
-#: Launch choices (bench/microadam_sweep.py times the alternatives on a GPU): threshold bits per
-#: block-wide count in the selection (1 or 2), warps of the selection kernel (None: by D), the
-#: window kernel ("scratch": per-program scratch, persistent; "search": binary search per entry),
-#: its warps, and its resident programs per SM.
-TUNING = {"bits": 2, "warps_select": None, "window": "scratch", "warps_window": 4,
+#: Launch choices (bench/microadam_sweep.py times the alternatives on a GPU):
+#: bits: threshold bits found per block-wide count in the selection (1 or 2), or 8 for a radix
+#: select by histograms of 8 bits; warps_select: warps of the selection kernel (None: by D);
+#: window: "scratch" (per-program scratch, persistent programs) or "search" (binary search per
+#: window entry); warps_window; programs_per_sm: resident programs of the scratch kernel per SM.
+TUNING = {"bits": 8, "warps_select": None, "window": "scratch", "warps_window": 4,
           "programs_per_sm": 4}  # fmt: skip
 
 
