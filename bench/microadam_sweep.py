@@ -19,8 +19,8 @@ from fedkern.optim import MicroAdam
 DEFAULT = dict(tk.TUNING)
 VARIANTS = [
     {},
-    {"bits": 1},
     {"bits": 2},
+    {"bits": 8},
     {"warps_select": 4},
     {"warps_select": 16},
     {"window": "search"},

@@ -387,7 +387,7 @@ def _owners(nbs, device):
 #: select by histograms of 8 bits; warps_select: warps of the selection kernel (None: by D);
 #: window: "scratch" (per-program scratch, persistent programs) or "search" (binary search per
 #: window entry); warps_window; programs_per_sm: resident programs of the scratch kernel per SM.
-TUNING = {"bits": 8, "warps_select": None, "window": "scratch", "warps_window": 4,
+TUNING = {"bits": 1, "warps_select": None, "window": "scratch", "warps_window": 4,
           "programs_per_sm": 4}  # fmt: skip
 
 
