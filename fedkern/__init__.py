@@ -5,10 +5,10 @@ GPU, plain PyTorch elsewhere): ``topk_compress``, ``randk_compress``, ``ef14_top
 ``ef21_topk_``, ``ef14_randk_``, ``ef21_randk_``, ``sparse_add_``, ``sparse_add_batched_``.
 Backends: ``fedkern.backends()`` reports what is usable; ``with fedkern.backend(name):`` or
 FEDKERN_BACKEND forces one. Building blocks: ``fedkern.compress``; optimizers: ``fedkern.optim``
-(``MicroAdam``).
+(``MicroAdam``); robust aggregation: ``fedkern.robust``.
 """
 
-from fedkern import compress, optim
+from fedkern import compress, optim, robust
 from fedkern.ops import (
     backend,
     backends,
@@ -37,6 +37,7 @@ __all__ = [
     "ef21_topk_",
     "optim",
     "randk_compress",
+    "robust",
     "sparse_add_",
     "sparse_add_batched_",
     "topk_compress",

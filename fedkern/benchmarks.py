@@ -21,6 +21,9 @@ Eager baselines (``eager_*`` below; 1-D inputs, the indices unsorted as torch re
   microadam_step_      MicroAdam.step() on n parameters in 4 tensors (40/30/20/10%), default
                        options, weight decay 0.01: against the same optimizer on the reference
                        backend (plain PyTorch, the eager way to write MicroAdam)
+  coordinate_median    torch.median(X, dim=0).values on a stack X of m client vectors [m, n] (for
+                       even m torch returns the lower middle value; fedkern the mean of both)
+  trimmed_mean         X.sort(dim=0).values[f:m-f].mean(0), f = k = m // 4
   microadam_vs_adamw   the same fedkern step against torch.optim.AdamW (foreach=True on CPU,
                        fused=True on CUDA) on the same parameters; the records also carry the
                        optimizer state in bytes per parameter of both sides
@@ -73,7 +76,11 @@ FAMILY = {
     "sparse_add_batched_": "sparse",
     "microadam_step_": "microadam",
     "microadam_vs_adamw": "microadam",
+    "coordinate_median": "robust",
+    "trimmed_mean": "robust",
 }
+#: Cases over a stack of m client vectors of n coordinates (m is shown next to n).
+STACKED = ("sparse_add_batched_", "coordinate_median", "trimmed_mean")
 #: Benchmark cases that time an op under another name (a second baseline).
 IMPL_OP = {"microadam_vs_adamw": "microadam_step_"}
 #: Ops whose fedkern kernel must read the whole input (compared with one read at copy bandwidth).
@@ -89,6 +96,8 @@ EAGER = {
     "sparse_add_batched_": "dense.index_add_(0, I.flatten(), V.flatten(), alpha=a) (one call)",
     "microadam_step_": "MicroAdam.step() on the reference backend (plain PyTorch)",
     "microadam_vs_adamw": "torch.optim.AdamW.step() (foreach=True on CPU, fused=True on CUDA)",
+    "coordinate_median": "torch.median(X, dim=0).values",
+    "trimmed_mean": "X.sort(dim=0).values[f:m-f].mean(0)",
 }
 
 
@@ -212,7 +221,7 @@ class Case:
     @property
     def id(self) -> str:
         """Unique, filterable name, e.g. ``topk_compress-n1e7-k1e5-fp32``."""
-        m = f"-m{self.m}" if self.op == "sparse_add_batched_" else ""
+        m = f"-m{self.m}" if self.op in STACKED else ""
         return f"{self.op}-n{fmt_n(self.n)}{m}-k{fmt_n(self.k)}-{self.dtype_name}"
 
     @property
@@ -227,6 +236,8 @@ class Case:
         es = self.dtype.itemsize
         if self.op == "sparse_add_batched_":
             return 2 * self.n * es + self.m * self.k * (es + 8) * 3
+        if self.family == "robust":  # X, the sorted copy and its int64 indices, fp32 temps
+            return self.m * self.n * (2 * es + 8 + 8)
         if self.family == "microadam":  # params + grads twice, AdamW moments, reference temps
             return 4 * self.n * es + 8 * self.n + 40 * self.n
         return 6 * self.n * es + 2 * self.n * 8  # buffers + abs/diff temps + randperm's int64s
@@ -270,6 +281,8 @@ def min_bytes(case: Case, touched: int | None = None) -> int:
         "ef14_randk_": 3 * n * es + out,
         "ef21_randk_": 3 * k * es + out,  # g[I], s[I] read, s[I] written
         "sparse_add_batched_": case.m * k * (es + 8) + 2 * (touched or 0) * es,
+        "coordinate_median": case.m * n * es + n * es,  # read the stack, write one vector
+        "trimmed_mean": case.m * n * es + n * es,
         "microadam_step_": microadam_bytes_moved(n, es),
         "microadam_vs_adamw": microadam_bytes_moved(n, es),
     }[case.op]
@@ -374,6 +387,21 @@ def _setup_sparse(case, device, gen):
     )
 
 
+def _setup_robust(case, device, gen):
+    x = _randn(case.m * case.n, case, device, gen).view(case.m, case.n)
+    m, f = case.m, case.k
+    if case.op == "coordinate_median":
+        fk = lambda: fedkern.robust.coordinate_median(x)  # noqa: E731
+        eg = lambda: torch.median(x, dim=0).values  # noqa: E731
+    else:
+        fk = lambda: fedkern.robust.trimmed_mean(x, f)  # noqa: E731
+        eg = lambda: x.sort(dim=0).values[f : m - f].mean(0)  # noqa: E731
+    return Prepared(
+        fedkern=fk, eager=eg, rearm_fedkern=_nothing, rearm_eager=_nothing,
+        nbytes=min_bytes(case), tensors={"x": x},
+    )  # fmt: skip
+
+
 MICROADAM_SPLIT = (0.4, 0.3, 0.2, 0.1)
 
 
@@ -435,6 +463,8 @@ _SETUP = {
     "sparse_add_batched_": _setup_sparse,
     "microadam_step_": _setup_microadam,
     "microadam_vs_adamw": _setup_microadam,
+    "coordinate_median": _setup_robust,
+    "trimmed_mean": _setup_robust,
 }
 
 OPS = tuple(_SETUP)
@@ -445,6 +475,7 @@ def _k_of(n: int) -> int:
 
 
 MICROADAM_OPS = ("microadam_step_", "microadam_vs_adamw")
+ROBUST_OPS = ("coordinate_median", "trimmed_mean")
 MICROADAM_K = 41  # keep_count(0.01, 4096): the default density and block size
 
 
@@ -458,23 +489,29 @@ def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | Non
     sparse: 16 messages into n), for smoke tests.
     """
     f32, b16 = torch.float32, torch.bfloat16
-    dense_ops = [op for op in OPS if op != "sparse_add_batched_" and op not in MICROADAM_OPS]
+    dense_ops = [op for op in OPS if op not in STACKED and op not in MICROADAM_OPS]
 
     def micro(n, dtype):
         return [Case(op, n, MICROADAM_K, dtype) for op in MICROADAM_OPS]
+
+    def robust(d, m, dtype):
+        return [Case(op, d, m // 4 if op == "trimmed_mean" else 0, dtype, m) for op in ROBUST_OPS]
 
     if sizes is not None:
         sizes = [int(s) for s in sizes]
         cases = [Case(op, n, _k_of(n), f32) for n in sizes for op in dense_ops]
         cases += [Case("sparse_add_batched_", n, _k_of(n), f32, M_MESSAGES) for n in sizes]
-        return cases + [c for n in sizes for c in micro(n, f32)]
+        cases += [c for n in sizes for c in micro(n, f32)]
+        return cases + [c for n in sizes for c in robust(n, 16, f32)]
     cases = [Case(op, n, _k_of(n), f32) for n in (10**6, 10**7) for op in dense_ops]
     cases.insert(cases.index(Case("topk_compress", 10**7, 10**5)) + 1,
                  Case("topk_compress", 10**7, 10**5, b16))  # fmt: skip
     cases.append(Case("sparse_add_batched_", 10**7, 10**5, f32, M_MESSAGES))
     cases += micro(10**7, f32)
+    cases += robust(10**6, 64, f32)
     if not full:
         return cases
+    cases += [c for m in (16, 64, 256) for d in (10**5, 10**6) for c in robust(d, m, f32)]
     big = (10**8, 10**9) if torch.device(device).type == "cuda" else ()
     for n in big:
         cases += [Case(op, n, _k_of(n), f32) for op in dense_ops]

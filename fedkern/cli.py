@@ -148,7 +148,7 @@ def markdown(meta: dict, results: list[dict]) -> str:
     notes = []
     for r in results:
         n = B.fmt_n(r["n"])
-        if r["case"] == "sparse_add_batched_":
+        if r["case"] in B.STACKED:
             n = f"{n} (m={r['m']})"
         head = f"| {r['case']} | {n} | {B.fmt_n(r['k'])} | {r['dtype']} | {r.get('backend') or '-'}"
         if r["status"] != "ok":

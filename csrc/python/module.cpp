@@ -17,6 +17,7 @@
 #include "fedkern/common.h"
 #include "fedkern/microadam.h"
 #include "fedkern/randk.h"
+#include "fedkern/robust.h"
 #include "fedkern/sparse.h"
 #include "fedkern/topk.h"
 
@@ -201,6 +202,23 @@ PYBIND11_MODULE(_C, m) {
       "One MicroAdam step over T tensors (fedkern/microadam.h): a = g + dequant(ef); per block "
       "top-k of |a| into window row rows[i]; ef = quant4(residual); p = p*decay - "
       "c1*mom1/(sqrt(mom2)*c2 + eps) from the window.");
+
+  m.def(
+      "coordinate_median",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, uintptr_t out) {
+        fedkern::coordinate_median(ptr<const void>(x), to_dtype(dtype), n, d, ptr<void>(out));
+      },
+      arg("x_ptr"), arg("dtype"), arg("n"), arg("d"), arg("out_ptr"), nogil,
+      "out[j] = median of column j of x [n, d] (n odd: the middle value; n even: "
+      "round((lo + hi) * 0.5f)); NaN ranks above +inf, ties by row.");
+
+  m.def(
+      "trimmed_mean",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t f, uintptr_t out) {
+        fedkern::trimmed_mean(ptr<const void>(x), to_dtype(dtype), n, d, f, ptr<void>(out));
+      },
+      arg("x_ptr"), arg("dtype"), arg("n"), arg("d"), arg("f"), arg("out_ptr"), nogil,
+      "out[j] = round(sum in row order of the values of ranks f..n-f-1 of column j / (n - 2f)).");
 
   m.def(
       "build_info",

@@ -4,7 +4,10 @@ Importing this package registers the ops: ``torch.ops.fedkern.<name>``. The publ
 entry points are re-exported from ``fedkern``.
 """
 
-from fedkern.ops import microadam  # noqa: F401  (registers fedkern::microadam_step_)
+from fedkern.ops import (
+    microadam,  # noqa: F401  (registers fedkern::microadam_step_)
+    robust,  # noqa: F401  (registers coordinate_median, trimmed_mean)
+)
 from fedkern.ops._dispatch import backend, backends, current_backend
 from fedkern.ops.randk import ef14_randk_, ef21_randk_, randk_compress
 from fedkern.ops.sparse import sparse_add_, sparse_add_batched_

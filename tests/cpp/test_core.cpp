@@ -8,7 +8,9 @@
 // OpenMP threads: results must be identical bit for bit. MicroAdam: every step of a list of fp32
 // and bf16 tensors (partial last blocks, K >= block length, ties, inf and NaN) against a dense
 // transcription of the reference (selection by a full stable sort), state and parameters compared
-// bit for bit after each of several steps, on 1..3 threads.
+// bit for bit after each of several steps, on 1..3 threads. Robust aggregation (median, trimmed
+// mean): a stable sort of every column (NaN last, -0 == +0, ties by row), the spec's sums in row
+// order, on 1 and 2 threads, in the AVX2 and the baseline-ISA builds.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +27,7 @@
 #include "fedkern/common.h"
 #include "fedkern/microadam.h"
 #include "fedkern/randk.h"
+#include "fedkern/robust.h"
 #include "fedkern/sparse.h"
 #include "fedkern/topk.h"
 
@@ -555,6 +558,106 @@ static void run_microadam() {
   check_microadam(4096, 41, 256, 10, 0.99999f, 1);
 }
 
+// ---- robust aggregation ----------------------------------------------------------------------
+
+// The spec's order: by value, NaN above everything, -0 == +0; std::stable_sort keeps row order.
+static bool robust_less(float a, float b) {
+  if (std::isnan(a)) return false;
+  if (std::isnan(b)) return true;
+  return a < b;
+}
+
+template <class T>
+static void check_robust(int64_t n, int64_t d, int mode) {
+  using S = typename T::storage;
+  const DType dt = std::is_same<T, F32>::value ? DType::kFloat32 : DType::kBFloat16;
+  g_context = "robust n=" + std::to_string(n) + " d=" + std::to_string(d) +
+              " mode=" + std::to_string(mode) + (dt == DType::kBFloat16 ? " bf16" : " f32");
+  std::vector<S> x;
+  if (mode == 5) {  // signed zeros with a few NaNs: the rank's row decides the sign
+    x.resize(n * d);
+    for (auto& v : x) {
+      const uint64_t r = rng() % 16;
+      v = T::round(r == 0 ? std::numeric_limits<float>::quiet_NaN() : (r < 8 ? 0.0f : -0.0f));
+    }
+  } else {
+    x = make_input<T>(n * d, mode);
+  }
+  // rank -> row per column, by a stable sort.
+  std::vector<int64_t> order(n * d);
+  for (int64_t j = 0; j < d; ++j) {
+    std::vector<int64_t> o(n);
+    std::iota(o.begin(), o.end(), 0);
+    std::stable_sort(o.begin(), o.end(), [&](int64_t a, int64_t b) {
+      return robust_less(T::load(x.data(), a * d + j), T::load(x.data(), b * d + j));
+    });
+    for (int64_t r = 0; r < n; ++r) order[r * d + j] = o[r];
+  }
+  std::vector<S> want_med(d);
+  for (int64_t j = 0; j < d; ++j) {
+    if (n % 2) {
+      want_med[j] = x[order[(n - 1) / 2 * d + j] * d + j];
+    } else {
+      const float lo = T::load(x.data(), order[(n / 2 - 1) * d + j] * d + j);
+      const float hi = T::load(x.data(), order[n / 2 * d + j] * d + j);
+      want_med[j] = T::round((lo + hi) * 0.5f);
+    }
+  }
+  std::vector<int64_t> fs{0, 1, n / 2 - 1, (n - 1) / 2};
+  std::vector<std::vector<S>> want_trim;
+  for (int64_t f : fs) {
+    std::vector<S> w(d);
+    if (f >= 0 && 2 * f < n) {
+      for (int64_t j = 0; j < d; ++j) {
+        std::vector<char> in(n, 0);
+        for (int64_t r = f; r <= n - f - 1; ++r) in[order[r * d + j]] = 1;
+        float s = 0.0f;
+        for (int64_t i = 0; i < n; ++i) {
+          if (in[i]) s = s + T::load(x.data(), i * d + j);
+        }
+        w[j] = T::round(s / static_cast<float>(n - 2 * f));
+      }
+    }
+    want_trim.push_back(w);
+  }
+  for (int threads = 1; threads <= 2; ++threads) {
+    for (bool baseline : {false, true}) {
+      set_threads(threads);
+      detail::robust_force_baseline() = baseline;
+      std::vector<S> out(d);
+      coordinate_median(x.data(), dt, n, d, out.data());
+      CHECK(same_bits(out, want_med));
+      for (size_t q = 0; q < fs.size(); ++q) {
+        const int64_t f = fs[q];
+        if (f < 0 || 2 * f >= n) continue;
+        std::fill(out.begin(), out.end(), S{});
+        trimmed_mean(x.data(), dt, n, d, f, out.data());
+        CHECK(same_bits(out, want_trim[q]));
+      }
+    }
+  }
+  detail::robust_force_baseline() = false;
+}
+
+static void run_robust() {
+  for (int64_t n :
+       {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{16}, int64_t{17}, int64_t{64}, int64_t{255}}) {
+    for (int64_t d : {int64_t{1}, int64_t{7}, int64_t{100}, int64_t{1000}}) {
+      for (int mode = 0; mode <= 5; ++mode) {
+        check_robust<F32>(n, d, mode);
+        check_robust<BF16>(n, d, mode);
+      }
+    }
+  }
+  // Beyond the sorting network: nth_element per column.
+  for (int64_t n : {int64_t{1025}, int64_t{1300}}) {
+    for (int mode : {0, 1, 5}) {
+      check_robust<F32>(n, 37, mode);
+      check_robust<BF16>(n, 37, mode);
+    }
+  }
+}
+
 static void run_all(bool big) {
   const int64_t sizes[] = {1, 2, 7, 64, 1000, 4097, 100003};
   for (int64_t n : sizes) {
@@ -611,6 +714,7 @@ static void run_all(bool big) {
 int main() {
   check_bf16_rounding();
   run_microadam();
+  run_robust();
   run_all(true);  // tuned blocking: small inputs run serially, large ones on every thread
   // Tiny blocks (7 items, up to 5 per call) on 1..3 threads: the multi-block paths (per-block
   // histograms and offsets, candidate placement, tie hand-out, radix scatter, sparse chunks and
@@ -618,6 +722,7 @@ int main() {
   detail::blocking_override() = detail::BlockingOverride{7, 5};
   run_all(false);
   run_microadam();
+  run_robust();
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;
