@@ -23,7 +23,7 @@ VARIANTS = [
     {"bits": 8},
     {"warps_select": 4},
     {"warps_select": 16},
-    {"window": "search"},
+    {"warps_window": 8},
     {"programs_per_sm": 8},
 ]
 SIZES = (40_000_000, 30_000_000, 20_000_000, 10_000_000)

@@ -19,16 +19,16 @@ and sqrt are IEEE: div_rn, sqrt_rn); bf16 is rounded with the integer helpers of
 Kernels (each launched once per parameter dtype present; one program per block of D elements of
 any tensor of the call; per-tensor pointers, sizes and constants come from an int64 table):
   _select_quantize_kernel  steps 1-3: the block is held in registers; the K_b-th largest key T is
-      found by a bitwise binary search (31 block-wide counts); selected = key > T, or key == T and
-      fewer than K_b - #{key > T} ties before it (exclusive tl.cumsum); slot = cumsum(selected) - 1
-      (scatter store, indices come out ascending); bucket min/max on a [D/Q, Q] view.
-  _window_update_kernel    steps 4-5: runs over the block's m*K window entries in chunks; each entry
-      looks up its index in every row (ascending, unused -1 slots compare as 65535 and sort last)
-      with a vectorised binary search, summing w*v over ages 0..m-1 in order (so the moments equal
-      the reference's bit for bit); only the entry of the newest row holding an index writes p,
-      from the original p.  When decay != 1, tl.histograms of the entries over sub-ranges of the
-      block mark the window positions and the other elements get p * decay (disjoint stores: no
-      barrier needed).
+      found by a bitwise search from the top bit (31 block-wide counts; TUNING["bits"] = 2 packs
+      three counts per reduction, 8 is a radix select by 8-bit histograms); selected = key > T,
+      or key == T and fewer than K_b - #{key > T} ties before it (exclusive tl.cumsum);
+      slot = cumsum(selected) - 1 (scatter store, indices come out ascending); bucket min/max on
+      a [D/Q, Q] view.
+  _window_scratch_kernel   steps 4-5: persistent programs, each with a 2*D fp32 scratch (see its
+      docstring): the window rows are added into the scratch newest first, one row at a time
+      (a row's indices are distinct; a barrier orders the rows, so the moments equal the
+      reference's bit for bit), then one streaming pass updates the block.  (A first design that
+      looked every entry up in every row by binary search ran 1.6x slower on the H200.)
 The second launch sees the window row written by the first (kernel boundary).
 
 Launcher, per parameter dtype: an int64 table (per tensor: the 7 data pointers, n, its first block,
@@ -60,9 +60,6 @@ _C1 = tl.constexpr(10)
 _C2 = tl.constexpr(11)
 _NF = tl.constexpr(12)
 _LEVELS = tl.constexpr(15.0)
-_ENTRIES = 1024  # window entries per chunk of the second kernel (GPU)
-_ENTRIES_INTERPRETED = 4096
-_SUBRANGE = 512  # elements per histogram of window positions (decay != 1)
 
 
 @triton.jit
@@ -189,96 +186,6 @@ def _select_quantize_kernel(
     tl.store(scale_ptr + qoffs, scale)
 
 
-@triton.jit(do_not_specialize=["k", "m", "w_off", "decay", "eps"])
-def _window_update_kernel(
-    tab_ptr,
-    owner_ptr,
-    k,
-    m,
-    w_off,
-    decay,
-    eps,
-    IS_BF16: tl.constexpr,
-    D: tl.constexpr,
-    EB: tl.constexpr,
-    S: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    row_ptr = tab_ptr + tl.load(owner_ptr + pid).to(tl.int64) * _NF
-    if IS_BF16:
-        p_ptr = _ptr(row_ptr, _P, tl.bfloat16)
-    else:
-        p_ptr = _ptr(row_ptr, _P, tl.float32)
-    n = tl.load(row_ptr + _N)
-    b = pid - tl.load(row_ptr + _FIRST)
-    row = tl.load(row_ptr + _ROW).to(tl.int32)
-    c1 = _f32_at(row_ptr + _C1)
-    c2 = _f32_at(row_ptr + _C2)
-    k64 = k.to(tl.int64)
-    ncols = tl.cdiv(n, D) * k64
-    idx_ptr = _ptr(row_ptr, _IDX, tl.int16) + b * k64  # block b's columns of row 0
-    val_ptr = _ptr(row_ptr, _VAL, tl.bfloat16) + b * k64
-    start = b * D
-    p_ptr = p_ptr + start
-    length = tl.minimum(n - start, D)
-    total = m * k  # entries of the block in the window
-    e0 = 0
-    while e0 < total:
-        e = e0 + tl.arange(0, EB)
-        pr = e // k  # physical row of the entry
-        raw = tl.load(idx_ptr + pr.to(tl.int64) * ncols + (e - pr * k), mask=e < total, other=-1)
-        x = raw.to(tl.int32)
-        valid = x >= 0
-        age0 = (row - pr + m) % m
-        m1 = tl.zeros([EB], dtype=tl.float32)
-        m2 = tl.zeros([EB], dtype=tl.float32)
-        newer = tl.zeros([EB], dtype=tl.int32)  # found in a row newer than the entry's own
-        age = 0
-        while age < m:  # ages in order: the sums match the reference's order exactly
-            r = (row - age + m) % m
-            rp = idx_ptr + r.to(tl.int64) * ncols
-            # last position whose entry (as uint16: unused -1 slots sort last) is <= x
-            pos = tl.zeros([EB], dtype=tl.int32)
-            span = k
-            while span > 1:
-                half = span // 2
-                probe = tl.load(rp + pos + half, mask=valid, other=0).to(tl.int32) & 0xFFFF
-                pos = tl.where(probe <= x, pos + half, pos)
-                span -= half
-            hit = valid & (tl.load(rp + pos, mask=valid, other=-1).to(tl.int32) == x)
-            v = load_f32(val_ptr + r.to(tl.int64) * ncols, pos, hit, True)
-            m1 = tl.where(hit, m1 + _f32_at(tab_ptr + w_off + age) * v, m1)
-            m2 = tl.where(hit, m2 + _f32_at(tab_ptr + w_off + m + age) * (v * v), m2)
-            newer = newer | (hit & (age < age0)).to(tl.int32)
-            age += 1
-        writer = valid & (newer == 0)
-        p = load_f32(p_ptr, x, writer, IS_BF16)
-        u = tl.math.div_rn(c1 * m1, tl.sqrt_rn(m2) * c2 + eps)
-        store_f32(p_ptr, x, round_to(p * decay - u, IS_BF16), writer, IS_BF16)
-        e0 += EB
-    if decay != 1.0:
-        # elements outside the window: p * decay.  Window positions are marked by histograms of
-        # the entries over sub-ranges of S elements (S / 32 registers per thread for the bins).
-        s0 = 0
-        while s0 < length:
-            marks = tl.zeros([S], dtype=tl.int32)
-            e0 = 0
-            while e0 < total:
-                e = e0 + tl.arange(0, EB)
-                pr = e // k
-                raw = tl.load(
-                    idx_ptr + pr.to(tl.int64) * ncols + (e - pr * k), mask=e < total, other=-1
-                )
-                y = raw.to(tl.int32) - s0
-                marks += tl.histogram(y, S, mask=(y >= 0) & (y < S))
-                e0 += EB
-            offs = s0 + tl.arange(0, S)
-            rest = (offs < length) & (marks == 0)
-            p = load_f32(p_ptr, offs, rest, IS_BF16)
-            store_f32(p_ptr, offs, round_to(p * decay, IS_BF16), rest, IS_BF16)
-            s0 += S
-
-
 @triton.jit(do_not_specialize=["total_blocks", "k", "m", "w_off", "decay", "eps"])
 def _window_scratch_kernel(
     tab_ptr,
@@ -385,10 +292,9 @@ def _owners(nbs, device):
 #: Launch choices (bench/microadam_sweep.py times the alternatives on a GPU):
 #: bits: threshold bits found per block-wide count in the selection (1 or 2), or 8 for a radix
 #: select by histograms of 8 bits; warps_select: warps of the selection kernel (None: by D);
-#: window: "scratch" (per-program scratch, persistent programs) or "search" (binary search per
-#: window entry); warps_window; programs_per_sm: resident programs of the scratch kernel per SM.
-TUNING = {"bits": 1, "warps_select": None, "window": "scratch", "warps_window": 4,
-          "programs_per_sm": 4}  # fmt: skip
+#: warps_window: warps of the window kernel; programs_per_sm: its resident programs per SM.
+#: On the H200 (bench/results/logs/microadam-sweep-*): 1 bit and 8 warps (by D) were fastest.
+TUNING = {"bits": 1, "warps_select": None, "warps_window": 4, "programs_per_sm": 4}
 
 
 def _programs(device) -> int:
@@ -417,9 +323,6 @@ def microadam_step_(
     """
     device = params[0].device
     D, Q, m = block_size, quant_bucket, len(w1)
-    interpreted = device.type == "cpu"
-    cap = _ENTRIES_INTERPRETED if interpreted else _ENTRIES
-    eb = min(cap, max(16, triton.next_power_of_2(m * k)))
     for dtype in dict.fromkeys(p.dtype for p in params):
         group = [i for i, p in enumerate(params) if p.dtype == dtype]
         nbs = [triton.cdiv(params[i].numel(), D) for i in group]
@@ -443,12 +346,6 @@ def microadam_step_(
                 tab, owners, k, bf16, D, Q, TUNING["bits"],
                 num_warps=TUNING["warps_select"] or _num_warps(D), enable_fp_fusion=False,
             )  # fmt: skip
-            if TUNING["window"] == "search":
-                _window_update_kernel[grid](
-                    tab, owners, k, m, table.size, float(decay), float(eps), bf16, D, eb,
-                    min(D, _SUBRANGE), num_warps=4, enable_fp_fusion=False,
-                )  # fmt: skip
-                continue
             programs = min(grid[0], _programs(device))
             scratch = torch.zeros(programs * 2 * D, dtype=torch.float32, device=device)
             _window_scratch_kernel[(programs,)](
