@@ -186,6 +186,35 @@ def _select_quantize_kernel(
     tl.store(scale_ptr + qoffs, scale)
 
 
+@triton.jit
+def _window_rows(
+    idx_ptr, val_ptr, s1, s2, w_ptr, row, ncols, m, k, KP: tl.constexpr, CLEAR: tl.constexpr
+):
+    """The block's window rows, newest first: add w1[age] * v to s1[i] and w2[age] * v^2 to s2[i]
+    for every entry (i, v), with a barrier after each row; CLEAR: set the touched entries to 0."""
+    j = tl.arange(0, KP)
+    age = 0
+    while age < m:
+        rp = (row - age + m) % m * ncols
+        c0 = 0
+        while c0 < k:
+            x = tl.load(idx_ptr + rp + c0 + j, mask=c0 + j < k, other=-1).to(tl.int32)
+            ok = x >= 0
+            if CLEAR:
+                tl.store(s1 + x, tl.zeros([KP], dtype=tl.float32), mask=ok)
+                tl.store(s2 + x, tl.zeros([KP], dtype=tl.float32), mask=ok)
+            else:
+                v = load_f32(val_ptr + rp + c0, j, ok, True)
+                a1 = tl.load(s1 + x, mask=ok, other=0.0)
+                a2 = tl.load(s2 + x, mask=ok, other=0.0)
+                tl.store(s1 + x, a1 + _f32_at(w_ptr + age) * v, mask=ok)
+                tl.store(s2 + x, a2 + _f32_at(w_ptr + m + age) * (v * v), mask=ok)
+            c0 += KP
+        if not CLEAR:
+            tl.debug_barrier()  # this row's sums are visible to the whole program
+        age += 1
+
+
 @triton.jit(do_not_specialize=["total_blocks", "k", "m", "w_off", "decay", "eps"])
 def _window_scratch_kernel(
     tab_ptr,
@@ -211,7 +240,6 @@ def _window_scratch_kernel(
     pid = tl.program_id(0)
     s1 = scratch_ptr + pid.to(tl.int64) * (2 * D)
     s2 = s1 + D
-    j = tl.arange(0, KP)
     blk = pid
     while blk < total_blocks:
         row_ptr = tab_ptr + tl.load(owner_ptr + blk).to(tl.int64) * _NF
@@ -230,21 +258,7 @@ def _window_scratch_kernel(
         val_ptr = _ptr(row_ptr, _VAL, tl.bfloat16) + b * k64
         start = b * D
         length = tl.minimum(n - start, D)
-        age = 0
-        while age < m:
-            rp = (row - age + m) % m * ncols
-            c0 = 0
-            while c0 < k:
-                x = tl.load(idx_ptr + rp + c0 + j, mask=c0 + j < k, other=-1).to(tl.int32)
-                ok = x >= 0
-                v = load_f32(val_ptr + rp + c0, j, ok, True)
-                a1 = tl.load(s1 + x, mask=ok, other=0.0)
-                a2 = tl.load(s2 + x, mask=ok, other=0.0)
-                tl.store(s1 + x, a1 + _f32_at(tab_ptr + w_off + age) * v, mask=ok)
-                tl.store(s2 + x, a2 + _f32_at(tab_ptr + w_off + m + age) * (v * v), mask=ok)
-                c0 += KP
-            tl.debug_barrier()  # this row's sums are visible to the whole program
-            age += 1
+        _window_rows(idx_ptr, val_ptr, s1, s2, tab_ptr + w_off, row, ncols, m, k, KP, False)
         o0 = 0
         while o0 < length:
             offs = o0 + tl.arange(0, CH)
@@ -256,17 +270,7 @@ def _window_scratch_kernel(
             store_f32(p_ptr + start, offs, round_to(p * decay - u, IS_BF16), inb, IS_BF16)
             o0 += CH
         tl.debug_barrier()  # every read of the scratch is done
-        age = 0
-        while age < m:
-            rp = (row - age + m) % m * ncols
-            c0 = 0
-            while c0 < k:
-                x = tl.load(idx_ptr + rp + c0 + j, mask=c0 + j < k, other=-1).to(tl.int32)
-                ok = x >= 0
-                tl.store(s1 + x, tl.zeros([KP], dtype=tl.float32), mask=ok)
-                tl.store(s2 + x, tl.zeros([KP], dtype=tl.float32), mask=ok)
-                c0 += KP
-            age += 1
+        _window_rows(idx_ptr, val_ptr, s1, s2, tab_ptr + w_off, row, ncols, m, k, KP, True)
         tl.debug_barrier()  # the scratch is clear before the next block
         blk += tl.num_programs(0)
 
