@@ -93,6 +93,8 @@ for r in doc["results"]:
     if r["case"] in ("topk_compress", "ef14_topk_") and r["n"] >= 10**8 and r["dtype"] == "fp32":
         ok = r["ratio"] >= 3 and r["x_read"] is not None and r["x_read"] <= 2.5
         target = "ok" if ok else "MISS (>= 3x eager, <= 2.5x one read)"
+    if r["case"] in ("coordinate_median", "trimmed_mean"):  # issue 4: >= 10x eager
+        target = "ok" if r["ratio"] >= 10 else "MISS (>= 10x eager)"
     if r["case"] == "microadam_vs_adamw":  # issue 3: step time <= fused AdamW's
         target = (f"{'ok' if r['ratio'] >= 1.0 else 'MISS (<= 1.0x AdamW fused)'}; "
                   f"{r['bytes'] / r['n']:.2f} B/param/step; state "
