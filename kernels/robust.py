@@ -26,7 +26,7 @@ strictly between the thresholds, or equals one and its rank #{key < t} + #{earli
 range; adding +-0.0 never changes s (s starts at +0.0 and can never become -0.0), so excluded rows
 add 0.0.  f = 0 skips the search.  All arithmetic fp32, launched with enable_fp_fusion=False and
 without libdevice's flush-to-zero, so the results are bit-identical to the C++ core and the
-reference (NaN payloads aside).  n > MAX_ROWS (1024) raises NotImplementedError: the caller routes
+reference (NaN payloads aside).  n > MAX_ROWS (1024) raises ValueError: fedkern.ops.robust routes
 such stacks elsewhere.
 """
 
@@ -163,7 +163,7 @@ def _trimmed_mean_kernel(
 def _launch_shape(n, d, device):
     """(N_PAD, BLOCK_D, programs) for an [n, d] stack."""
     if n > MAX_ROWS:
-        raise NotImplementedError(f"fedkern.kernels.robust: n = {n} rows > {MAX_ROWS}")
+        raise ValueError(f"x must have at most {MAX_ROWS} rows for the Triton kernels, got n = {n}")
     n_pad = triton.next_power_of_2(n)
     if device.type == "cpu":
         elems = _ELEMS_INTERPRETED
@@ -177,7 +177,7 @@ def coordinate_median(x, out):
     """Median of every column of x [n, d] (n <= 1024; mean of the two middle values for even n).
 
     x: contiguous fp32/bf16 (CUDA, or CPU under TRITON_INTERPRET=1); out: [d], x's dtype, written
-    in place; x is not modified.  Raises NotImplementedError for n > 1024.
+    in place; x is not modified.  Raises ValueError for n > 1024.
     """
     n, d = x.shape
     n_pad, block_d, grid = _launch_shape(n, d, x.device)
@@ -193,7 +193,7 @@ def trimmed_mean(x, f, out):
     n <= 1024), the kept values summed in row order.
 
     x: contiguous fp32/bf16 (CUDA, or CPU under TRITON_INTERPRET=1); f: int; out: [d], x's dtype,
-    written in place; x is not modified.  Raises NotImplementedError for n > 1024.
+    written in place; x is not modified.  Raises ValueError for n > 1024.
     """
     n, d = x.shape
     n_pad, block_d, grid = _launch_shape(n, d, x.device)
