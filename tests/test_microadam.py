@@ -528,3 +528,21 @@ def test_triton_launch_variants(tuning, gen, monkeypatch):
         torch.testing.assert_close(
             out["triton"][0][i].cpu(), out["reference"][0][i].cpu(), rtol=2 * EPS[dt], atol=1e-6
         )
+
+
+def test_non_contiguous_parameter_and_gradient(gen):
+    """A transposed parameter (and gradient) takes the same step as its contiguous twin."""
+    base = torch.randn(96, 40, generator=gen)
+    grads = [torch.randn(96, 40, generator=gen) for _ in range(3)]
+    p_t = torch.nn.Parameter(base.t().contiguous().t())  # [96, 40] with transposed strides
+    p_c = torch.nn.Parameter(base.clone())
+    assert not p_t.is_contiguous()
+    opts = [MicroAdam([p], **opt_kwargs()) for p in (p_t, p_c)]
+    for g in grads:
+        p_t.grad = g.t().contiguous().t()
+        p_c.grad = g.clone()
+        for opt in opts:
+            opt.step()
+    assert not p_t.is_contiguous()  # updated in place, strides kept
+    assert torch.equal(p_t, p_c)
+    assert torch.equal(opts[0].state[p_t]["idx"], opts[1].state[p_c]["idx"])
