@@ -27,12 +27,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__GNUC__)
-#define FEDKERN_INLINE inline __attribute__((always_inline))
-#else
-#define FEDKERN_INLINE inline
-#endif
-
 namespace fedkern {
 namespace {
 

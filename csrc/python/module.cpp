@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings.h"
 #include "fedkern/common.h"
 #include "fedkern/microadam.h"
 #include "fedkern/randk.h"
@@ -27,19 +28,8 @@ using fedkern::DType;
 namespace {
 
 using Keys = std::array<uint32_t, 8>;
-
-DType to_dtype(int tag) {
-  if (tag != 0 && tag != 1) {
-    throw std::invalid_argument("dtype tag must be 0 (float32) or 1 (bfloat16), got " +
-                                std::to_string(tag));
-  }
-  return static_cast<DType>(tag);
-}
-
-template <class T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
+using fedkern::py_bind::ptr;
+using fedkern::py_bind::to_dtype;
 
 std::string compiler_name() {
 #if defined(__clang__)
@@ -219,6 +209,10 @@ PYBIND11_MODULE(_C, m) {
       },
       arg("x_ptr"), arg("dtype"), arg("n"), arg("d"), arg("f"), arg("out_ptr"), nogil,
       "out[j] = round(sum in row order of the values of ranks f..n-f-1 of column j / (n - 2f)).");
+
+  fedkern::py_bind::bind_pairwise(m);
+  fedkern::py_bind::bind_rowops(m);
+  fedkern::py_bind::bind_diffclip(m);
 
   m.def(
       "build_info",

@@ -17,6 +17,13 @@
 #include <omp.h>
 #endif
 
+// Force inlining of small helpers in the hot loops (the multiversioned AVX2 / baseline bodies).
+#if defined(__GNUC__)
+#define FEDKERN_INLINE inline __attribute__((always_inline))
+#else
+#define FEDKERN_INLINE inline
+#endif
+
 namespace fedkern {
 
 // Element type tag passed from Python (an int): 0 = float32, 1 = bfloat16 (stored as uint16 bits).

@@ -1,0 +1,42 @@
+// csrc/python/bindings.h -- helpers shared by the binding files of fedkern._C.
+//
+// module.cpp defines the module and the original families' functions; every other family has a
+// csrc/python/bind_<family>.cpp that defines one `void bind_<family>(py::module_&)`, declared
+// here and called from module.cpp. Conventions (all files): raw data pointers as uintptr_t
+// (tensor.data_ptr()), int64 sizes, the dtype tag (0 = float32, 1 = bfloat16), the GIL released
+// while a kernel runs. Inputs are validated by fedkern/ops before they get here.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "fedkern/common.h"
+
+namespace fedkern::py_bind {
+
+namespace py = pybind11;
+
+inline DType to_dtype(int tag) {
+  if (tag != 0 && tag != 1) {
+    throw std::invalid_argument("dtype tag must be 0 (float32) or 1 (bfloat16), got " +
+                                std::to_string(tag));
+  }
+  return static_cast<DType>(tag);
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// Pass as the extra argument of m.def: the kernel runs without the GIL.
+inline auto nogil() { return py::call_guard<py::gil_scoped_release>(); }
+
+void bind_pairwise(py::module_& m);  // bind_pairwise.cpp: Gram matrix, gather-mean
+void bind_rowops(py::module_& m);    // bind_rowops.cpp: Weiszfeld, centered clip, row clipping
+void bind_diffclip(py::module_& m);  // bind_diffclip.cpp: difference -> compress -> clip
+
+}  // namespace fedkern::py_bind
