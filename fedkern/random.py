@@ -19,7 +19,14 @@ the seed, the subsets drawn for consecutive seeds on tiny n failed a chi-square 
 
 from __future__ import annotations
 
-__all__ = ["philox4x32", "randk_keys", "feistel_params", "STREAM_RANDK"]
+__all__ = [
+    "philox4x32",
+    "randk_keys",
+    "client_seed",
+    "feistel_params",
+    "STREAM_RANDK",
+    "STREAM_CLIENT",
+]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -28,6 +35,10 @@ _MAX_SEED = (1 << 63) - 1
 
 #: Stream tag (key word k0) of the rand-k round keys; other random features use other tags.
 STREAM_RANDK = 0x52414E4B  # "RANK"
+#: Stream tag of per-client seeds (``client_seed``).
+STREAM_CLIENT = 0x434C4E54  # "CLNT"
+#: Stream tag of shuffles (``permutation``: bucketing, client sampling).
+STREAM_SHUFFLE = 0x53484646  # "SHFF"
 
 
 def philox4x32(counter: tuple[int, int, int, int], key: tuple[int, int], rounds: int = 10):
@@ -66,6 +77,12 @@ def _check_seed(name: str, value) -> int:
     return value
 
 
+def _round_keys(stream: int, seed: int, step: int) -> tuple[int, ...]:
+    counter = (seed & _MASK32, seed >> 32, step & _MASK32, step >> 32)
+    words = philox4x32(counter, (stream, 0)) + philox4x32(counter, (stream, 1))
+    return tuple(int(w) for w in words)
+
+
 def randk_keys(seed: int, step: int) -> tuple[int, ...]:
     """The eight uint32 Feistel round keys of rand-k for (seed, step).
 
@@ -79,11 +96,28 @@ def randk_keys(seed: int, step: int) -> tuple[int, ...]:
     Raises:
         TypeError / ValueError naming ``seed`` or ``step`` when they are not such integers.
     """
+    return _round_keys(STREAM_RANDK, _check_seed("seed", seed), _check_seed("step", step))
+
+
+def client_seed(seed: int, client: int) -> int:
+    """The seed of client ``client``'s own stream, derived from a run's ``seed``.
+
+    Per-client randomness (a client's rand-k masks, its minibatches) is keyed by this value, so it
+    depends on (seed, client id) only, never on the order in which clients are batched.
+
+    Args:
+        seed: int in [0, 2**63).
+        client: int in [0, 2**63).
+
+    Returns:
+        An int in [0, 2**63): the low 63 bits of Philox4x32 at counter (client, seed) under the
+        key (STREAM_CLIENT, 0).
+    """
     seed = _check_seed("seed", seed)
-    step = _check_seed("step", step)
-    counter = (seed & _MASK32, seed >> 32, step & _MASK32, step >> 32)
-    words = philox4x32(counter, (STREAM_RANDK, 0)) + philox4x32(counter, (STREAM_RANDK, 1))
-    return tuple(int(w) for w in words)
+    client = _check_seed("client", client)
+    counter = (client & _MASK32, client >> 32, seed & _MASK32, seed >> 32)
+    w = philox4x32(counter, (STREAM_CLIENT, 0))
+    return (int(w[0]) | (int(w[1]) << 32)) & _MAX_SEED
 
 
 def feistel_params(n: int) -> tuple[int, int]:
@@ -96,3 +130,44 @@ def feistel_params(n: int) -> tuple[int, int]:
     b += b & 1
     h = b // 2
     return h, (1 << h) - 1
+
+
+def permutation(n: int, seed: int, step: int = 0) -> list[int]:
+    """A keyed uniform-looking permutation of range(n): entry i is perm(i).
+
+    The same 8-round Feistel network with cycle walking as rand-k (``fedkern.reference.randk``),
+    keyed by the shuffle stream (STREAM_SHUFFLE) at (seed, step), so it is reproducible on any
+    machine and independent of the rand-k masks drawn from the same seed.
+
+    Args:
+        n: int >= 1.
+        seed, step: ints in [0, 2**63).
+
+    Returns:
+        A list of the n ints 0..n-1 in permuted order.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    keys = _round_keys(STREAM_SHUFFLE, _check_seed("seed", seed), _check_seed("step", step))
+    h, mask = feistel_params(n)
+    out = []
+    for i in range(n):
+        x = i
+        while True:  # cycle walking: at most a few rounds on average
+            left, right = x >> h, x & mask
+            for key in keys:
+                left, right = right, left ^ (_mix32(right ^ key) & mask)
+            x = (left << h) | right
+            if x < n:
+                break
+        out.append(x)
+    return out
+
+
+def _mix32(x: int) -> int:
+    """The "lowbias32" integer hash (as the rand-k kernels' round function)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
