@@ -397,4 +397,19 @@ void ef21_topk(const void* grad, void* state, DType dtype, int64_t n, int64_t k,
   });
 }
 
+void diff_topk_compress(const void* a, const void* b, DType dtype, int64_t n, int64_t k,
+                        int64_t* idx, void* val) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using S = typename T::storage;
+    Ef21Src<T> src{static_cast<const S*>(a), static_cast<const S*>(b)};
+    topk_select(src, n, k, idx);
+    S* v = static_cast<S*>(val);
+    for_selected(k, [&](int64_t j) {
+      const int64_t i = idx[j];
+      v[j] = T::round(T::load(src.g, i) - T::load(src.s, i));
+    });
+  });
+}
+
 }  // namespace fedkern

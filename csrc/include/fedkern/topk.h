@@ -35,4 +35,10 @@ void ef14_topk(const void* grad, void* err, DType dtype, int64_t n, int64_t k, f
 void ef21_topk(const void* grad, void* state, DType dtype, int64_t n, int64_t k, int64_t* idx,
                void* val);
 
+// Top-k of a difference, non-mutating (the selection of ef21_topk without its state update):
+//   d_j = round(a_j - b_j) (recomputed when needed, never stored in full);
+//   idx = topk_select(key(d), k);  val = d[idx].  a and b are not modified.
+void diff_topk_compress(const void* a, const void* b, DType dtype, int64_t n, int64_t k,
+                        int64_t* idx, void* val);
+
 }  // namespace fedkern
