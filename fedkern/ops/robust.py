@@ -71,17 +71,17 @@ IMPLS = {
 }
 
 
-def check_stack(x) -> Tensor:
+def check_stack(x, name: str = "X") -> Tensor:
     """X: a [n, d] float32/bfloat16 tensor with n >= 1 and d >= 1."""
-    v.tensor("X", x)
+    v.tensor(name, x)
     if x.dim() != 2:
-        raise ValueError(f"X must be a 2-D stack of client vectors [n, d], got shape "
+        raise ValueError(f"{name} must be a 2-D stack of client vectors [n, d], got shape "
                          f"{tuple(x.shape)}")  # fmt: skip
     if x.shape[0] < 1:
-        raise ValueError(f"X must have at least one row (n >= 1), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have at least one row (n >= 1), got shape {tuple(x.shape)}")
     if x.shape[1] < 1:
-        raise ValueError(f"X's vectors must not be empty (d >= 1), got shape {tuple(x.shape)}")
-    return v.float_tensor("X", x)
+        raise ValueError(f"{name}'s vectors must not be empty (d >= 1), got shape {tuple(x.shape)}")
+    return v.float_tensor(name, x)
 
 
 def check_trim(x, f) -> int:
