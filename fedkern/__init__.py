@@ -5,10 +5,11 @@ GPU, plain PyTorch elsewhere): ``topk_compress``, ``randk_compress``, ``ef14_top
 ``ef21_topk_``, ``ef14_randk_``, ``ef21_randk_``, ``sparse_add_``, ``sparse_add_batched_``.
 Backends: ``fedkern.backends()`` reports what is usable; ``with fedkern.backend(name):`` or
 FEDKERN_BACKEND forces one. Building blocks: ``fedkern.compress``; optimizers: ``fedkern.optim``
-(``MicroAdam``); robust aggregation: ``fedkern.robust``.
+(``MicroAdam``); robust aggregation: ``fedkern.robust``; methods: ``fedkern.algorithms``; data and
+problems: ``fedkern.data``, ``fedkern.problems``.
 """
 
-from fedkern import compress, optim, robust
+from fedkern import algorithms, compress, data, optim, problems, robust
 from fedkern.ops import (
     backend,
     backends,
@@ -27,15 +28,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "algorithms",
     "backend",
     "backends",
     "compress",
     "current_backend",
+    "data",
     "ef14_randk_",
     "ef14_topk_",
     "ef21_randk_",
     "ef21_topk_",
     "optim",
+    "problems",
     "randk_compress",
     "robust",
     "sparse_add_",

@@ -1,0 +1,108 @@
+"""Real datasets that need no download, and how to split them over clients.
+
+``load(name)`` returns a float64 feature matrix (standardized, with a constant bias column) and
+integer labels; ``split`` assigns samples to clients (iid, label-sorted shards, or Dirichlet label
+skew); ``flip_labels`` is the label-flipping attack. Datasets: scikit-learn's bundled
+"breast_cancer" (569 x 30, 2 classes) and "digits" (1797 x 64, 10 classes); scikit-learn must be
+installed (it is in requirements-test.txt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedkern.ops import _validate as v
+from fedkern.random import permutation
+
+__all__ = ["DATASETS", "SPLITS", "flip_labels", "load", "split"]
+
+DATASETS = ("breast_cancer", "digits")
+SPLITS = ("iid", "label_sorted", "dirichlet")
+
+
+def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bundled dataset as (A, y).
+
+    Args:
+        name: "breast_cancer" or "digits".
+
+    Returns:
+        A: [N, d + 1] float64 CPU tensor, every feature standardized to mean 0 and std 1 (constant
+        features left at 0), then a last column of ones (the bias). y: [N] int64 labels in
+        0..classes-1 (breast_cancer: 1 = benign).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    try:
+        from sklearn import datasets
+    except ImportError as exc:  # pragma: no cover - scikit-learn is a test requirement
+        raise ImportError(
+            f"dataset {name!r} needs scikit-learn (pip install scikit-learn)"
+        ) from exc
+    raw = datasets.load_breast_cancer() if name == "breast_cancer" else datasets.load_digits()
+    x = np.asarray(raw.data, dtype=np.float64)
+    std = x.std(0)
+    x = (x - x.mean(0)) / np.where(std > 0, std, 1.0)
+    a = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    return torch.from_numpy(a), torch.from_numpy(np.asarray(raw.target, dtype=np.int64))
+
+
+def split(y: torch.Tensor, clients: int, how: str = "iid", *, seed: int = 0,
+          alpha: float = 0.5) -> list[torch.Tensor]:  # fmt: skip
+    """Assign the samples (labels y) to ``clients`` clients.
+
+    Args:
+        y: [N] int64 labels.
+        clients: int in [1, N].
+        how: "iid" (a seeded shuffle cut into near-equal parts), "label_sorted" (samples sorted by
+            label, stably, cut into near-equal contiguous shards: the heterogeneous split of the
+            papers) or "dirichlet" (per class, proportions drawn from Dirichlet(alpha); a client
+            may end up with no sample).
+        seed: int in [0, 2**63) for the shuffle / the Dirichlet draws.
+        alpha: Dirichlet concentration (> 0); smaller is more skewed.
+
+    Returns:
+        A list of ``clients`` int64 index tensors (ascending), together a partition of range(N).
+    """
+    v.tensor("y", y)
+    if y.dim() != 1 or y.dtype != torch.int64:
+        raise ValueError(f"y must be a 1-D int64 label tensor, got {y.dtype} {tuple(y.shape)}")
+    n_samples = y.shape[0]
+    clients = v.integer("clients", clients, 1, max(1, n_samples))
+    if how not in SPLITS:
+        raise ValueError(f"unknown split {how!r}; available: {', '.join(SPLITS)}")
+    if how == "iid":
+        order = torch.tensor(permutation(n_samples, seed), dtype=torch.int64)
+        parts = torch.tensor_split(order, clients)
+    elif how == "label_sorted":
+        parts = torch.tensor_split(torch.sort(y, stable=True).indices, clients)
+    else:
+        alpha = v.fp32_scalar("alpha", alpha)
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        rng = np.random.Generator(np.random.Philox(seed))
+        owner = np.empty(n_samples, dtype=np.int64)
+        y_np = y.numpy()
+        for c in np.unique(y_np):
+            members = np.flatnonzero(y_np == c)
+            members = members[rng.permutation(members.size)]
+            share = rng.dirichlet(np.full(clients, alpha))
+            cuts = np.round(np.cumsum(share)[:-1] * members.size).astype(np.int64)
+            for i, part in enumerate(np.split(members, cuts)):
+                owner[part] = i
+        parts = [torch.from_numpy(np.flatnonzero(owner == i)) for i in range(clients)]
+    return [torch.sort(p).values for p in parts]
+
+
+def flip_labels(y: torch.Tensor, classes: int) -> torch.Tensor:
+    """The label-flipping attack: y -> classes - 1 - y (a new tensor).
+
+    Args:
+        y: int64 labels in [0, classes).
+        classes: int >= 2.
+    """
+    classes = v.integer("classes", classes, 2)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"y must hold labels in [0, {classes})")
+    return classes - 1 - y
