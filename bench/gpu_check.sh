@@ -95,6 +95,8 @@ for r in doc["results"]:
         target = "ok" if ok else "MISS (>= 3x eager, <= 2.5x one read)"
     if r["case"] in ("coordinate_median", "trimmed_mean"):  # issue 4: >= 10x eager
         target = "ok" if r["ratio"] >= 10 else "MISS (>= 10x eager)"
+    if r["case"] in ("krum", "geometric_median", "centered_clip"):  # issue 4: >= 2x eager
+        target = "ok" if r["ratio"] >= 2 else "MISS (>= 2x eager)"
     if r["case"] == "microadam_vs_adamw":  # issue 3: step time <= fused AdamW's
         target = (f"{'ok' if r['ratio'] >= 1.0 else 'MISS (<= 1.0x AdamW fused)'}; "
                   f"{r['bytes'] / r['n']:.2f} B/param/step; state "

@@ -24,6 +24,17 @@ Eager baselines (``eager_*`` below; 1-D inputs, the indices unsorted as torch re
   coordinate_median    torch.median(X, dim=0).values on a stack X of m client vectors [m, n] (for
                        even m torch returns the lower middle value; fedkern the mean of both)
   trimmed_mean         X.sort(dim=0).values[f:m-f].mean(0), f = k = m // 4
+  krum                 D = torch.cdist(X, X) ** 2 (diagonal inf); scores = the n-f-2 smallest per
+                       row summed; X[scores.argmin()], f = k = m // 4
+  nnm                  D = torch.cdist(X, X) ** 2; the n-f nearest per row; W @ X with W the
+                       [m, m] averaging matrix of the neighbours (one sgemm), f = k = m // 4
+  geometric_median     a Python Weiszfeld loop: r = (X - z).norm(dim=1); w = 1 / r.clamp_min(nu);
+                       z = (w[:, None] * X).sum(0) / w.sum(), k = 8 iterations, nu = 0.1
+  centered_clip        a Python loop: u = X - v; s = (tau / u.norm(dim=1)).clamp(max=1);
+                       v = v + (s[:, None] * u).mean(0), k = 3 iterations, tau = 1
+  clip_rows_           norms = X.norm(dim=1); X.mul_((c / norms).clamp(max=1)[:, None])
+  diff_compress_clip   D = G_new - G_old; i = D.abs().topk(k, dim=1).indices; v = D.gather(1, i);
+                       v.mul_((c / v.norm(dim=1)).clamp(max=1)[:, None]), k = n // 100 per row
   microadam_vs_adamw   the same fedkern step against torch.optim.AdamW (foreach=True on CPU,
                        fused=True on CUDA) on the same parameters; the records also carry the
                        optimizer state in bytes per parameter of both sides
@@ -78,11 +89,25 @@ FAMILY = {
     "microadam_vs_adamw": "microadam",
     "coordinate_median": "robust",
     "trimmed_mean": "robust",
+    "krum": "robust_rows",
+    "nnm": "robust_rows",
+    "geometric_median": "robust_rows",
+    "centered_clip": "robust_rows",
+    "clip_rows_": "robust_rows",
+    "diff_compress_clip": "robust_rows",
 }
 #: Cases over a stack of m client vectors of n coordinates (m is shown next to n).
-STACKED = ("sparse_add_batched_", "coordinate_median", "trimmed_mean")
-#: Benchmark cases that time an op under another name (a second baseline).
-IMPL_OP = {"microadam_vs_adamw": "microadam_step_"}
+STACKED = ("sparse_add_batched_", "coordinate_median", "trimmed_mean", "krum", "nnm",
+           "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip")  # fmt: skip
+#: Benchmark cases that time an op under another name (a second baseline, or the kernel op that
+#: does the heavy work of a composed function).
+IMPL_OP = {
+    "microadam_vs_adamw": "microadam_step_",
+    "krum": "pairwise_gram",
+    "nnm": "gather_mean",
+    "geometric_median": "weiszfeld",
+    "diff_compress_clip": "diff_topk_clip",
+}
 #: Ops whose fedkern kernel must read the whole input (compared with one read at copy bandwidth).
 FULL_PASS = ("topk_compress", "ef14_topk_", "ef21_topk_", "ef14_randk_")
 
@@ -98,6 +123,12 @@ EAGER = {
     "microadam_vs_adamw": "torch.optim.AdamW.step() (foreach=True on CPU, fused=True on CUDA)",
     "coordinate_median": "torch.median(X, dim=0).values",
     "trimmed_mean": "X.sort(dim=0).values[f:m-f].mean(0)",
+    "krum": "torch.cdist(X, X)**2 -> scores -> X[argmin]",
+    "nnm": "torch.cdist(X, X)**2 -> neighbours -> W @ X",
+    "geometric_median": "Python Weiszfeld loop, 8 iterations",
+    "centered_clip": "Python centered-clipping loop, 3 iterations",
+    "clip_rows_": "X.mul_((c / X.norm(dim=1)).clamp(max=1)[:, None])",
+    "diff_compress_clip": "D = G_new - G_old; D.abs().topk(k, dim=1); gather; clip",
 }
 
 
@@ -238,6 +269,8 @@ class Case:
             return 2 * self.n * es + self.m * self.k * (es + 8) * 3
         if self.family == "robust":  # X, the sorted copy and its int64 indices, fp32 temps
             return self.m * self.n * (2 * es + 8 + 8)
+        if self.family == "robust_rows":  # X (two for differences), eager temporaries
+            return self.m * self.n * (4 * es + 8)
         if self.family == "microadam":  # params + grads twice, AdamW moments, reference temps
             return 4 * self.n * es + 8 * self.n + 40 * self.n
         return 6 * self.n * es + 2 * self.n * 8  # buffers + abs/diff temps + randperm's int64s
@@ -283,6 +316,12 @@ def min_bytes(case: Case, touched: int | None = None) -> int:
         "sparse_add_batched_": case.m * k * (es + 8) + 2 * (touched or 0) * es,
         "coordinate_median": case.m * n * es + n * es,  # read the stack, write one vector
         "trimmed_mean": case.m * n * es + n * es,
+        "krum": case.m * n * es,  # one read for the Gram matrix (the winner's copy is small)
+        "nnm": 2 * case.m * n * es,  # read the stack, write the mixed stack
+        "geometric_median": 2 * k * case.m * n * es,  # two reads per iteration
+        "centered_clip": 2 * k * case.m * n * es,
+        "clip_rows_": 3 * case.m * n * es,  # read for the norms, read + write to scale
+        "diff_compress_clip": 2 * case.m * n * es + case.m * k * (es + 8),
         "microadam_step_": microadam_bytes_moved(n, es),
         "microadam_vs_adamw": microadam_bytes_moved(n, es),
     }[case.op]
@@ -402,6 +441,87 @@ def _setup_robust(case, device, gen):
     )  # fmt: skip
 
 
+def _setup_rows(case, device, gen):
+    """Krum, NNM, Weiszfeld, centered clipping, row clipping and difference-compress-clip."""
+    from fedkern import robust as R
+
+    m, d, k = case.m, case.n, case.k
+    x = _randn(m * d, case, device, gen).view(m, d)
+    tensors = {"x": x}
+    rearm_fk = rearm_eg = _nothing
+
+    def sqdist():
+        D = torch.cdist(x.float(), x.float()) ** 2
+        return D.fill_diagonal_(math.inf)
+
+    if case.op == "krum":
+        fk = lambda: R.krum(x, k)  # noqa: E731
+
+        def eg():
+            scores = sqdist().topk(m - k - 2, dim=1, largest=False).values.sum(1)
+            return x[scores.argmin()]
+
+    elif case.op == "nnm":
+        fk = lambda: R.nnm(x, k)  # noqa: E731
+
+        def eg():
+            D = sqdist().fill_diagonal_(-1.0)
+            near = D.topk(m - k, dim=1, largest=False).indices
+            W = torch.zeros(m, m, device=device).scatter_(1, near, 1.0 / (m - k))
+            return (W @ x.float()).to(x.dtype)
+
+    elif case.op == "geometric_median":
+        fk = lambda: R.geometric_median(x, iters=k, nu=0.1)  # noqa: E731
+
+        def eg():
+            xf, z = x.float(), torch.zeros(d, device=device)
+            for _ in range(k):
+                w = 1 / (xf - z).norm(dim=1).clamp_min(0.1)
+                z = (w[:, None] * xf).sum(0) / w.sum()
+            return z.to(x.dtype)
+
+    elif case.op == "centered_clip":
+        fk = lambda: R.centered_clip(x, tau=1.0, iters=k)  # noqa: E731
+
+        def eg():
+            xf, v = x.float(), torch.zeros(d, device=device)
+            for _ in range(k):
+                u = xf - v
+                v = v + ((1.0 / u.norm(dim=1)).clamp(max=1)[:, None] * u).mean(0)
+            return v.to(x.dtype)
+
+    elif case.op == "clip_rows_":
+        pristine = x.clone()
+        y = x.clone()
+        bound = math.sqrt(d) / 2  # about half the rows' norm: every row is scaled
+        tensors.update(y=y, pristine=pristine)
+        rearm_fk, rearm_eg = _restore(x, pristine), _restore(y, pristine)
+        fk = lambda: R.clip_rows_(x, bound)  # noqa: E731
+
+        def eg():
+            y.mul_((bound / y.float().norm(dim=1)).clamp(max=1)[:, None].to(y.dtype))
+
+    else:  # diff_compress_clip with top-k
+        from fedkern.compress import TopK
+
+        old = _randn(m * d, case, device, gen).view(m, d)
+        tensors["old"] = old
+        bound = 1.0
+        fk = lambda: R.diff_compress_clip(x, old, TopK(k), bound)  # noqa: E731
+
+        def eg():
+            D = x - old
+            i = D.abs().topk(k, dim=1, sorted=False).indices
+            v = D.gather(1, i)
+            v.mul_((bound / v.float().norm(dim=1)).clamp(max=1)[:, None].to(v.dtype))
+            return v, i
+
+    return Prepared(
+        fedkern=fk, eager=eg, rearm_fedkern=rearm_fk, rearm_eager=rearm_eg,
+        nbytes=min_bytes(case), tensors=tensors,
+    )  # fmt: skip
+
+
 MICROADAM_SPLIT = (0.4, 0.3, 0.2, 0.1)
 
 
@@ -465,6 +585,10 @@ _SETUP = {
     "microadam_vs_adamw": _setup_microadam,
     "coordinate_median": _setup_robust,
     "trimmed_mean": _setup_robust,
+    **dict.fromkeys(
+        ("krum", "nnm", "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip"),
+        _setup_rows,
+    ),  # fmt: skip
 }
 
 OPS = tuple(_SETUP)
@@ -476,6 +600,17 @@ def _k_of(n: int) -> int:
 
 MICROADAM_OPS = ("microadam_step_", "microadam_vs_adamw")
 ROBUST_OPS = ("coordinate_median", "trimmed_mean")
+ROW_OPS = ("krum", "nnm", "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip")
+#: k of the row cases: f for Krum / NNM, iterations for Weiszfeld / centered clipping, 1% of the
+#: row for difference-compress-clip.
+ROW_K = {
+    "krum": lambda d, m: m // 4,
+    "nnm": lambda d, m: m // 4,
+    "geometric_median": lambda d, m: 8,
+    "centered_clip": lambda d, m: 3,
+    "clip_rows_": lambda d, m: 0,
+    "diff_compress_clip": lambda d, m: max(1, d // 100),
+}
 MICROADAM_K = 41  # keep_count(0.01, 4096): the default density and block size
 
 
@@ -495,7 +630,8 @@ def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | Non
         return [Case(op, n, MICROADAM_K, dtype) for op in MICROADAM_OPS]
 
     def robust(d, m, dtype):
-        return [Case(op, d, m // 4 if op == "trimmed_mean" else 0, dtype, m) for op in ROBUST_OPS]
+        cases = [Case(op, d, m // 4 if op == "trimmed_mean" else 0, dtype, m) for op in ROBUST_OPS]
+        return cases + [Case(op, d, ROW_K[op](d, m), dtype, m) for op in ROW_OPS]
 
     if sizes is not None:
         sizes = [int(s) for s in sizes]
