@@ -330,6 +330,11 @@ X0 = torch.randn(6, 10)
         (lambda: R.diff_compress_clip(X0, X0, "topk"), TypeError, "compressor must be"),
         (lambda: R.diff_compress_clip(X0, X0, TopK(3), math.nan), ValueError, "max_norm"),
         (lambda: R.diff_compress_clip(X0, X0, RandK(2), clients=[1, 2]), ValueError, "clients"),
+        (lambda: R.krum([], 0), ValueError, "at least one row"),
+        (lambda: R.coordinate_median([X0[0], X0[1].double()]), TypeError, "X\\[1\\] must have"),
+        (lambda: R.krum([X0[0], X0[1, :5]], 0), ValueError, "X\\[1\\] must have X\\[0\\]'s shape"),
+        (lambda: R.nnm([X0[0], X0[1].to("meta")], 0), ValueError, "X\\[1\\] must be on"),
+        (lambda: R.geometric_median([X0]), ValueError, "X\\[0\\] must be a 1-D"),
         (lambda: R.Aggregator("mode"), ValueError, "rule must be one of"),
         (lambda: R.Aggregator("krum", pre="sort"), ValueError, "pre must be"),
         (lambda: R.Aggregator("krum", tau=1.0), TypeError, "takes no option tau"),
@@ -340,6 +345,17 @@ X0 = torch.randn(6, 10)
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_a_list_of_rows_is_a_stack(gen):
+    rows = list(torch.randn(9, 40, generator=gen))
+    X = torch.stack(rows)
+    assert torch.equal(R.coordinate_median(rows), R.coordinate_median(X))
+    assert torch.equal(R.krum(tuple(rows), 2), R.krum(X, 2))
+    assert torch.equal(R.geometric_median(rows), R.geometric_median(X))
+    assert torch.equal(
+        R.Aggregator("trimmed_mean", 2, pre="nnm")(rows), R.trimmed_mean(R.nnm(X, 2), 2)
+    )
 
 
 def test_nothing_modified_on_error():

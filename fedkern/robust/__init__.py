@@ -1,8 +1,9 @@
 """Byzantine-robust aggregation of client vectors.
 
-Aggregators over a stack X of n client vectors [n, d] (float32 or bfloat16, CPU or CUDA) return [d]
-in X's dtype: ``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum),
-``geometric_median`` (smoothed Weiszfeld) and ``centered_clip``. Pre-aggregators return a new stack:
+Aggregators over a stack X of n client vectors [n, d] (float32 or bfloat16, CPU or CUDA; or a list
+of n 1-D tensors of one shape, dtype and device, see ``as_stack``) return [d] in X's dtype:
+``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``geometric_median``
+(smoothed Weiszfeld) and ``centered_clip``. Pre-aggregators return a new stack:
 ``bucketing`` and ``nnm``. Clipping: ``clip_rows_`` (in place) and ``diff_compress_clip`` (the
 client side of Byz-VR-MARINA: difference, compress, clip). ``Aggregator`` chains a pre-aggregator
 and an aggregator; ``fedkern.robust.attacks`` builds Byzantine messages for tests and benchmarks.
@@ -29,6 +30,7 @@ from fedkern.random import client_seed, permutation, randk_keys
 
 __all__ = [
     "Aggregator",
+    "as_stack",
     "bucketing",
     "centered_clip",
     "clip_rows_",
@@ -42,6 +44,29 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
+
+
+def as_stack(X) -> Tensor:
+    """The [n, d] stack of client vectors that every aggregator takes.
+
+    Args:
+        X: a [n, d] float32/bfloat16 tensor (returned as it is, after the checks), or a list or
+            tuple of n 1-D tensors of one shape, dtype and device (stacked into a new tensor).
+
+    Raises:
+        TypeError / ValueError naming ``X`` or the offending ``X[i]``: no rows, empty vectors,
+        rows of different shapes, dtypes or devices, a dtype other than float32/bfloat16.
+    """
+    if isinstance(X, (list, tuple)):
+        if not X:
+            raise ValueError("X must have at least one row (n >= 1), got an empty sequence")
+        first = v.tensor("X[0]", X[0])
+        if first.dim() != 1:
+            raise ValueError(f"X[0] must be a 1-D client vector, got shape {tuple(first.shape)}")
+        for i, row in enumerate(X[1:], 1):
+            v.same_as(f"X[{i}]", v.tensor(f"X[{i}]", row), "X[0]", first)
+        X = torch.stack(list(X))
+    return check_stack(X)
 
 
 def coordinate_median(X: Tensor) -> Tensor:
@@ -60,7 +85,7 @@ def coordinate_median(X: Tensor) -> Tensor:
     Backends: the C++ core on CPU (OpenMP over tiles of coordinates), Triton on CUDA, the
     reference (torch.sort) elsewhere. Deterministic and bit-identical across backends.
     """
-    return torch.ops.fedkern.coordinate_median(v.tensor("X", X))
+    return torch.ops.fedkern.coordinate_median(as_stack(X))
 
 
 def trimmed_mean(X: Tensor, f: int) -> Tensor:
@@ -76,7 +101,7 @@ def trimmed_mean(X: Tensor, f: int) -> Tensor:
         rounded once. NaN ranks above +inf, so up to f NaN entries per column are trimmed away.
     """
     f = v.integer("f", f, 0)  # torch.ops would reject a non-int without naming the argument
-    return torch.ops.fedkern.trimmed_mean(v.tensor("X", X), f)
+    return torch.ops.fedkern.trimmed_mean(as_stack(X), f)
 
 
 def pairwise_sqdist(X: Tensor) -> Tensor:
@@ -123,7 +148,8 @@ def krum(X: Tensor, f: int, m: int = 1) -> Tensor:
         the summation order of its entries, so the choice agrees unless two scores tie to within
         float64 rounding (identical rows: then either choice is the same vector).
     """
-    n = check_stack(X).shape[0]
+    X = as_stack(X)
+    n = X.shape[0]
     f = v.integer("f", f, 0)
     if n <= 2 * f + 2:
         raise ValueError(f"krum needs n > 2*f + 2 rows (n = {n}), got f = {f}")
@@ -150,7 +176,8 @@ def nnm(X: Tensor, f: int) -> Tensor:
         from every other row, so a finite row mixes it in only when fewer than n - f rows are
         finite; that row's own output is NaN/inf.
     """
-    n = check_stack(X).shape[0]
+    X = as_stack(X)
+    n = X.shape[0]
     f = v.integer("f", f, 0, n - 1)
     D = pairwise_sqdist(X)
     D.fill_diagonal_(-1.0)  # itself first
@@ -172,7 +199,8 @@ def bucketing(X: Tensor, s: int, *, seed: int, step: int = 0) -> Tensor:
         bucket may be smaller), summed in float32 in permutation order and divided by its size. A
         NaN row makes its bucket NaN (the aggregator after bucketing sees one NaN row).
     """
-    n = check_stack(X).shape[0]
+    X = as_stack(X)
+    n = X.shape[0]
     s = v.integer("s", s, 1)
     perm = torch.tensor(permutation(n, seed, step), dtype=torch.int64)
     nb = -(-n // s)
@@ -219,7 +247,7 @@ def geometric_median(X: Tensor, *, iters: int = 8, nu: float = 0.1, init=None) -
         after every iteration and to X's dtype at the end. A row with an inf/NaN entry gets weight
         0 (it is ignored); if every row has one, the result is NaN.
     """
-    check_stack(X)
+    X = as_stack(X)
     return rows.weiszfeld(X, _start("init", X, init), iters, nu)
 
 
@@ -240,7 +268,7 @@ def centered_clip(X: Tensor, *, tau: float, iters: int = 3, center=None) -> Tens
         with an inf/NaN entry contributes 0 (it is clipped away entirely; the mean still divides
         by n), so the output is always finite for a finite center.
     """
-    check_stack(X)
+    X = as_stack(X)
     return rows.centered_clip(X, _start("center", X, center), iters, tau)
 
 

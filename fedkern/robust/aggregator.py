@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from fedkern.ops import _validate as v
-from fedkern.ops.robust import check_stack
 
 RULES = ("mean", "coordinate_median", "trimmed_mean", "krum", "geometric_median", "centered_clip")
 PRE = (None, "bucketing", "nnm")
@@ -33,9 +32,9 @@ class Aggregator:
         **options: passed to the rule: ``m`` (krum), ``iters``/``nu``/``init`` (geometric_median),
             ``tau``/``iters``/``center`` (centered_clip; tau required).
 
-    Calling: ``agg(X)`` with X [n, d] float32/bfloat16 on CPU or CUDA returns [d] in X's dtype; X is
-    not modified. What a NaN row does is the rule's documented behaviour (after bucketing, the NaN
-    row's bucket is one NaN row).
+    Calling: ``agg(X)`` with X [n, d] float32/bfloat16 on CPU or CUDA (or a list of n 1-D rows,
+    see ``fedkern.robust.as_stack``) returns [d] in X's dtype; X is not modified. What a NaN row
+    does is the rule's documented behaviour (after bucketing, the NaN row's bucket is one NaN row).
     """
 
     def __init__(self, rule: str = "coordinate_median", f: int = 0, *, pre: str | None = None,
@@ -68,7 +67,7 @@ class Aggregator:
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
         from fedkern import robust as R
 
-        check_stack(X)
+        X = R.as_stack(X)
         if self.pre == "bucketing":
             X = R.bucketing(X, self.bucket_size, seed=self.seed, step=self.step)
         elif self.pre == "nnm":
