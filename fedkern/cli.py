@@ -1,9 +1,11 @@
 """The ``fedkern`` command line.
 
 fedkern bench [--full] [--device cpu|cuda] [--backend auto|cpu|triton|cuda|reference]
-              [--out DIR] [--filter SUBSTR]
+              [--out DIR] [--filter SUBSTR[,SUBSTR...]]
     time every benchmark case (fedkern.benchmarks) against its eager-PyTorch baseline, print a
     markdown table and write it, with the raw numbers as JSON, to DIR
+fedkern run ALGORITHM [ALGORITHM...] [--dataset D] [--clients N] [--rounds R] ...
+    run federated methods on real data (fedkern.run): progress, summary, metrics JSON/CSV, plot
 fedkern backends     print which backends this process can use
 fedkern --version
 """
@@ -237,7 +239,8 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
             parser.error("--backend cuda needs --device cuda")
     cases = B.suite(full=args.full, device=args.device, sizes=args.sizes)
     if args.filter:
-        cases = [c for c in cases if args.filter in c.id]
+        wanted = [f for f in args.filter.split(",") if f]
+        cases = [c for c in cases if any(f in c.id for f in wanted)]
         if not cases:
             parser.error(f"--filter {args.filter!r} matches no case")
     budget = B.Budget()
@@ -328,9 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--filter",
-        metavar="SUBSTR",
+        metavar="SUBSTR[,SUBSTR...]",
         default=None,
-        help="only the cases whose id contains SUBSTR (e.g. topk_compress-n1e7)",
+        help="only the cases whose id contains one of the comma-separated SUBSTRs "
+        "(e.g. topk_compress-n1e7 or krum-,nnm-)",
     )
     # Undocumented knobs for smoke tests and time-boxed runs.
     bench.add_argument("--sizes", type=_sizes, default=None, help=argparse.SUPPRESS)
@@ -339,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--max-seconds", type=_positive, default=None, help=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)
+
+    from fedkern.run import add_parser as add_run
+
+    add_run(sub)
 
     backends = sub.add_parser("backends", help="print which backends this process can use")
     backends.set_defaults(func=cmd_backends)

@@ -95,7 +95,8 @@ def test_bench_small(tmp_path, capsys):
         (["bench", "--device", "cpu", "--sizes", "0"], "sizes must be >= 1"),
         (["bench", "--device", "cpu", "--backend", "cuda"], "--backend cuda"),
         (["bench", "--unknown-flag"], "unrecognized arguments"),
-        (["run"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+        (["run"], "arguments are required: ALGORITHM"),
         ([], "required"),
     ],
 )
