@@ -15,7 +15,7 @@ import torch
 from fedkern.ops import _validate as v
 from fedkern.random import permutation
 
-__all__ = ["DATASETS", "SPLITS", "flip_labels", "load", "split"]
+__all__ = ["DATASETS", "SPLITS", "flip_labels", "load", "load_libsvm", "split"]
 
 DATASETS = ("breast_cancer", "digits")
 SPLITS = ("iid", "label_sorted", "dirichlet")
@@ -46,6 +46,55 @@ def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     x = (x - x.mean(0)) / np.where(std > 0, std, 1.0)
     a = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
     return torch.from_numpy(a), torch.from_numpy(np.asarray(raw.target, dtype=np.int64))
+
+
+def load_libsvm(path, n_features: int | None = None, *, standardize: bool = True,
+                bias: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A LibSVM-format file (a9a, w8a, ... downloaded by the user) as dense (A, y).
+
+    Each line is ``label index:value index:value ...`` with 1-based indices. Binary labels
+    (-1/+1, 0/1 or 1/2) become 0/1; other label sets map to 0..C-1 in sorted order.
+
+    Args:
+        path: the file.
+        n_features: the feature count (default: the largest index in the file).
+        standardize: scale every feature to mean 0, std 1 (as ``load``); with False the raw
+            values are kept.
+        bias: append a constant column of ones.
+
+    Returns:
+        A: [N, d (+1)] float64; y: [N] int64.
+    """
+    labels, rows = [], []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            head, *feats = line.split()
+            try:
+                labels.append(float(head))
+                rows.append([(int(i) - 1, float(x)) for i, x in (f.split(":") for f in feats)])
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: not LibSVM format ({exc})") from exc
+    if not rows:
+        raise ValueError(f"{path}: no samples")
+    top = max((i for r in rows for i, _ in r), default=-1) + 1
+    d = top if n_features is None else v.integer("n_features", n_features, top)
+    a = np.zeros((len(rows), d))
+    for k, r in enumerate(rows):
+        for i, x in r:
+            if i < 0:
+                raise ValueError(f"{path}: feature indices are 1-based, got {i + 1}")
+            a[k, i] = x
+    if standardize:
+        std = a.std(0)
+        a = (a - a.mean(0)) / np.where(std > 0, std, 1.0)
+    if bias:
+        a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    values = sorted(set(labels))
+    y = np.searchsorted(np.asarray(values), np.asarray(labels)).astype(np.int64)
+    return torch.from_numpy(a), torch.from_numpy(y)
 
 
 def split(y: torch.Tensor, clients: int, how: str = "iid", *, seed: int = 0,

@@ -171,3 +171,66 @@ def _mix32(x: int) -> int:
     x ^= x >> 15
     x = (x * 0x846CA68B) & _MASK32
     return x ^ (x >> 16)
+
+
+# ---- vectorized forms (torch int64 tensors holding uint32 / uint63 values) ----------------------
+
+
+def _mulhilo(a, m: int):
+    """(hi, lo) 32-bit words of a * m for a tensor a of uint32 values and a uint32 constant m,
+    in int64 arithmetic without overflow (m split in 16-bit halves)."""
+    lo = a * (m & 0xFFFF)
+    mid = a * (m >> 16)
+    hi = (mid + (lo >> 16)) >> 16
+    return hi, (((mid & 0xFFFF) << 16) + lo) & _MASK32
+
+
+def philox4x32_tensor(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
+    """``philox4x32`` on int64 tensors of counter words (broadcast together); same outputs.
+
+    Args:
+        c0..c3: int64 tensors of values in [0, 2**32).
+        k0, k1: the key words, ints in [0, 2**32).
+
+    Returns:
+        Four int64 tensors of values in [0, 2**32).
+    """
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + _W0) & _MASK32
+            k1 = (k1 + _W1) & _MASK32
+        hi0, lo0 = _mulhilo(c0, _M0)
+        hi1, lo1 = _mulhilo(c2, _M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def client_seeds(seed: int, clients):
+    """``client_seed(seed, c)`` for every c of an int64 tensor ``clients`` (any shape)."""
+    import torch
+
+    seed = _check_seed("seed", seed)
+    c = torch.as_tensor(clients, dtype=torch.int64)
+    if c.numel() and int(c.min()) < 0:
+        raise ValueError("clients must be ids >= 0")
+    zero = torch.zeros_like(c)
+    w = philox4x32_tensor(c & _MASK32, c >> 32, zero + (seed & _MASK32), zero + (seed >> 32),
+                          STREAM_CLIENT, 0)  # fmt: skip
+    return (w[0] | (w[1] << 32)) & _MAX_SEED
+
+
+def randk_keys_tensor(seeds, steps):
+    """``randk_keys(seed, step)`` for tensors of seeds and steps (broadcast): [..., 8] int64.
+
+    The Feistel round keys of every (client, step) in one call: what the batched local-training
+    kernels use for their minibatch and reshuffling permutations.
+    """
+    import torch
+
+    s = torch.as_tensor(seeds, dtype=torch.int64)
+    t = torch.as_tensor(steps, dtype=torch.int64)
+    s, t = torch.broadcast_tensors(s, t)
+    words = []
+    for k1 in (0, 1):
+        words += philox4x32_tensor(s & _MASK32, s >> 32, t & _MASK32, t >> 32, STREAM_RANDK, k1)
+    return torch.stack(words, -1)

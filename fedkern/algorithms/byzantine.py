@@ -97,7 +97,7 @@ class ByzVRMarinaPP:
         self.aggregator = aggregator
         self.compressor = compressor
         self.rng = np.random.Generator(np.random.Philox(v.integer("seed", seed, 0)))
-        d = problem.d
+        d = problem.p
         self.x0 = torch.zeros(d, dtype=torch.float64) if x0 is None else x0.to(torch.float64)
         if self.x0.shape != (d,):
             raise ValueError(f"x0 must have shape ({d},), got {tuple(self.x0.shape)}")
@@ -211,11 +211,11 @@ class ByzVRMarinaPP:
         nb = sum(1 for i in S if i in self._byz_set)
         if full:
             g_new = self._full_round(x_new, S)
-            up = self.problem.d
+            up = self.problem.p
         else:
             g_new = self._compressed_round(x_new, S)
             c = self.compressor
-            up = self.problem.d if c is None else c.k_for(self.problem.d) * (
+            up = self.problem.p if c is None else c.k_for(self.problem.p) * (
                 2 if type(c).__name__ == "TopK" else 1)  # fmt: skip
         self.x, self.g = x_new, g_new
         self.rounds += 1
@@ -236,7 +236,7 @@ class ByzVRMarinaPP:
         h["full"].append(full)
         h["byzantine_majority"].append(majority)
         h["floats_up"].append(up)
-        h["floats_down"].append(P.d)
+        h["floats_down"].append(P.p)
 
 
 def _positive(name: str, value) -> float:
