@@ -38,5 +38,6 @@ inline auto nogil() { return py::call_guard<py::gil_scoped_release>(); }
 void bind_pairwise(py::module_& m);  // bind_pairwise.cpp: Gram matrix, gather-mean
 void bind_rowops(py::module_& m);    // bind_rowops.cpp: Weiszfeld, centered clip, row clipping
 void bind_diffclip(py::module_& m);  // bind_diffclip.cpp: difference -> compress -> clip
+void bind_clients(py::module_& m);   // bind_clients.cpp: batched local steps, server updates
 
 }  // namespace fedkern::py_bind

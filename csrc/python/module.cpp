@@ -213,6 +213,7 @@ PYBIND11_MODULE(_C, m) {
   fedkern::py_bind::bind_pairwise(m);
   fedkern::py_bind::bind_rowops(m);
   fedkern::py_bind::bind_diffclip(m);
+  fedkern::py_bind::bind_clients(m);
 
   m.def(
       "build_info",
