@@ -1,0 +1,221 @@
+"""Many clients in one launch: ``ClientBatch`` (convex models, fused kernels) and ``ModuleClients``
+(any ``torch.nn.Module`` through torch.func).
+
+A cohort's parameters are stacked as X [c, p] (one row per client; control variates H of the same
+shape). ``local_steps_`` runs K local steps of full-batch GD, minibatch SGD or one
+random-reshuffling epoch per step for every row at once, with the update
+x_i <- x_i - gamma * (g_i - h_i) (optional per-client clipping of g_i - h_i, optional FedProx term)
+fused into the gradient kernel. Each client's randomness (minibatches, reshuffles) is keyed by
+``fedkern.random.client_seed(seed, client id)`` and the local step's global index, so results do not
+depend on the order of the cohort or on which other clients are in it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedkern.ops import _validate as v
+from fedkern.ops import clients as ops
+from fedkern.problems import Problem
+from fedkern.random import client_seeds, randk_keys_tensor
+from fedkern.reference.clients import KIND_TAG, MODE_TAG
+
+__all__ = ["ClientBatch", "ModuleClients"]
+
+Tensor = torch.Tensor
+
+
+def _cohort(clients, n: int, device) -> Tensor:
+    if clients is None:
+        return torch.arange(n, device=device)
+    c = torch.as_tensor(clients, dtype=torch.int64).reshape(-1)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= n):
+        raise ValueError(f"clients must be ids in [0, {n})")
+    if torch.unique(c).numel() != c.numel():
+        raise ValueError("clients must not repeat an id")
+    return c.to(device)
+
+
+class ClientBatch:
+    """n clients of a convex ``fedkern.problems.Problem``, packed for batched local training.
+
+    Args:
+        problem: the problem (data split over clients, loss kind, l2). Its float64 data stays the
+            oracle for metrics; a float32 copy of A and y lives on ``device`` for the kernels.
+        seed: int in [0, 2**63), keys every client's random stream.
+        device: where the packed data and the stacked parameters live ("cpu" or a CUDA device).
+
+    Attributes:
+        n, d, p: clients, features, parameters per client; kind, classes, seed; A [N, d], y [N]
+        (float32 on device), offsets [n + 1] int64 on device.
+    """
+
+    def __init__(self, problem: Problem, *, seed: int = 0, device="cpu"):
+        if not isinstance(problem, Problem):
+            raise TypeError(f"problem must be a fedkern.problems.Problem, got "
+                            f"{type(problem).__name__}")  # fmt: skip
+        self.problem = problem
+        self.device = torch.device(device)
+        self.seed = v.integer("seed", seed, 0, (1 << 63) - 1)
+        self.kind, self.classes = problem.kind, problem.classes
+        self.n, self.d, self.p = problem.n, problem.d, problem.p
+        self.A = problem.A.to(self.device, torch.float32).contiguous()
+        self.y = problem.y.to(self.device, torch.float32).contiguous()
+        self.offsets = problem.offsets.to(self.device)
+
+    def zeros(self, rows: int | None = None) -> Tensor:
+        """A float32 [rows (default n), p] stack of zeros on the batch's device."""
+        return torch.zeros(self.n if rows is None else rows, self.p, device=self.device)
+
+    def local_steps_(self, X: Tensor, *, gamma: float, steps: int, clients=None, H=None,
+                     mode: str = "gd", batch_size: int = 1, clip: float | None = None,
+                     mu: float = 0.0, anchor: Tensor | None = None,
+                     round: int = 0) -> Tensor:  # fmt: skip
+        """K local steps for every cohort client, in place on X; returns X.
+
+        Args:
+            X: float32 [c, p] on the batch's device, row r = client clients[r]'s parameters.
+                Modified in place.
+            gamma: the local step size (a finite float).
+            steps: K >= 0 (gd/sgd: K gradient steps; rr: K epochs of ceil(m_i / b) steps).
+            clients: the cohort's client ids (c distinct ints), default 0..n-1 (then c = n).
+            H: float32 [c, p] control variates (the update uses g_i - h_i), or None.
+            mode: "gd" (full local batch), "sgd" (b samples without replacement per step) or "rr"
+                (a fresh reshuffle per epoch, consecutive batches of b).
+            batch_size: b >= 1 for sgd / rr.
+            clip: None, or a float > 0: g_i - h_i is scaled to norm <= clip before each update.
+            mu: FedProx's proximal weight (>= 0); with mu > 0, anchor is required.
+            anchor: the FedProx centre, [p] (shared) or [c, p].
+            round: the communication round (>= 0); local step t of round r draws its randomness
+                from global step r * K + t, so rounds never reuse a permutation.
+
+        Errors (before anything is modified): shapes, dtypes, devices, gamma not finite, clip <= 0,
+        unknown mode, clients out of range or repeated.
+        """
+        c = _cohort(clients, self.n, self.device)
+        if mode not in MODE_TAG:
+            raise ValueError(f"mode must be one of {', '.join(MODE_TAG)}, got {mode!r}")
+        K = v.integer("steps", steps, 0)
+        v.tensor("X", X)
+        if X.dim() != 2 or X.shape[0] != c.numel():
+            raise ValueError(f"X must have one row per cohort client ({c.numel()}), got "
+                             f"{tuple(X.shape)}")  # fmt: skip
+        if clip is not None:
+            clip = v.fp32_scalar("clip", clip)
+            if clip <= 0:
+                raise ValueError(f"clip must be > 0 (or None), got {clip}")
+        mu = v.fp32_scalar("mu", mu, nonneg=True)
+        if mu and anchor is None:
+            raise ValueError("mu > 0 (FedProx) needs anchor, the proximal centre")
+        if anchor is not None and anchor.dim() == 1:
+            anchor = anchor.to(self.device, torch.float32).expand(c.numel(), -1).contiguous()
+        r = v.integer("round", round, 0)
+        keys = None
+        if mode != "gd" and K > 0:
+            seeds = client_seeds(self.seed, c.cpu())
+            keys = randk_keys_tensor(seeds[:, None], r * K + torch.arange(K)[None, :])
+            keys = keys.to(self.device)
+        ops.local_steps_(X, c, self.A, self.y, self.offsets, KIND_TAG[self.kind], self.classes,
+                         K, float(gamma), self.problem.l2, H, MODE_TAG[mode],
+                         v.integer("batch_size", batch_size, 1), keys, clip or 0.0, mu,
+                         anchor)  # fmt: skip
+        return X
+
+    # ---- server side ---------------------------------------------------------------------------
+
+    def mean(self, X: Tensor) -> Tensor:
+        """The cohort mean of X [c, p]: float32 [p] (float64 accumulation)."""
+        w = torch.full((X.shape[0],), 1.0 / max(X.shape[0], 1), dtype=torch.float64,
+                       device=X.device)  # fmt: skip
+        return ops.weighted_sum(X, w)
+
+    def weighted_sum(self, X: Tensor, w) -> Tensor:
+        """sum_r w[r] X[r] for per-client weights w (c floats): float32 [p]."""
+        w = torch.as_tensor(w, dtype=torch.float64).to(X.device)
+        return ops.weighted_sum(X, w)
+
+    def scaffnew_sync_(self, X: Tensor, H: Tensor, *, p: float, gamma: float) -> Tensor:
+        """Scaffnew's communication: xbar = mean X; H += (p / gamma)(xbar - X); X = xbar.
+
+        In place on X and H (float32 [c, p]); returns xbar [p]. sum_i h_i stays 0 (up to float32
+        rounding) when it was 0.
+        """
+        if not (0 < p <= 1) or not (gamma > 0 and math.isfinite(gamma)):
+            raise ValueError(f"need p in (0, 1] and gamma > 0, got p = {p}, gamma = {gamma}")
+        return ops.scaffnew_sync_(X, H, float(p) / float(gamma))
+
+    def __repr__(self) -> str:
+        return f"ClientBatch({self.problem!r}, seed={self.seed}, device={str(self.device)!r})"
+
+
+class ModuleClients:
+    """Batched local training for any ``torch.nn.Module`` through torch.func.
+
+    The stacked parameters X [c, P] (P = the module's parameter count, flattened in
+    ``named_parameters`` order) are trained with ``torch.func.functional_call`` and ``vmap`` over
+    the cohort; each step computes every client's full-batch gradient at once (clients padded to the
+    largest local dataset, padding weighted 0), then applies the same update as ``ClientBatch``
+    (g_i - h_i, optional clipping through ``fedkern.robust.clip_rows_``, x -= gamma * u).
+
+    Args:
+        module: the model (its parameters give the shapes; buffers are shared, not batched).
+        loss: ``loss(outputs, targets) -> per-sample losses [m]`` (reduction="none").
+        inputs: [N, ...] samples packed by client; targets: [N, ...].
+        parts: a list of n index tensors (each client's rows).
+        l2: L2 regularization added to every client's objective.
+    """
+
+    def __init__(self, module: torch.nn.Module, loss, inputs: Tensor, targets: Tensor, parts,
+                 *, l2: float = 0.0):  # fmt: skip
+        self.module, self.loss = module, loss
+        self.names = [n for n, _ in module.named_parameters()]
+        self.shapes = [p.shape for _, p in module.named_parameters()]
+        self.sizes = [p.numel() for _, p in module.named_parameters()]
+        self.P = sum(self.sizes)
+        self.n = len(parts)
+        self.l2 = v.fp32_scalar("l2", l2, nonneg=True)
+        m = max(len(p) for p in parts)
+        idx = torch.zeros(self.n, m, dtype=torch.int64)
+        w = torch.zeros(self.n, m)
+        for i, part in enumerate(parts):
+            part = torch.as_tensor(part, dtype=torch.int64)
+            idx[i, : len(part)] = part
+            w[i, : len(part)] = 1.0 / max(len(part), 1)
+        self.inputs, self.targets, self.weights = inputs[idx], targets[idx], w
+        self.buffers = dict(module.named_buffers())
+
+    def flat(self) -> Tensor:
+        """The module's current parameters as one float32 vector [P]."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.module.parameters()])
+
+    def _unflatten(self, x: Tensor) -> dict:
+        return {n: t.view(s) for n, t, s in zip(self.names, x.split(self.sizes), self.shapes,
+                                                 strict=True)}  # fmt: skip
+
+    def grads(self, X: Tensor, clients=None) -> Tensor:
+        """[c, P]: every cohort client's full-batch gradient (+ l2 x) at its row of X."""
+        from torch.func import functional_call, grad, vmap
+
+        c = _cohort(clients, self.n, X.device).cpu()
+
+        def objective(x, inp, tgt, w):
+            out = functional_call(self.module, (self._unflatten(x), self.buffers), (inp,))
+            return (self.loss(out, tgt) * w).sum() + 0.5 * self.l2 * (x * x).sum()
+
+        return vmap(grad(objective))(X, self.inputs[c], self.targets[c], self.weights[c])
+
+    def local_steps_(self, X: Tensor, *, gamma: float, steps: int, clients=None, H=None,
+                     clip: float | None = None) -> Tensor:  # fmt: skip
+        """K full-batch GD steps for every cohort row of X [c, P] (in place); returns X."""
+        from fedkern.robust import clip_rows_
+
+        for _ in range(v.integer("steps", steps, 0)):
+            u = self.grads(X, clients)
+            if H is not None:
+                u -= H
+            if clip is not None:
+                clip_rows_(u, clip)
+            X.sub_(u, alpha=float(gamma))
+        return X

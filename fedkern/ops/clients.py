@@ -1,0 +1,195 @@
+"""Batched per-client local training and the server updates: schemas, validation, dispatch.
+
+Ops (namespace ``fedkern``):
+  local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu,
+               anchor) -> X                 K local steps for every cohort row of X [c, p], in place
+  scaffnew_sync_(X, H, coef) -> xbar        xbar = mean X; H += coef (xbar - X); X = xbar
+  weighted_sum(X, w) -> [p]                 sum_r w[r] X[r] (float64 accumulation)
+The math is in ``fedkern.reference.clients``; the public entry point is ``fedkern.clients``, which
+builds every argument (this module only checks them, before any kernel runs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedkern.ops import _validate as v
+from fedkern.ops._dispatch import pick
+from fedkern.ops._native import cpu_core, lazy
+from fedkern.reference import clients as ref
+
+Tensor = torch.Tensor
+F32 = torch.float32
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _cpu_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys,
+                     clip, mu, anchor):  # fmt: skip
+    cpu_core().local_steps(
+        _ptr(X), _ptr(clients), X.shape[0], X.shape[1], _ptr(A), _ptr(y), _ptr(offsets),
+        offsets.shape[0] - 1, A.shape[1], kind, classes, K, gamma, l2, _ptr(H), mode, b,
+        _ptr(keys), clip, mu, _ptr(anchor),
+    )  # fmt: skip
+    return X
+
+
+def _cpu_sync(X, H, coef):
+    xbar = torch.empty(X.shape[1], dtype=F32)
+    cpu_core().scaffnew_sync(_ptr(X), _ptr(H), X.shape[0], X.shape[1], coef, _ptr(xbar))
+    return xbar
+
+
+def _cpu_weighted_sum(X, w):
+    out = torch.empty(X.shape[1], dtype=F32)
+    cpu_core().weighted_sum(_ptr(X), _ptr(w), X.shape[0], X.shape[1], _ptr(out))
+    return out
+
+
+IMPLS = {
+    "local_steps_": {
+        "reference": ref.local_steps_,
+        "cpu": _cpu_local_steps,
+        "triton": lazy("fedkern.kernels.clients", "local_steps_"),
+    },
+    "scaffnew_sync_": {
+        "reference": ref.scaffnew_sync_,
+        "cpu": _cpu_sync,
+        "triton": lazy("fedkern.kernels.clients", "scaffnew_sync_"),
+    },
+    "weighted_sum": {
+        "reference": ref.weighted_sum,
+        "cpu": _cpu_weighted_sum,
+        "triton": lazy("fedkern.kernels.clients", "weighted_sum"),
+    },
+}
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def _f32_matrix(name: str, t, rows: int | None, cols: int, device) -> Tensor:
+    v.tensor(name, t)
+    if t.dtype != F32:
+        raise TypeError(f"{name} must be a float32 tensor, got {t.dtype}")
+    if t.dim() != 2 or t.shape[1] != cols or (rows is not None and t.shape[0] != rows):
+        want = f"[{rows if rows is not None else 'c'}, {cols}]"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    return t
+
+
+def check_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys,
+                      clip, mu, anchor) -> None:  # fmt: skip
+    """Every argument of local_steps_; raises before anything is modified."""
+    v.tensor("A", A)
+    if A.dtype != F32 or A.dim() != 2:
+        raise TypeError(f"A must be a 2-D float32 tensor, got {A.dtype} {tuple(A.shape)}")
+    dev, d = A.device, A.shape[1]
+    if kind not in (0, 1, 2):
+        raise ValueError(f"kind must be 0 (logistic), 1 (multinomial) or 2 (least_squares), "
+                         f"got {kind}")  # fmt: skip
+    classes = v.integer("classes", classes, 2 if kind == 1 else 1)
+    p = classes * d if kind == 1 else d
+    c = _f32_matrix("X", X, None, p, dev).shape[0]
+    v.writable("X", X)
+    vectors = (("y", y, F32, (A.shape[0],)), ("clients", clients, torch.int64, (c,)),
+               ("offsets", offsets, torch.int64, None))  # fmt: skip
+    for name, t, dt, shape in vectors:
+        v.tensor(name, t)
+        if t.dtype != dt or t.device != dev or (shape is not None and t.shape != shape):
+            raise ValueError(f"{name} must be a {dt} tensor of shape {shape or '[n + 1]'} on "
+                             f"{dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
+    if offsets.dim() != 1 or offsets.shape[0] < 2:
+        raise ValueError("offsets must be [n + 1] with n >= 1")
+    if not isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
+        o = offsets.cpu()
+        if int(o[0]) != 0 or int(o[-1]) != A.shape[0] or bool((o[1:] < o[:-1]).any()):
+            raise ValueError(f"offsets must rise from 0 to {A.shape[0]} (the rows of A)")
+        cl = clients.cpu()
+        if c and (int(cl.min()) < 0 or int(cl.max()) >= o.shape[0] - 1):
+            raise ValueError(f"clients must be ids in [0, {o.shape[0] - 1})")
+    v.integer("K", K, 0)
+    v.fp32_scalar("gamma", gamma)
+    v.fp32_scalar("l2", l2, nonneg=True)
+    v.fp32_scalar("clip", clip, nonneg=True)
+    v.fp32_scalar("mu", mu, nonneg=True)
+    if H is not None:
+        _f32_matrix("H", H, c, p, dev)
+        v.disjoint("H", H, "X", X)
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode must be 0 (gd), 1 (sgd) or 2 (rr), got {mode}")
+    v.integer("b", b, 1)
+    if mode != 0 and K > 0:
+        v.tensor("keys", keys)
+        if keys.dtype != torch.int64 or keys.shape != (c, K, 8) or keys.device != dev:
+            raise ValueError(f"keys must be an int64 tensor [{c}, {K}, 8] on {dev}")
+    if mu:
+        _f32_matrix("anchor", anchor, c, p, dev)
+
+
+@torch.library.custom_op("fedkern::local_steps_", mutates_args=("X",))
+def local_steps_(
+    X: Tensor, clients: Tensor, A: Tensor, y: Tensor, offsets: Tensor, kind: int, classes: int,
+    K: int, gamma: float, l2: float, H: Tensor | None, mode: int, b: int, keys: Tensor | None,
+    clip: float, mu: float, anchor: Tensor | None,
+) -> None:  # fmt: skip
+    """K local steps for every cohort row of X, in place (see fedkern.reference.clients)."""
+    args = (X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu,
+            anchor)  # fmt: skip
+    check_local_steps(*args)
+    if X.shape[0] == 0 or K == 0:
+        return
+    contiguous = [a.contiguous() if isinstance(a, Tensor) else a for a in args[1:]]
+    pick("local_steps_", IMPLS["local_steps_"], X.device)(X, *contiguous)
+
+
+@local_steps_.register_fake
+def _(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu, anchor):
+    return None
+
+
+def check_sync(X, H) -> None:
+    v.tensor("X", X)
+    if X.dtype != F32 or X.dim() != 2 or X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(f"X must be a non-empty float32 [c, p] tensor, got {X.dtype} "
+                         f"{tuple(X.shape)}")  # fmt: skip
+    v.writable("X", X)
+    if H is not None:
+        _f32_matrix("H", H, X.shape[0], X.shape[1], X.device)
+        v.writable("H", H)
+        v.disjoint("H", H, "X", X)
+
+
+@torch.library.custom_op("fedkern::scaffnew_sync_", mutates_args=("X", "H"))
+def scaffnew_sync_(X: Tensor, H: Tensor, coef: float) -> Tensor:
+    """xbar = mean of the rows of X; H += coef (xbar - X); X = xbar; returns xbar [p] float32."""
+    check_sync(X, H)
+    coef = v.fp32_scalar("coef", coef)
+    return pick("scaffnew_sync_", IMPLS["scaffnew_sync_"], X.device)(X, H, coef)
+
+
+@scaffnew_sync_.register_fake
+def _(X, H, coef):
+    return X.new_empty(X.shape[1])
+
+
+@torch.library.custom_op("fedkern::weighted_sum", mutates_args=())
+def weighted_sum(X: Tensor, w: Tensor) -> Tensor:
+    """sum_r w[r] X[r], float64 accumulation in row order, rounded once: [p] float32."""
+    v.tensor("X", X)
+    if X.dtype != F32 or X.dim() != 2 or X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(f"X must be a non-empty float32 [c, p] tensor, got {X.dtype} "
+                         f"{tuple(X.shape)}")  # fmt: skip
+    v.tensor("w", w)
+    if w.dtype != torch.float64 or w.shape != (X.shape[0],) or w.device != X.device:
+        raise ValueError(f"w must be a float64 tensor of shape ({X.shape[0]},) on {X.device}")
+    return pick("weighted_sum", IMPLS["weighted_sum"], X.device)(X.contiguous(), w.contiguous())
+
+
+@weighted_sum.register_fake
+def _(X, w):
+    return X.new_empty(X.shape[1])

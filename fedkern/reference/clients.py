@@ -1,0 +1,89 @@
+"""Batched per-client local training in plain PyTorch: the oracle the kernels are tested against,
+and the fallback backend. The losses are those of ``fedkern.problems``; here each cohort client
+runs its K local steps in a Python loop, in float32 (the clipping norm in float64), one batch
+update at a time:
+
+  for t < K: for each batch B of the step (gd: all samples in order; sgd: the first b entries of
+  the permutation perm_t; rr: perm_t cut into batches of b):
+      g = mean_{j in B} grad loss(x; a_j, y_j) + l2 x  (+ mu (x - anchor))
+      u = g - h (if H);  u = min(1, clip / ||u||) u (if clip > 0);  x = x - gamma u
+perm_t is the keyed Feistel permutation of rand-k with the round keys keys[r, t].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedkern.random import feistel_params
+from fedkern.reference.randk import feistel
+
+KIND_TAG = {"logistic": 0, "multinomial": 1, "least_squares": 2}
+MODE_TAG = {"gd": 0, "sgd": 1, "rr": 2}
+
+
+def permutation(n: int, keys) -> torch.Tensor:
+    """perm(0..n-1) of the keyed Feistel permutation of [0, n) (rand-k's, not sorted)."""
+    h, mask = feistel_params(max(n, 1))
+    x = feistel(torch.arange(n, dtype=torch.int64), [int(k) for k in keys], h, mask)
+    walk = torch.nonzero(x >= n).flatten()
+    while walk.numel():  # cycle walking
+        x[walk] = feistel(x[walk], [int(k) for k in keys], h, mask)
+        walk = walk[x[walk] >= n]
+    return x
+
+
+def batch_grad(kind: int, classes: int, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor):
+    """Mean loss gradient over the samples a [m, d], y [m] at x [p], float32 (0 when m = 0)."""
+    if a.shape[0] == 0:
+        return torch.zeros_like(x)
+    if kind == 0:
+        s = 2 * y - 1
+        r = -s * torch.sigmoid(-s * (a @ x))
+        return (r @ a) / a.shape[0]
+    if kind == 2:
+        return ((a @ x - y) @ a) / a.shape[0]
+    d = a.shape[1]
+    P = torch.softmax(a @ x.view(classes, d).T, 1)
+    P[torch.arange(a.shape[0]), y.long()] -= 1
+    return (P.T @ a).reshape(-1) / a.shape[0]
+
+
+def local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip,
+                 mu, anchor):  # fmt: skip
+    """In place on X [c, p]: K local steps for every cohort row (see the module docstring)."""
+    off = offsets.tolist()
+    for r, i in enumerate(clients.tolist()):
+        a_all, y_all = A[off[i] : off[i + 1]], y[off[i] : off[i + 1]]
+        m = a_all.shape[0]
+        x = X[r].clone()
+        for t in range(K):
+            if mode == 0 or m == 0:
+                batches = [torch.arange(m)]
+            else:
+                perm = permutation(m, keys[r, t])
+                batches = [perm[: min(b, m)]] if mode == 1 else list(torch.split(perm, b))
+            for B in batches:
+                g = batch_grad(kind, classes, x, a_all[B], y_all[B]) + l2 * x
+                if mu:
+                    g = g + mu * (x - anchor[r])
+                u = g - H[r] if H is not None else g
+                if clip > 0:
+                    nrm = float(u.double().norm())
+                    if nrm > clip:
+                        u = u * torch.tensor(clip / nrm, dtype=torch.float32)
+                x = x - gamma * u
+        X[r] = x
+    return X
+
+
+def scaffnew_sync_(X, H, coef: float):
+    """xbar = mean of the rows of X; H += coef (xbar - X); X = xbar. Returns xbar [p]."""
+    xbar = X.sum(0) / torch.tensor(float(X.shape[0]), dtype=torch.float32)
+    H += coef * (xbar - X)
+    X.copy_(xbar.expand_as(X))
+    return xbar
+
+
+def weighted_sum(X, w):
+    """sum_r w[r] X[r] in float64, rounded to float32 once: [p]."""
+    return (w.double()[:, None] * X.double()).sum(0).float()
