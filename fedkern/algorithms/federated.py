@@ -1,0 +1,310 @@
+"""Federated methods on a ``ClientBatch``: GD, FedAvg, FedProx, Scaffold, ProxSkip and Scaffnew.
+
+Each is a short composition of the batched kernels (``ClientBatch.local_steps_``, its server ops).
+Common interface: construct with the problem (a ClientBatch) and hyperparameters (the theory
+defaults of ALGORITHMS.md where the paper gives them), then ``run(rounds)`` or ``step()`` (one
+communication round). ``history`` holds, per round (index 0 = the start point): "loss" f(x),
+"gap" f(x) - f*, "grad_norm" ||grad f(x)||, "dist" ||x - x*||, "floats_up" / "floats_down" (floats
+one participating client sent / received that round) and "local_steps". The metrics are float64
+(``fedkern.problems``) at the server model x.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fedkern.clients import ClientBatch
+from fedkern.ops import _validate as v
+
+__all__ = ["FedAvg", "FedProx", "GD", "Method", "ProxSkip", "Scaffnew", "Scaffold"]
+
+
+def _positive(name: str, value) -> float:
+    out = v.fp32_scalar(name, value)
+    if out <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def _probability(name: str, value) -> float:
+    out = v.fp32_scalar(name, value)
+    if not 0 < out <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def _require_batch(batch) -> ClientBatch:
+    if not isinstance(batch, ClientBatch):
+        raise TypeError(f"batch must be a fedkern.clients.ClientBatch, got {type(batch).__name__}")
+    return batch
+
+
+def soft_threshold(x: torch.Tensor, t: float) -> torch.Tensor:
+    """prox of t * ||.||_1: sign(x) max(|x| - t, 0)."""
+    return torch.sign(x) * (x.abs() - t).clamp_min(0)
+
+
+def l1_optimum(problem, lam: float, iters: int = 20000) -> tuple[torch.Tensor, float]:
+    """(x*, F*) of F = f + lam ||x||_1 by FISTA in float64 (step 1/L), for the metrics."""
+    x = y = torch.zeros(problem.p, dtype=torch.float64)
+    t, step = 1.0, 1.0 / problem.L
+    for _ in range(iters):
+        x_new = soft_threshold(y - step * problem.grad(y), step * lam)
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y = x_new + ((t - 1) / t_new) * (x_new - x)
+        if float((x_new - x).norm()) < 1e-15:
+            x = x_new
+            break
+        x, t = x_new, t_new
+    return x, problem.loss(x) + lam * float(x.abs().sum())
+
+
+class Method:
+    """Base: the server model, the RNG of coins and cohorts, and the history.
+
+    Args:
+        batch: a ``fedkern.clients.ClientBatch``.
+        x0: the start point, [p] (default zeros).
+        seed: seeds coins and cohorts (a Philox stream; the clients' own randomness comes from
+            the batch's seed).
+        mode, batch_size: the local gradient: "gd" (full local batch), "sgd" or "rr".
+    """
+
+    name = "method"
+
+    def __init__(self, batch: ClientBatch, *, x0=None, seed: int = 0, mode: str = "gd",
+                 batch_size: int = 1):  # fmt: skip
+        _require_batch(batch)
+        self.batch, self.problem = batch, batch.problem
+        self.mode, self.batch_size = mode, v.integer("batch_size", batch_size, 1)
+        if mode not in ("gd", "sgd", "rr"):
+            raise ValueError(f"mode must be 'gd', 'sgd' or 'rr', got {mode!r}")
+        p = batch.p
+        self.x = torch.zeros(p, device=batch.device) if x0 is None else x0.to(batch.device).float()
+        if self.x.shape != (p,):
+            raise ValueError(f"x0 must have shape ({p},), got {tuple(self.x.shape)}")
+        self.rng = np.random.Generator(np.random.Philox(v.integer("seed", seed, 0)))
+        self.rounds = 0
+        self.total_local_steps = 0
+        self.history: dict[str, list] = {
+            k: []
+            for k in ("loss", "gap", "grad_norm", "dist", "floats_up", "floats_down", "local_steps")
+        }
+        self._optimum = self.optimum()
+        self._record(0, 0, 0)
+
+    def optimum(self) -> tuple[torch.Tensor, float]:
+        """(x*, f*) of the objective this method minimizes (the smooth problem by default)."""
+        return self.problem.optimum()
+
+    def objective(self, x: torch.Tensor) -> float:
+        return self.problem.loss(x)
+
+    def _record(self, up: int, down: int, local: int) -> None:
+        h, x = self.history, self.x.double().cpu()
+        xs, fs = self._optimum
+        f = self.objective(x)
+        h["loss"].append(f)
+        h["gap"].append(f - fs)
+        h["grad_norm"].append(float(self.problem.grad(x).norm()))
+        h["dist"].append(float((x - xs).norm()))
+        h["floats_up"].append(up)
+        h["floats_down"].append(down)
+        h["local_steps"].append(local)
+
+    def step(self) -> None:  # pragma: no cover - every method overrides it
+        raise NotImplementedError
+
+    def run(self, rounds: int, progress=None) -> dict[str, list]:
+        """``rounds`` communication rounds; ``progress(i, rounds)`` is called after each."""
+        rounds = v.integer("rounds", rounds, 0)
+        for i in range(rounds):
+            self.step()
+            if progress is not None:
+                progress(i + 1, rounds)
+        return self.history
+
+    def _local(self, X, K, **kw):
+        self.batch.local_steps_(X, gamma=self.gamma, steps=K, mode=self.mode,
+                                batch_size=self.batch_size, round=self.rounds, **kw)  # fmt: skip
+        self.total_local_steps += K
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rounds={self.rounds}, gamma={self.gamma:.4g})"
+
+
+class GD(Method):
+    """Gradient descent: every client sends grad f_i(x); x <- x - gamma * mean_i grad f_i(x).
+
+    Computed as one local GD step from x on every client, then the cohort mean (identical). gamma
+    defaults to 1/L.
+    """
+
+    name = "gd"
+
+    def __init__(self, batch, *, gamma: float | None = None, **kw):
+        _require_batch(batch)
+        self.gamma = _positive("gamma", 1.0 / batch.problem.L if gamma is None else gamma)
+        super().__init__(batch, **kw)
+
+    def step(self) -> None:
+        X = self.x.expand(self.batch.n, -1).contiguous()
+        self._local(X, 1)
+        self.x = self.batch.mean(X)
+        self.rounds += 1
+        self._record(self.batch.p, self.batch.p, 1)
+
+
+class FedAvg(Method):
+    """FedAvg / Local SGD: a cohort runs K local steps from x; x += eta_g * mean_i (y_i - x).
+
+    Args:
+        batch: the ClientBatch. gamma: local step (default 1/L). local_steps: K (default 10).
+        server_lr: eta_g (default 1). cohort: clients per round (default all), sampled uniformly
+        without replacement. mu: FedProx's proximal weight (0 for FedAvg).
+    """
+
+    name = "fedavg"
+
+    def __init__(self, batch, *, gamma: float | None = None, local_steps: int = 10,
+                 server_lr: float = 1.0, cohort: int | None = None, mu: float = 0.0,
+                 **kw):  # fmt: skip
+        _require_batch(batch)
+        self.gamma = _positive("gamma", 1.0 / batch.problem.L if gamma is None else gamma)
+        self.K = v.integer("local_steps", local_steps, 1)
+        self.server_lr = _positive("server_lr", server_lr)
+        self.cohort = v.integer("cohort", batch.n if cohort is None else cohort, 1, batch.n)
+        self.mu = v.fp32_scalar("mu", mu, nonneg=True)
+        super().__init__(batch, **kw)
+
+    def _sample(self) -> torch.Tensor:
+        if self.cohort == self.batch.n:
+            return torch.arange(self.batch.n)
+        return torch.from_numpy(np.sort(self.rng.choice(self.batch.n, self.cohort, replace=False)))
+
+    def step(self) -> None:
+        S = self._sample()
+        Y = self.x.expand(S.numel(), -1).contiguous()
+        self._local(Y, self.K, clients=S, mu=self.mu, anchor=self.x if self.mu else None)
+        self.x = self.x + self.server_lr * (self.batch.mean(Y) - self.x)
+        self.rounds += 1
+        self._record(self.batch.p, self.batch.p, self.K)
+
+
+class FedProx(FedAvg):
+    """FedProx: FedAvg whose local objective adds (mu/2)||y - x||^2 (mu default 0.1)."""
+
+    name = "fedprox"
+
+    def __init__(self, batch, *, mu: float = 0.1, **kw):
+        if not v.fp32_scalar("mu", mu) > 0:
+            raise ValueError(f"mu must be > 0 for FedProx, got {mu}")
+        super().__init__(batch, mu=mu, **kw)
+
+
+class Scaffold(FedAvg):
+    """Scaffold with option II control variates (Karimireddy et al. 2020).
+
+    Local: y <- y - gamma (g_i(y) - c_i + c) for K steps; then c_i+ = c_i - c + (x - y_i)/(K gamma);
+    server: x += eta_g mean(y_i - x), c += (|S|/n) mean(c_i+ - c_i). Sends 2p floats each way.
+    """
+
+    name = "scaffold"
+
+    def __init__(self, batch, **kw):
+        super().__init__(batch, **kw)
+        self.C = batch.zeros()
+        self.c = torch.zeros(batch.p, device=batch.device)
+
+    def step(self) -> None:
+        S = self._sample().to(self.batch.device)
+        Y = self.x.expand(S.numel(), -1).contiguous()
+        H = (self.C[S] - self.c).contiguous()
+        self._local(Y, self.K, clients=S, H=H)
+        c_new = H + (self.x - Y) / (self.K * self.gamma)  # c_i - c + (x - y_i)/(K gamma)
+        dc = c_new - self.C[S]
+        self.C[S] = c_new
+        self.x = self.x + self.server_lr * (self.batch.mean(Y) - self.x)
+        self.c = self.c + (S.numel() / self.batch.n) * self.batch.mean(dc)
+        self.rounds += 1
+        p = self.batch.p
+        self._record(2 * p, 2 * p, self.K)
+
+
+class ProxSkip(Method):
+    """ProxSkip / Scaffnew (Mishchenko et al. 2022) in the federated form.
+
+    Every client keeps x_i and a control variate h_i (sum_i h_i = 0 at the start). One round: a
+    number K ~ Geometric(p) of local steps x_i <- x_i - gamma (g_i(x_i) - h_i) (the shared coin:
+    tails K - 1 times, then heads), then the prox of (gamma/p) psi at x_i - (gamma/p) h_i:
+      prox "consensus" (Scaffnew): x = mean_i x_i;
+      prox "l1" (psi = consensus + lam ||x||_1): x = soft_threshold(mean_i (x_i - (gamma/p) h_i),
+      gamma lam / p);
+    then h_i += (p/gamma)(x - x_i) and x_i = x. Only x is sent (p floats up and down).
+
+    Args:
+        batch: the ClientBatch. gamma: default 1/L. p: default 1/sqrt(kappa), kappa = L/mu.
+        prox: "consensus" or "l1". lam: the L1 weight (prox "l1").
+        cohort: partial participation (untheorized here; TAMUNA gives it theory): the cohort's
+            clients start from x, run the local steps with their h_i, and only they are averaged
+            and updated. Default all clients.
+    """
+
+    name = "proxskip"
+
+    def __init__(self, batch, *, gamma: float | None = None, p: float | None = None,
+                 prox: str = "consensus", lam: float = 0.0, cohort: int | None = None,
+                 **kw):  # fmt: skip
+        P = _require_batch(batch).problem
+        self.gamma = _positive("gamma", 1.0 / P.L if gamma is None else gamma)
+        self.p = _probability("p", 1.0 / math.sqrt(P.L / P.mu) if p is None else p)
+        if prox not in ("consensus", "l1"):
+            raise ValueError(f"prox must be 'consensus' or 'l1', got {prox!r}")
+        self.prox, self.lam = prox, v.fp32_scalar("lam", lam, nonneg=True)
+        self.cohort = v.integer("cohort", batch.n if cohort is None else cohort, 1, batch.n)
+        self.H = batch.zeros()
+        super().__init__(batch, **kw)
+
+    def optimum(self):
+        if self.prox == "l1" and self.lam > 0:
+            return l1_optimum(self.problem, self.lam)
+        return super().optimum()
+
+    def objective(self, x):
+        return self.problem.loss(x) + self.lam * float(x.abs().sum()) * (self.prox == "l1")
+
+    def step(self) -> None:
+        K = int(self.rng.geometric(self.p))
+        n = self.batch.n
+        if self.cohort == n:
+            S = torch.arange(n, device=self.batch.device)
+        else:
+            S = torch.from_numpy(np.sort(self.rng.choice(n, self.cohort, replace=False)))
+            S = S.to(self.batch.device)
+        X = self.x.expand(S.numel(), -1).contiguous()
+        H = self.H[S].contiguous()
+        self._local(X, K, clients=S, H=H)
+        if self.prox == "consensus":
+            self.x = self.batch.scaffnew_sync_(X, H, p=self.p, gamma=self.gamma)
+        else:
+            shift = self.batch.mean(H) * (self.gamma / self.p)
+            x_new = soft_threshold(self.batch.mean(X) - shift, self.gamma * self.lam / self.p)
+            H += (self.p / self.gamma) * (x_new - X)
+            self.x = x_new
+        self.H[S] = H
+        self.rounds += 1
+        self._record(self.batch.p, self.batch.p, K)
+
+
+class Scaffnew(ProxSkip):
+    """Scaffnew: ProxSkip with the consensus prox (the FL form of ALGORITHMS.md section 1)."""
+
+    name = "scaffnew"
+
+    def __init__(self, batch, **kw):
+        if kw.get("prox", "consensus") != "consensus":
+            raise ValueError("Scaffnew's prox is the consensus average; use ProxSkip for 'l1'")
+        super().__init__(batch, **kw)
