@@ -35,6 +35,12 @@ Eager baselines (``eager_*`` below; 1-D inputs, the indices unsorted as torch re
   clip_rows_           norms = X.norm(dim=1); X.mul_((c / norms).clamp(max=1)[:, None])
   diff_compress_clip   D = G_new - G_old; i = D.abs().topk(k, dim=1).indices; v = D.gather(1, i);
                        v.mul_((c / v.norm(dim=1)).clamp(max=1)[:, None]), k = n // 100 per row
+  local_steps_vs_loop  one round of K = k local GD steps for n logistic-regression clients (d = 100
+                       features + bias, m = 50 samples each) by ClientBatch.local_steps_,
+                       against a Python loop over clients with torch.optim.SGD
+  local_steps_vs_vmap  the same round against K steps of torch.func.vmap(grad(loss)) (eager)
+  module_steps_vs_loop the same round for an MLP 20-32-10 (cross-entropy, m = 50 samples) by
+                       ModuleClients (torch.func + the fused clipping/update), against the loop
   microadam_vs_adamw   the same fedkern step against torch.optim.AdamW (foreach=True on CPU,
                        fused=True on CUDA) on the same parameters; the records also carry the
                        optimizer state in bytes per parameter of both sides
@@ -95,9 +101,13 @@ FAMILY = {
     "centered_clip": "robust_rows",
     "clip_rows_": "robust_rows",
     "diff_compress_clip": "robust_rows",
+    "local_steps_vs_loop": "clients",
+    "local_steps_vs_vmap": "clients",
+    "module_steps_vs_loop": "clients",
 }
 #: Cases over a stack of m client vectors of n coordinates (m is shown next to n).
-STACKED = ("sparse_add_batched_", "coordinate_median", "trimmed_mean", "krum", "nnm",
+STACKED = ("local_steps_vs_loop", "local_steps_vs_vmap", "module_steps_vs_loop",
+           "sparse_add_batched_", "coordinate_median", "trimmed_mean", "krum", "nnm",
            "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip")  # fmt: skip
 #: Benchmark cases that time an op under another name (a second baseline, or the kernel op that
 #: does the heavy work of a composed function).
@@ -107,6 +117,9 @@ IMPL_OP = {
     "nnm": "gather_mean",
     "geometric_median": "weiszfeld",
     "diff_compress_clip": "diff_topk_clip",
+    "local_steps_vs_loop": "local_steps_",
+    "local_steps_vs_vmap": "local_steps_",
+    "module_steps_vs_loop": "local_steps_",
 }
 #: Ops whose fedkern kernel must read the whole input (compared with one read at copy bandwidth).
 FULL_PASS = ("topk_compress", "ef14_topk_", "ef21_topk_", "ef14_randk_")
@@ -129,6 +142,9 @@ EAGER = {
     "centered_clip": "Python centered-clipping loop, 3 iterations",
     "clip_rows_": "X.mul_((c / X.norm(dim=1)).clamp(max=1)[:, None])",
     "diff_compress_clip": "D = G_new - G_old; D.abs().topk(k, dim=1); gather; clip",
+    "local_steps_vs_loop": "for each client: torch.optim.SGD, K x (loss, backward, step)",
+    "local_steps_vs_vmap": "K x torch.func.vmap(torch.func.grad(loss)) over the stacked clients",
+    "module_steps_vs_loop": "MLP: for each client: torch.optim.SGD, K x (loss, backward, step)",
 }
 
 
@@ -269,6 +285,8 @@ class Case:
             return 2 * self.n * es + self.m * self.k * (es + 8) * 3
         if self.family == "robust":  # X, the sorted copy and its int64 indices, fp32 temps
             return self.m * self.n * (2 * es + 8 + 8)
+        if self.family == "clients":  # the packed data (float64 oracle copy included)
+            return self.n * self.m * (CLIENT_DIM + 2) * 16
         if self.family == "robust_rows":  # X (two for differences), eager temporaries
             return self.m * self.n * (4 * es + 8)
         if self.family == "microadam":  # params + grads twice, AdamW moments, reference temps
@@ -322,6 +340,10 @@ def min_bytes(case: Case, touched: int | None = None) -> int:
         "centered_clip": 2 * k * case.m * n * es,
         "clip_rows_": 3 * case.m * n * es,  # read for the norms, read + write to scale
         "diff_compress_clip": 2 * case.m * n * es + case.m * k * (es + 8),
+        # the data once per local step (it stays in cache between steps on a CPU)
+        "local_steps_vs_loop": n * case.m * (CLIENT_DIM + 2) * 4,
+        "local_steps_vs_vmap": n * case.m * (CLIENT_DIM + 2) * 4,
+        "module_steps_vs_loop": n * case.m * (MLP[0] + 1) * 4,
         "microadam_step_": microadam_bytes_moved(n, es),
         "microadam_vs_adamw": microadam_bytes_moved(n, es),
     }[case.op]
@@ -522,6 +544,96 @@ def _setup_rows(case, device, gen):
     )  # fmt: skip
 
 
+CLIENT_OPS_NAMES = ("local_steps_vs_loop", "local_steps_vs_vmap", "module_steps_vs_loop")
+CLIENT_DIM = 100  # logistic-regression features per sample (plus a bias column)
+MLP = (20, 32, 10)  # the generic-path model: in, hidden, classes
+
+
+def _setup_clients(case, device, gen):
+    """One round of K local GD steps for n clients of m samples each (see EAGER)."""
+    from fedkern.clients import ClientBatch, ModuleClients
+    from fedkern.problems import Problem
+
+    n, K, m = case.n, case.k, case.m
+    gamma = 0.1
+    parts = [torch.arange(i * m, (i + 1) * m) for i in range(n)]
+    if case.op == "module_steps_vs_loop":
+        torch.manual_seed(SEED)
+        model = torch.nn.Sequential(torch.nn.Linear(MLP[0], MLP[1]), torch.nn.Tanh(),
+                                    torch.nn.Linear(MLP[1], MLP[2])).to(device)  # fmt: skip
+        inputs = torch.randn(n * m, MLP[0], generator=gen, device=device)
+        targets = torch.randint(0, MLP[2], (n * m,), generator=gen, device=device)
+
+        def loss(out, tgt):
+            return torch.nn.functional.cross_entropy(out, tgt, reduction="none")
+
+        mc = ModuleClients(model, loss, inputs, targets, parts)
+        X0 = mc.flat().expand(n, -1).contiguous()
+        X = X0.clone()
+        fk = lambda: mc.local_steps_(X, gamma=gamma, steps=K)  # noqa: E731
+        local = [torch.nn.Sequential(torch.nn.Linear(MLP[0], MLP[1]), torch.nn.Tanh(),
+                                     torch.nn.Linear(MLP[1], MLP[2])).to(device)
+                 for _ in range(2)]  # fmt: skip
+
+        def eg():
+            for i in range(n):
+                net = local[i % 2]
+                net.load_state_dict(model.state_dict())
+                opt = torch.optim.SGD(net.parameters(), lr=gamma)
+                xi, ti = inputs[i * m : (i + 1) * m], targets[i * m : (i + 1) * m]
+                for _ in range(K):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(net(xi), ti).backward()
+                    opt.step()
+
+        return Prepared(fedkern=fk, eager=eg, rearm_fedkern=_restore(X, X0), rearm_eager=_nothing,
+                        nbytes=min_bytes(case), tensors={"X": X})  # fmt: skip
+    d = CLIENT_DIM + 1
+    A = torch.randn(n * m, d, generator=gen, dtype=torch.float64)
+    A[:, -1] = 1.0
+    y = (torch.rand(n * m, generator=gen) < 0.5).double()
+    problem = Problem(A.cpu(), y.cpu(), parts, "logistic", 1e-3)
+    batch = ClientBatch(problem, device=device)
+    X0 = torch.zeros(n, d, device=device)
+    X = X0.clone()
+    fk = lambda: batch.local_steps_(X, gamma=gamma, steps=K)  # noqa: E731
+    Af, yf = batch.A.view(n, m, d), batch.y.view(n, m)
+    l2 = problem.l2
+    if case.op == "local_steps_vs_vmap":
+        from torch.func import grad, vmap
+
+        def objective(x, a, t):
+            z = a @ x
+            return torch.nn.functional.binary_cross_entropy_with_logits(z, t) + 0.5 * l2 * (x @ x)
+
+        step = vmap(grad(objective))
+        Y = X0.clone()
+
+        def eg():
+            for _ in range(K):
+                Y.sub_(step(Y, Af, yf), alpha=gamma)
+
+        rearm_eg = _restore(Y, X0)
+    else:
+        W = [torch.nn.Linear(d, 1, bias=False).to(device) for _ in range(2)]
+
+        def eg():
+            for i in range(n):
+                lin = W[i % 2]
+                with torch.no_grad():
+                    lin.weight.zero_()
+                opt = torch.optim.SGD(lin.parameters(), lr=gamma, weight_decay=l2)
+                for _ in range(K):
+                    opt.zero_grad()
+                    z = lin(Af[i])[:, 0]
+                    torch.nn.functional.binary_cross_entropy_with_logits(z, yf[i]).backward()
+                    opt.step()
+
+        rearm_eg = _nothing
+    return Prepared(fedkern=fk, eager=eg, rearm_fedkern=_restore(X, X0), rearm_eager=rearm_eg,
+                    nbytes=min_bytes(case), tensors={"X": X, "A": Af})  # fmt: skip
+
+
 MICROADAM_SPLIT = (0.4, 0.3, 0.2, 0.1)
 
 
@@ -589,6 +701,7 @@ _SETUP = {
         ("krum", "nnm", "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip"),
         _setup_rows,
     ),  # fmt: skip
+    **dict.fromkeys(CLIENT_OPS_NAMES, _setup_clients),
 }
 
 OPS = tuple(_SETUP)
@@ -599,6 +712,8 @@ def _k_of(n: int) -> int:
 
 
 MICROADAM_OPS = ("microadam_step_", "microadam_vs_adamw")
+CLIENT_OPS = CLIENT_OPS_NAMES
+CLIENTS_CASE = (1000, 10, 50)  # n clients, K local steps, m samples per client
 ROBUST_OPS = ("coordinate_median", "trimmed_mean")
 ROW_OPS = ("krum", "nnm", "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip")
 #: k of the row cases: f for Krum / NNM, iterations for Weiszfeld / centered clipping, 1% of the
@@ -624,27 +739,33 @@ def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | Non
     sparse: 16 messages into n), for smoke tests.
     """
     f32, b16 = torch.float32, torch.bfloat16
-    dense_ops = [op for op in OPS if op not in STACKED and op not in MICROADAM_OPS]
+    special = (*STACKED, *MICROADAM_OPS)
+    dense_ops = [op for op in OPS if op not in special]
+    n_c, k_c, m_c = CLIENTS_CASE
+    clients = [Case(op, n_c, k_c, f32, m_c) for op in CLIENT_OPS]
 
     def micro(n, dtype):
         return [Case(op, n, MICROADAM_K, dtype) for op in MICROADAM_OPS]
 
-    def robust(d, m, dtype):
+    def robust(d, m, dtype, rows_m=None):
         cases = [Case(op, d, m // 4 if op == "trimmed_mean" else 0, dtype, m) for op in ROBUST_OPS]
-        return cases + [Case(op, d, ROW_K[op](d, m), dtype, m) for op in ROW_OPS]
+        rm = m if rows_m is None else rows_m
+        return cases + [Case(op, d, ROW_K[op](d, rm), dtype, rm) for op in ROW_OPS]
 
     if sizes is not None:
         sizes = [int(s) for s in sizes]
         cases = [Case(op, n, _k_of(n), f32) for n in sizes for op in dense_ops]
         cases += [Case("sparse_add_batched_", n, _k_of(n), f32, M_MESSAGES) for n in sizes]
         cases += [c for n in sizes for c in micro(n, f32)]
+        cases += [Case(op, 20, 2, f32, 10) for op in CLIENT_OPS]
         return cases + [c for n in sizes for c in robust(n, 16, f32)]
     cases = [Case(op, n, _k_of(n), f32) for n in (10**6, 10**7) for op in dense_ops]
     cases.insert(cases.index(Case("topk_compress", 10**7, 10**5)) + 1,
                  Case("topk_compress", 10**7, 10**5, b16))  # fmt: skip
     cases.append(Case("sparse_add_batched_", 10**7, 10**5, f32, M_MESSAGES))
     cases += micro(10**7, f32)
-    cases += robust(10**6, 64, f32)
+    cases += robust(10**6, 64, f32, rows_m=16)  # the row aggregators' eager loops are slow
+    cases += clients
     if not full:
         return cases
     cases += [c for m in (16, 64, 256) for d in (10**5, 10**6) for c in robust(d, m, f32)]
