@@ -14,7 +14,8 @@
 //      columns (per column the same sequence of fp32 adds as one sample at a time).
 // x does not change within a batch, so this is exactly "z with the current x, then one update per
 // batch". The multinomial kind does 1 and 3 per class (row c of W against the block).
-// sgd / rr: the permutation of a step is evaluated for all its indices at once (perm_range).
+// sgd / rr: the permutation of a step is evaluated for all its indices at once
+// (randk_perm_range of randk.h, batched over values).
 //
 // scaffnew_sync / weighted_sum: the columns are cut into tiles of T columns (c * T elements sized
 // to stay in L2); per tile, the column sums run over the rows in row order (each row segment read
@@ -31,6 +32,8 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "fedkern/randk.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FEDKERN_CLIENTS_AVX2 1
@@ -197,67 +200,6 @@ FEDKERN_INLINE V8 exp_nonpos(const V8& x) {
 }
 
 // ---- minibatch permutations ------------------------------------------------------------------
-// perm(s) for s < cnt: randk.h's keyed Feistel network on [0, m) with cycle walking, bit for bit
-// (randk_perm), but evaluated on up to kPermBatch values at once as uint32 halves in a loop the
-// compilers vectorise (one evaluation is a ~100-cycle dependency chain); the values still >= m
-// are compacted and walked on as a batch again.
-constexpr int kPermBatch = 256;
-
-FEDKERN_INLINE uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-FEDKERN_INLINE void perm_range(int64_t m, const uint32_t* keys, int64_t cnt, int64_t* out) {
-  int bits = 0;
-  for (uint64_t v = static_cast<uint64_t>(m - 1); v; v >>= 1) ++bits;
-  bits = std::max(bits, 2);
-  bits += bits & 1;
-  const int h = bits / 2;
-  const uint32_t mask = h >= 32 ? 0xffffffffu : (uint32_t{1} << h) - 1;
-  const uint64_t um = static_cast<uint64_t>(m);
-  uint64_t xs[kPermBatch];
-  uint32_t lft[kPermBatch], rgt[kPermBatch];
-  int pos[kPermBatch];
-  for (int64_t t0 = 0; t0 < cnt; t0 += kPermBatch) {
-    const int n = static_cast<int>(std::min<int64_t>(kPermBatch, cnt - t0));
-    for (int q = 0; q < n; ++q) {
-      xs[q] = static_cast<uint64_t>(t0 + q);
-      pos[q] = q;
-    }
-    int a = n;
-    while (a > 0) {
-      for (int q = 0; q < a; ++q) {
-        lft[q] = static_cast<uint32_t>(xs[pos[q]] >> h);
-        rgt[q] = static_cast<uint32_t>(xs[pos[q]]) & mask;
-      }
-      for (int q = 0; q < a; ++q) {
-        uint32_t l = lft[q], r = rgt[q];
-        for (int k = 0; k < 8; ++k) {
-          const uint32_t t = l ^ (mix32(r ^ keys[k]) & mask);
-          l = r;
-          r = t;
-        }
-        lft[q] = l;
-        rgt[q] = r;
-      }
-      int a2 = 0;
-      for (int q = 0; q < a; ++q) {
-        const uint64_t x = (static_cast<uint64_t>(lft[q]) << h) | rgt[q];
-        xs[pos[q]] = x;
-        pos[a2] = pos[q];
-        a2 += x >= um;
-      }
-      a = a2;
-    }
-    for (int q = 0; q < n; ++q) out[t0 + q] = static_cast<int64_t>(xs[q]);
-  }
-}
-
 // ---- the local steps ----------------------------------------------------------------------
 
 struct Job {
@@ -490,7 +432,7 @@ FEDKERN_INLINE void row_impl(const Job& j, int64_t r, Scratch& sc) {
       for (int q = 0; q < 8; ++q) keys[q] = static_cast<uint32_t>(kp[q]);
       cnt = j.mode == LocalMode::kSGD ? std::min(j.b, m) : m;
       bsz = j.b;
-      perm_range(m, keys, cnt, perm);
+      randk_perm_range(m, keys, 0, cnt, perm);
       order = perm;
     }
     if (m == 0) {

@@ -245,6 +245,10 @@ uint64_t randk_feistel(uint64_t x, int h, const uint32_t keys[8]) {
 
 uint64_t randk_perm(uint64_t i, int64_t n, const uint32_t keys[8]) { return Perm(n, keys)(i); }
 
+void randk_perm_range(int64_t n, const uint32_t keys[8], int64_t lo, int64_t hi, int64_t* out) {
+  Perm(n, keys).range(lo, hi, out);
+}
+
 void randk_indices(int64_t n, int64_t k, const uint32_t keys[8], int64_t* idx) {
   const Perm perm(n, keys);
   const int bits = bit_length(static_cast<uint64_t>(n - 1));

@@ -29,6 +29,10 @@ uint64_t randk_feistel(uint64_t x, int h, const uint32_t keys[8]);
 // perm(i) for i in [0, n): the Feistel network with cycle walking.
 uint64_t randk_perm(uint64_t i, int64_t n, const uint32_t keys[8]);
 
+// out[j] = perm(lo + j) for lo <= lo + j < hi <= n, in that order (not sorted): the permutation
+// itself, evaluated on batches of values at once (the minibatches of fedkern/clients.h use it).
+void randk_perm_range(int64_t n, const uint32_t keys[8], int64_t lo, int64_t hi, int64_t* out);
+
 // idx = ascending {perm(i) : i < k}.
 void randk_indices(int64_t n, int64_t k, const uint32_t keys[8], int64_t* idx);
 
