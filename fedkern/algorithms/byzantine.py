@@ -102,10 +102,9 @@ class ByzVRMarinaPP:
         if self.x0.shape != (d,):
             raise ValueError(f"x0 must have shape ({d},), got {tuple(self.x0.shape)}")
         self.x = self.x0.clone()
-        try:
-            self.f_star = problem.optimum(self.honest)[1]
-        except (AttributeError, NotImplementedError):
-            self.f_star = None
+        # f* of the honest objective, when the problem can compute it (the "gap" metric)
+        optimum = getattr(problem, "optimum", None)
+        self.f_star = optimum(self.honest)[1] if optimum is not None else None
         self.history: dict[str, list] = {
             k: []
             for k in (

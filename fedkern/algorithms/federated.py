@@ -11,6 +11,7 @@ one participating client sent / received that round) and "local_steps". The metr
 
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -62,7 +63,7 @@ def l1_optimum(problem, lam: float, iters: int = 20000) -> tuple[torch.Tensor, f
     return x, problem.loss(x) + lam * float(x.abs().sum())
 
 
-class Method:
+class Method(abc.ABC):
     """Base: the server model, the RNG of coins and cohorts, and the history.
 
     Args:
@@ -115,8 +116,9 @@ class Method:
         h["floats_down"].append(down)
         h["local_steps"].append(local)
 
-    def step(self) -> None:  # pragma: no cover - every method overrides it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def step(self) -> None:
+        """One communication round; appends to ``history``."""
 
     def run(self, rounds: int, progress=None) -> dict[str, list]:
         """``rounds`` communication rounds; ``progress(i, rounds)`` is called after each."""
