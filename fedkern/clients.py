@@ -91,8 +91,8 @@ class ClientBatch:
             round: the communication round (>= 0); local step t of round r draws its randomness
                 from global step r * K + t, so rounds never reuse a permutation.
 
-        Errors (before anything is modified): shapes, dtypes, devices, gamma not finite, clip <= 0,
-        unknown mode, clients out of range or repeated.
+        Errors (before anything is modified): shapes, dtypes, devices, gamma not finite or <= 0,
+        clip <= 0, unknown mode, clients out of range or repeated.
         """
         c = _cohort(clients, self.n, self.device)
         if mode not in MODE_TAG:
@@ -111,6 +111,8 @@ class ClientBatch:
             raise ValueError("mu > 0 (FedProx) needs anchor, the proximal centre")
         if anchor is not None and anchor.dim() == 1:
             anchor = anchor.to(self.device, torch.float32).expand(c.numel(), -1).contiguous()
+        if not v.fp32_scalar("gamma", gamma) > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
         r = v.integer("round", round, 0)
         keys = None
         if mode != "gd" and K > 0:

@@ -146,6 +146,8 @@ def test_bad_input(gen):
         B.local_steps_(X, gamma=0.1, steps=1, clients=[0, 1])
     with pytest.raises(ValueError, match="gamma must be finite"):
         B.local_steps_(X, gamma=float("inf"), steps=1)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        B.local_steps_(X, gamma=0.0, steps=1)
     with pytest.raises(ValueError, match="clip must be > 0"):
         B.local_steps_(X, gamma=0.1, steps=1, clip=-1.0)
     with pytest.raises(ValueError, match="needs anchor"):
