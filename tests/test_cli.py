@@ -129,7 +129,10 @@ def test_suites():
     assert {c.op for c in quick} == set(B.OPS)
     assert "topk_compress-n1e7-k1e5-bf16" in ids
     assert "sparse_add_batched_-n1e7-m16-k1e5-fp32" in ids
-    assert {c.n for c in quick if c.op != "sparse_add_batched_"} == {10**6, 10**7}
+    sized = [c for c in quick if c.family != "clients" and c.op != "sparse_add_batched_"]
+    assert {c.n for c in sized} == {10**6, 10**7}
+    # the clients cases: one round for 1000 clients of 50 samples, K = 10 local steps
+    assert {(c.n, c.k, c.m) for c in quick if c.family == "clients"} == {(1000, 10, 50)}
     full_gpu = B.suite(full=True, device="cuda")
     assert set(quick) <= set(full_gpu)
     assert {c.n for c in full_gpu} >= {10**8, 10**9}
