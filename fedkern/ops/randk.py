@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedkern.interop import accepts_dlpack
 from fedkern.ops import _validate as v
 from fedkern.ops._dispatch import pick
 from fedkern.ops._native import cpu_core, lazy, outputs, tag
@@ -135,6 +136,7 @@ def _(grad, state, k, seed, step=0, unbiased=False):
     return state.new_empty(k), state.new_empty(k, dtype=torch.int64)
 
 
+@accepts_dlpack
 def randk_compress(
     x: Tensor, k: int, *, seed: int, step: int = 0, unbiased: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -164,6 +166,7 @@ def randk_compress(
     return torch.ops.fedkern.randk_compress(x, int(k), int(seed), int(step), unbiased)
 
 
+@accepts_dlpack
 def ef14_randk_(
     grad: Tensor, error: Tensor, k: int, *, seed: int, step: int = 0, lr: float = 1.0,
     unbiased: bool = False,
@@ -193,6 +196,7 @@ def ef14_randk_(
     )
 
 
+@accepts_dlpack
 def ef21_randk_(
     grad: Tensor, state: Tensor, k: int, *, seed: int, step: int = 0, unbiased: bool = False
 ) -> tuple[Tensor, Tensor]:

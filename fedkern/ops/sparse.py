@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fedkern.interop import accepts_dlpack
 from fedkern.ops import _validate as v
 from fedkern.ops._dispatch import pick
 from fedkern.ops._native import cpu_core, lazy, tag
@@ -105,6 +106,7 @@ def _(dense, values, indices, alpha=1.0):
     check(dense, values, indices, alpha, 2, inspect=False)
 
 
+@accepts_dlpack
 def sparse_add_(dense: Tensor, values: Tensor, indices: Tensor, *, alpha: float = 1.0) -> Tensor:
     """``dense.flatten()[indices] += alpha * values``, in place (decompression / accumulation).
 
@@ -130,6 +132,7 @@ def sparse_add_(dense: Tensor, values: Tensor, indices: Tensor, *, alpha: float 
     return dense
 
 
+@accepts_dlpack
 def sparse_add_batched_(
     dense: Tensor, values: Tensor, indices: Tensor, *, alpha: float = 1.0
 ) -> Tensor:

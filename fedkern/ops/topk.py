@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fedkern.interop import accepts_dlpack
 from fedkern.ops import _validate as v
 from fedkern.ops._dispatch import pick
 from fedkern.ops._native import cpu_core, lazy, outputs, tag
@@ -131,6 +132,7 @@ def _(grad, state, k):
     return state.new_empty(k), state.new_empty(k, dtype=torch.int64)
 
 
+@accepts_dlpack
 def topk_compress(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k sparsification by magnitude over the flattened tensor.
 
@@ -155,6 +157,7 @@ def topk_compress(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.ops.fedkern.topk_compress(x, int(k))
 
 
+@accepts_dlpack
 def ef14_topk_(grad: Tensor, error: Tensor, k: int, *, lr: float = 1.0) -> tuple[Tensor, Tensor]:
     """Classic error feedback (EF14) with top-k, fused: one arithmetic pass plus the selection.
 
@@ -181,6 +184,7 @@ def ef14_topk_(grad: Tensor, error: Tensor, k: int, *, lr: float = 1.0) -> tuple
     return torch.ops.fedkern.ef14_topk_(grad, error, int(k), float(lr))
 
 
+@accepts_dlpack
 def ef21_topk_(grad: Tensor, state: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """EF21 with top-k: ``c = topk(grad - state)``, ``state += c``; returns c.
 

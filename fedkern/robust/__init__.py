@@ -23,6 +23,7 @@ import torch
 
 import fedkern.ops.randk
 import fedkern.ops.robust  # noqa: F401  (registers the ops)
+from fedkern.interop import accepts_dlpack, to_torch
 from fedkern.ops import _validate as v
 from fedkern.ops import robust_rows as rows
 from fedkern.ops.robust import check_stack
@@ -58,6 +59,7 @@ def as_stack(X) -> Tensor:
         rows of different shapes, dtypes or devices, a dtype other than float32/bfloat16.
     """
     if isinstance(X, (list, tuple)):
+        X = [to_torch(row) for row in X]
         if not X:
             raise ValueError("X must have at least one row (n >= 1), got an empty sequence")
         first = v.tensor("X[0]", X[0])
@@ -69,6 +71,7 @@ def as_stack(X) -> Tensor:
     return check_stack(X)
 
 
+@accepts_dlpack
 def coordinate_median(X: Tensor) -> Tensor:
     """The median of every coordinate over the n client vectors.
 
@@ -88,6 +91,7 @@ def coordinate_median(X: Tensor) -> Tensor:
     return torch.ops.fedkern.coordinate_median(as_stack(X))
 
 
+@accepts_dlpack
 def trimmed_mean(X: Tensor, f: int) -> Tensor:
     """Coordinate-wise trimmed mean: drop the f largest and f smallest values, average the rest.
 
@@ -104,6 +108,7 @@ def trimmed_mean(X: Tensor, f: int) -> Tensor:
     return torch.ops.fedkern.trimmed_mean(as_stack(X), f)
 
 
+@accepts_dlpack
 def pairwise_sqdist(X: Tensor) -> Tensor:
     """Squared Euclidean distances between the rows of X, through the Gram matrix.
 
@@ -128,6 +133,7 @@ def _selection(X: Tensor, idx: Tensor) -> Tensor:
     return rows.gather_mean(X, torch.sort(idx, dim=-1).values)
 
 
+@accepts_dlpack
 def krum(X: Tensor, f: int, m: int = 1) -> Tensor:
     """Krum (m = 1) and Multi-Krum (m > 1).
 
@@ -162,6 +168,7 @@ def krum(X: Tensor, f: int, m: int = 1) -> Tensor:
     return _selection(X, best[None, :])[0]
 
 
+@accepts_dlpack
 def nnm(X: Tensor, f: int) -> Tensor:
     """Nearest-neighbour mixing: every row replaced by the mean of its n - f nearest rows.
 
@@ -185,6 +192,7 @@ def nnm(X: Tensor, f: int) -> Tensor:
     return _selection(X, order)
 
 
+@accepts_dlpack
 def bucketing(X: Tensor, s: int, *, seed: int, step: int = 0) -> Tensor:
     """Bucketing (Karimireddy et al.): shuffle the rows, average groups of s.
 
@@ -230,6 +238,7 @@ def _start(name: str, X: Tensor, start) -> Tensor:
     return start.float()
 
 
+@accepts_dlpack
 def geometric_median(X: Tensor, *, iters: int = 8, nu: float = 0.1, init=None) -> Tensor:
     """Geometric median by smoothed Weiszfeld iterations (Pillutla et al., RFA).
 
@@ -251,6 +260,7 @@ def geometric_median(X: Tensor, *, iters: int = 8, nu: float = 0.1, init=None) -
     return rows.weiszfeld(X, _start("init", X, init), iters, nu)
 
 
+@accepts_dlpack
 def centered_clip(X: Tensor, *, tau: float, iters: int = 3, center=None) -> Tensor:
     """Centered clipping (Karimireddy et al. 2021): v <- v + mean_i clip_tau(x_i - v), iters times.
 
@@ -289,6 +299,7 @@ def _max_norm(max_norm, X: Tensor, name: str = "max_norm") -> Tensor:
     return rows.check_max_norm(out, X, name)
 
 
+@accepts_dlpack
 def clip_rows_(X: Tensor, max_norm) -> Tensor:
     """Clip every row of X to a maximum Euclidean norm, in place: x_i <- min(1, c_i/||x_i||) x_i.
 
@@ -307,6 +318,7 @@ def clip_rows_(X: Tensor, max_norm) -> Tensor:
     return X
 
 
+@accepts_dlpack
 def diff_compress_clip(G_new: Tensor, G_old: Tensor, compressor=None, max_norm=None, *,
                        clients=None, step: int | None = None):  # fmt: skip
     """The client side of clipped gradient differences, batched over clients (one per row).
