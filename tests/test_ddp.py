@@ -1,0 +1,620 @@
+"""DDP communication hooks (``fedkern.integrations.ddp``) with gloo in 2 and 4 processes.
+
+Spawning ranks costs seconds, so each world size is launched once (a module-scoped fixture): the
+ranks run every scenario in turn -- exactness against a hand-computed reference, training against
+the dense all-reduce, checkpoint/restart, mismatched seeds, and last a rank that dies -- and save
+what they saw to a file after each one; the tests below assert on those results. Processes talk
+over a FileStore in tmp_path on loopback; every process group has a timeout, and the launcher kills
+ranks that outlive the deadline, so nothing hangs. Argument checks that need no communication run
+in the test process itself, on a DDP model over a process group with no working backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import io
+import math
+import os
+import pickle
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fedkern.integrations import ddp as fddp
+from fedkern.random import randk_keys
+from fedkern.reference.randk import randk_indices
+
+WORLD_SIZES = (2, 4)
+DEADLINE_S = 150  # a whole launch; the scenarios take ~10-20 s
+PG_TIMEOUT = datetime.timedelta(seconds=30)
+DEATH_TIMEOUT = datetime.timedelta(seconds=5)  # the group on which a rank dies
+RATIO = 0.1
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+# ---------------------------------------------------------------- the model, the data, the steps
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+
+
+def _teacher_data(rank: int, n: int = 128):
+    """Rank ``rank``'s shard of a regression problem (a fixed teacher; different x per rank)."""
+    teacher = _mlp(1234)
+    g = torch.Generator().manual_seed(1000 + rank)
+    x = torch.randn(n, 20, generator=g)
+    with torch.no_grad():
+        y = teacher(x) + 0.05 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def _batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(rank * 1000 + step)
+    x = torch.randn(32, 20, generator=g)
+    return x, x[:, :1].sin() + 0.1 * torch.randn(32, 1, generator=g)
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -------------------------------------------------------------------- the independent reference
+
+
+def _topk_idx(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(x.abs(), k).indices.sort().values
+
+
+class _Reference:
+    """Every rank's view of the compressed-and-averaged gradient, recomputed in plain torch from
+    all ranks' local gradients. The EF buffers are kept per parameter, and each bucket is handled
+    as the hook saw it (its index and parameters, recorded per step), so a bucket rebuild is
+    followed too."""
+
+    def __init__(self, hook, world, numels, *, start_iter, seed, error_feedback, unbiased):
+        self.hook, self.world, self.numels = hook, world, numels
+        self.start_iter, self.seed = start_iter, seed
+        self.ef, self.unbiased = error_feedback, unbiased
+        zeros = [torch.zeros(n) for n in numels]
+        self.s = {kind: [copy.deepcopy(zeros) for _ in range(world)] for kind in ("e", "s")}
+        self.server = copy.deepcopy(zeros)
+
+    def _get(self, store, layout):
+        return torch.cat([store[i] for i in layout])
+
+    def _put(self, store, layout, flat):
+        for i, piece in zip(layout, flat.split([self.numels[i] for i in layout]), strict=True):
+            store[i] = piece.clone()
+
+    def bucket(self, step, b, layout, grads):
+        """grads[r][i]: rank r's local gradient of parameter i (flat float32)."""
+        W = self.world
+        g = [torch.cat([grads[r][i] for i in layout]) for r in range(W)]
+        n = g[0].numel()
+        k = max(1, min(n, math.ceil(RATIO * n)))
+        if step < self.start_iter:
+            mean = sum(gr / W for gr in g)
+            if self.hook == "topk_ef21" and step == self.start_iter - 1:
+                for r in range(W):
+                    self._put(self.s["s"][r], layout, g[r])
+                self._put(self.server, layout, mean)
+            return mean
+        out = torch.zeros(n)
+        if self.hook == "topk_ef14":
+            for r in range(W):
+                e = self._get(self.s["e"][r], layout) + g[r]
+                idx = _topk_idx(e, k)
+                out[idx] += e[idx]
+                e[idx] = 0
+                self._put(self.s["e"][r], layout, e)
+            return out / W
+        if self.hook == "topk_ef21":
+            server = self._get(self.server, layout)
+            for r in range(W):
+                s = self._get(self.s["s"][r], layout)
+                d = g[r] - s
+                idx = _topk_idx(d, k)
+                s[idx] += d[idx]
+                server[idx] += d[idx] / W
+                self._put(self.s["s"][r], layout, s)
+            self._put(self.server, layout, server)
+            return server
+        idx = randk_indices(n, k, randk_keys(self.seed, (step << 16) | b))
+        scale = float(np.float32(n / k)) if self.unbiased else 1.0
+        for r in range(W):
+            if self.ef:
+                e = self._get(self.s["e"][r], layout) + g[r]
+                c = e[idx] * scale
+                e[idx] -= c
+                self._put(self.s["e"][r], layout, e)
+            else:
+                c = g[r][idx] * scale
+            out[idx] += c
+        return out / W
+
+
+def _record_buckets(ddp, calls: list) -> None:
+    """Make ``ddp.register_comm_hook`` wrap the hook so each call's (bucket index, parameter
+    positions) lands in ``calls``; ``fddp.register`` is then used unchanged."""
+    index = {id(p): i for i, p in enumerate(ddp.module.parameters())}
+
+    def register_comm_hook(state, hook):
+        def recording(state, bucket):
+            calls.append((bucket.index(), tuple(index[id(p)] for p in bucket.parameters())))
+            return hook(state, bucket)
+
+        recording.__annotations__ = hook.__annotations__
+        DDP.register_comm_hook(ddp, state, recording)
+
+    ddp.register_comm_hook = register_comm_hook
+
+
+# ------------------------------------------------------------------------ scenarios (in ranks)
+
+#: (hook, register options, DDP options, start_iter). "layout: rebuild" starts compressing at
+#: iteration 0 in two buckets, which DDP merges into one from iteration 1: the EF buffers must
+#: follow the parameters. "layout: two buckets" keeps two buckets throughout.
+TWO_BUCKETS = {"bucket_cap_mb": 0.002, "find_unused_parameters": True}
+REBUILD = {"bucket_cap_mb_list": [0.002] * 8}
+EXACT_CASES = {
+    "topk_ef14": ("topk_ef14", {}, TWO_BUCKETS, 2),
+    "topk_ef21": ("topk_ef21", {}, TWO_BUCKETS, 2),
+    "randk": ("randk", {}, TWO_BUCKETS, 2),
+    "randk-unbiased-noEF": ("randk", {"error_feedback": False, "unbiased": True}, TWO_BUCKETS, 2),
+    "topk_ef14-rebuild": ("topk_ef14", {}, REBUILD, 0),
+    "topk_ef21-rebuild": ("topk_ef21", {}, REBUILD, 1),
+    "randk-rebuild": ("randk", {}, REBUILD, 0),
+}
+EXACT_STEPS = 5
+
+
+def _exactness(rank, world):
+    results = {}
+    for name, (hook, opts, ddp_opts, start_iter) in EXACT_CASES.items():
+        model = _mlp(1)
+        plain = copy.deepcopy(model)
+        ddp = DDP(model, **ddp_opts)
+        calls = []
+        _record_buckets(ddp, calls)
+        fddp.register(ddp, hook, RATIO, start_iter=start_iter, seed=7, **opts)
+        numels = [p.numel() for p in ddp.module.parameters()]
+        ref = _Reference(hook, world, numels, start_iter=start_iter, seed=7,
+                         error_feedback=opts.get("error_feedback", True),
+                         unbiased=opts.get("unbiased", False))  # fmt: skip
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        errors, layouts = [], []
+        for step in range(EXACT_STEPS):
+            x, y = _batch(rank, step)
+            plain.load_state_dict(ddp.module.state_dict())
+            plain.zero_grad()
+            _loss(plain, x, y).backward()
+            local = torch.cat([p.grad.reshape(-1) for p in plain.parameters()])
+            everyone = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(everyone, local)
+            grads = [list(g.split(numels)) for g in everyone]
+            calls.clear()
+            opt.zero_grad()
+            _loss(ddp, x, y).backward()
+            expected = [None] * len(numels)
+            for b, layout in calls:
+                flat = ref.bucket(step, b, layout, grads)
+                for i, piece in zip(layout, flat.split([numels[i] for i in layout]), strict=True):
+                    expected[i] = piece
+            exp = torch.cat(expected)
+            got = torch.cat([p.grad.reshape(-1) for p in ddp.module.parameters()])
+            errors.append(float((got - exp).abs().max() / exp.abs().max()))
+            layouts.append(list(calls))
+            opt.step()
+        results[name] = {"errors": errors, "layouts": layouts}
+    return results
+
+
+TRAIN_HOOKS = (None, "topk_ef14", "topk_ef21", "randk")
+TRAIN_STEPS = 100
+
+
+def _training(rank, world):
+    x, y = _teacher_data(rank)
+    shards = [_teacher_data(r) for r in range(world)]
+    x_all, y_all = torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
+    results = {}
+    for hook in TRAIN_HOOKS:
+        ddp = DDP(_mlp(5))
+        state = fddp.register(ddp, hook, RATIO, start_iter=5, seed=3) if hook else None
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        with torch.no_grad():
+            first = float(_loss(ddp.module, x_all, y_all))
+        for _ in range(TRAIN_STEPS):
+            opt.zero_grad()
+            _loss(ddp, x, y).backward()
+            opt.step()
+        with torch.no_grad():
+            last = float(_loss(ddp.module, x_all, y_all))
+        params = _flat_params(ddp.module)
+        everyone = [torch.empty_like(params) for _ in range(world)]
+        dist.all_gather(everyone, params)
+        spread = max(float((p - params).abs().max()) for p in everyone)
+        stats = state.compression_stats() if state else None
+        results[str(hook)] = {"first": first, "last": last, "spread": spread, "stats": stats}
+    return results
+
+
+def _bfloat16(rank, world):
+    x, y = (t.bfloat16() for t in _teacher_data(rank))
+    results = {}
+    for hook in fddp.HOOKS:
+        ddp = DDP(_mlp(5).bfloat16())
+        state = fddp.register(ddp, hook, RATIO, start_iter=2)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        losses = []
+        for _ in range(30):
+            opt.zero_grad()
+            loss = _loss(ddp, x, y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        params = _flat_params(ddp.module).float()
+        everyone = [torch.empty_like(params) for _ in range(world)]
+        dist.all_gather(everyone, params)
+        dtypes = {
+            t.dtype for views in state.state_dict()["buffers"].values() for t in views.values()
+        }
+        results[hook] = {
+            "first": losses[0],
+            "last": losses[-1],
+            "spread": max(float((p - params).abs().max()) for p in everyone),
+            "dtypes": sorted(map(str, dtypes)),
+        }
+    return results
+
+
+CKPT_BEFORE, CKPT_AFTER = 6, 4
+#: Restart cases: (hook, DDP options). A restarted DDP forms its first iteration's bucket from the
+#: parameters in model order, later ones in gradient-ready order. Top-k's selection does not depend
+#: on the order inside a bucket, so default DDP restarts exactly; rand-k's mask is drawn over bucket
+#: positions, so it is checked where DDP's buckets are the same in every iteration.
+CKPT_CASES = {
+    "topk_ef14": ("topk_ef14", {}),
+    "topk_ef21": ("topk_ef21", {}),
+    "topk_ef14-two-buckets": ("topk_ef14", TWO_BUCKETS),
+    "topk_ef21-two-buckets": ("topk_ef21", TWO_BUCKETS),
+    "randk-two-buckets": ("randk", TWO_BUCKETS),
+}
+
+
+def _run_steps(ddp, opt, rank, steps):
+    trace = []
+    for step in steps:
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        _loss(ddp, x, y).backward()
+        opt.step()
+        trace.append(_flat_params(ddp.module).clone())
+    return trace
+
+
+def _restore(rank, ddp_opts, blob, steps, reference, attach):
+    """Continue a checkpoint in a new DDP model; the largest parameter difference to
+    ``reference`` (the uninterrupted run) over ``steps``."""
+    ddp = DDP(_mlp(99), **ddp_opts)  # other weights: everything must come from the checkpoint
+    blob.seek(0)
+    saved = torch.load(blob)
+    ddp.module.load_state_dict(saved["model"])
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    opt.load_state_dict(saved["opt"])
+    attach(ddp, saved)
+    trace = _run_steps(ddp, opt, rank, steps)
+    return max(float((a - b).abs().max()) for a, b in zip(trace, reference, strict=True))
+
+
+def _checkpoint(rank, world):
+    results = {}
+    cfg = {"start_iter": 2, "seed": 11}
+    for case, (hook, ddp_opts) in CKPT_CASES.items():
+        ddp = DDP(_mlp(2), **ddp_opts)
+        state = fddp.register(ddp, hook, RATIO, **cfg)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        _run_steps(ddp, opt, rank, range(CKPT_BEFORE))
+        blob = io.BytesIO()
+        ckpt = {"model": ddp.module.state_dict(), "opt": opt.state_dict(),
+                "hook": state.state_dict()}  # fmt: skip
+        torch.save(ckpt, blob)
+        pickled = pickle.dumps(state)
+        after = range(CKPT_BEFORE, CKPT_BEFORE + CKPT_AFTER)
+        reference = _run_steps(ddp, opt, rank, after)
+
+        def via_state_dict(ddp2, saved, hook=hook):
+            fddp.register(ddp2, hook, RATIO, **cfg).load_state_dict(saved["hook"])
+
+        def via_pickle(ddp2, saved, pickled=pickled):
+            state2 = pickle.loads(pickled)
+            state2.bind(ddp2)
+            ddp2.register_comm_hook(state2, fddp.comm_hook)
+
+        def fresh(ddp2, saved, hook=hook):  # control: without the EF state the steps differ
+            fddp.register(ddp2, hook, RATIO, **cfg).iter = CKPT_BEFORE
+
+        out = {
+            name: _restore(rank, ddp_opts, blob, after, reference, attach)
+            for name, attach in (("state_dict", via_state_dict), ("pickle", via_pickle),
+                                 ("fresh", fresh))
+        }  # fmt: skip
+        out["buffers"] = sorted(ckpt["hook"]["buffers"])
+        other = fddp.register(DDP(_mlp(2), **ddp_opts), hook, RATIO, start_iter=2, seed=12)
+        try:
+            other.load_state_dict(ckpt["hook"])
+            out["mismatch"] = "no error"
+        except ValueError as e:
+            out["mismatch"] = str(e)
+        results[case] = out
+    return results
+
+
+def _seed_mismatch(rank, world):
+    ddp = DDP(_mlp(3))
+    try:
+        fddp.register(ddp, "randk", RATIO, seed=rank)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def _death(rank, world, save):
+    """The last rank exits mid-training; the others must get an error from backward()."""
+    group = dist.new_group(timeout=DEATH_TIMEOUT)
+    ddp = DDP(_mlp(4), process_group=group)
+    fddp.register(ddp, "topk_ef21", RATIO, start_iter=1)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    _run_steps(ddp, opt, rank, range(3))
+    dist.barrier()
+    if rank == world - 1:
+        save({"died": True})
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        _run_steps(ddp, opt, rank, range(3, 6))
+        outcome = {"error": None}
+    except RuntimeError as e:
+        outcome = {"error": f"{type(e).__name__}: {e}"}
+    outcome["seconds"] = time.monotonic() - t0
+    return outcome
+
+
+SCENARIOS = {
+    "exactness": _exactness,
+    "training": _training,
+    "bfloat16": _bfloat16,
+    "checkpoint": _checkpoint,
+    "seed_mismatch": _seed_mismatch,
+}
+
+
+def _worker(rank, world, tmp):
+    path = Path(tmp) / f"rank{rank}.pt"
+    results = {}
+
+    def save(extra=None):
+        if extra is not None:
+            results["death"] = extra
+        torch.save(results, f"{path}.part")
+        os.replace(f"{path}.part", path)
+
+    try:
+        torch.set_num_threads(1)
+        if sys.platform.startswith("linux"):
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        store = dist.FileStore(str(Path(tmp) / "store"), world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=PG_TIMEOUT)  # fmt: skip
+        for name, scenario in SCENARIOS.items():
+            t0 = time.monotonic()
+            try:
+                results[name] = scenario(rank, world)
+            except Exception:
+                results[name] = {"traceback": traceback.format_exc()}
+            results.setdefault("seconds", {})[name] = time.monotonic() - t0
+            save()
+        try:
+            save(_death(rank, world, save))
+        except Exception:
+            save({"traceback": traceback.format_exc()})
+    except Exception:
+        results["traceback"] = traceback.format_exc()
+        save()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip process-group teardown: a peer is gone
+
+
+def _launch(world: int, tmp: Path) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp)), daemon=True)
+             for r in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + DEADLINE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    results = []
+    for r in range(world):
+        path = tmp / f"rank{r}.pt"
+        results.append(torch.load(path) if path.exists() else {})
+    for r in hung:
+        results[r]["hung"] = True
+    return results
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"world{w}")
+def ranks(request, tmp_path_factory):
+    world = request.param
+    return world, _launch(world, tmp_path_factory.mktemp(f"ddp{world}"))
+
+
+def _get(ranks_results, name):
+    """Each rank's result of a scenario; fails with the rank's traceback if it raised."""
+    out = []
+    for r, res in enumerate(ranks_results):
+        assert "traceback" not in res, f"rank {r} failed to start:\n{res['traceback']}"
+        assert name in res, f"rank {r} never finished {name!r} (hung: {res.get('hung', False)})"
+        assert "traceback" not in res[name], f"rank {r}, {name}:\n{res[name]['traceback']}"
+        out.append(res[name])
+    return out
+
+
+# ------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_hook_equals_hand_computed_average(ranks, case):
+    """(1) After backward, every rank's gradients equal the compressed-and-averaged gradient
+    recomputed from all ranks' local gradients, step by step (dense steps included)."""
+    world, results = ranks
+    for r, res in enumerate(_get(results, "exactness")):
+        errors = res[case]["errors"]
+        assert max(errors) < 1e-5, f"rank {r}: relative errors per step {errors}"
+    layouts = _get(results, "exactness")[0][case]["layouts"]
+    buckets = [len(step) for step in layouts]
+    if case.endswith("rebuild"):
+        assert buckets[0] == 2 and buckets[-1] == 1, buckets  # the EF state changed buckets
+    else:
+        assert min(buckets) == 2, buckets
+
+
+def test_training_reaches_dense_loss(ranks):
+    """(2) 100 SGD steps with each hook (ratio 0.1, start_iter 5) end within 30% of the dense
+    all-reduce's final loss and below a third of the initial loss; all ranks keep equal models."""
+    world, results = ranks
+    per_rank = _get(results, "training")
+    for r, res in enumerate(per_rank):
+        for hook, rec in res.items():
+            assert rec["spread"] == 0.0, f"rank {r}, {hook}: ranks' models differ"
+            assert rec["first"] == per_rank[0][hook]["first"]
+    res = per_rank[0]
+    dense = res["None"]["last"]
+    assert dense < res["None"]["first"] / 3
+    for hook in TRAIN_HOOKS[1:]:
+        rec = res[hook]
+        assert rec["last"] <= 1.3 * dense, f"{hook}: {rec['last']:.4g} vs dense {dense:.4g}"
+        rate, dense_bytes, sent = rec["stats"]
+        assert rate > 2.0, f"{hook}: compression rate {rate}"
+
+
+def test_bfloat16_models_train(ranks):
+    """bfloat16 parameters: the buffers are bfloat16, the ranks stay equal, the loss halves."""
+    world, results = ranks
+    for r, res in enumerate(_get(results, "bfloat16")):
+        for hook, rec in res.items():
+            assert rec["spread"] == 0.0, f"rank {r}, {hook}: ranks' models differ"
+            assert rec["dtypes"] == ["torch.bfloat16"], rec
+            assert rec["last"] < rec["first"] / 2, f"rank {r}, {hook}: {rec}"
+
+
+def test_checkpoint_restart_is_exact(ranks):
+    """(3) state_dict -> a new DDP model and a new state (or pickle -> bind) continues with
+    bit-identical parameters; without the EF state it does not; a mismatched seed is refused."""
+    world, results = ranks
+    for r, res in enumerate(_get(results, "checkpoint")):
+        for hook, rec in res.items():
+            assert rec["state_dict"] == 0.0, f"rank {r}, {hook}: {rec}"
+            assert rec["pickle"] == 0.0, f"rank {r}, {hook}: {rec}"
+            assert rec["fresh"] > 0.0, f"rank {r}, {hook}: the EF state made no difference"
+            assert "seed=11" in rec["mismatch"] and "seed=12" in rec["mismatch"], rec["mismatch"]
+        assert res["topk_ef21"]["buffers"] == ["server", "state"]
+        assert res["topk_ef14"]["buffers"] == res["randk-two-buckets"]["buffers"] == ["error"]
+
+
+def test_mismatched_seeds_fail_on_every_rank(ranks):
+    """(5) register() with a different seed per rank raises on every rank, listing the seeds."""
+    world, results = ranks
+    seeds = str(list(range(world)))
+    for r, res in enumerate(_get(results, "seed_mismatch")):
+        assert res["error"] is not None, f"rank {r} accepted mismatched seeds"
+        assert f"seed per rank: {seeds}" in res["error"], res["error"]
+
+
+def test_dead_rank_raises_instead_of_hanging(ranks):
+    """(4) When a rank exits, backward() on the others raises within the group's timeout."""
+    world, results = ranks
+    death = _get(results, "death")
+    assert death[-1] == {"died": True}
+    for r, res in enumerate(death[:-1]):
+        assert res["error"] is not None, f"rank {r} kept training without its peer"
+        assert res["seconds"] < DEATH_TIMEOUT.total_seconds() + 10, res
+
+
+# --------------------------------------------------------- argument checks (no communication)
+
+
+@pytest.fixture(scope="module")
+def offline_ddp():
+    """A DDP model over a process group whose backend is not a real one: DDP's construction only
+    needs its (no-op) collectives, and fedkern must refuse it before communicating."""
+    from torch._C._distributed_c10d import FakeProcessGroup
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def make(dtype=torch.float32):
+        pg = dist.ProcessGroup(FakeStore(), 0, 2)
+        pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.CUSTOM,
+                             FakeProcessGroup._create_internal(0, 2))  # fmt: skip
+        return DDP(_mlp(0).to(dtype), process_group=pg)
+
+    make()
+    return make
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"hook": "topk"}, ValueError, "valid hooks are topk_ef14, topk_ef21, randk"),
+        ({"hook": 3}, TypeError, "hook must be a str"),
+        ({"ratio": 0.0}, ValueError, r"ratio must be in \(0, 1\]"),
+        ({"ratio": 1.5}, ValueError, r"ratio must be in \(0, 1\]"),
+        ({"ratio": -0.1}, ValueError, r"ratio must be in \(0, 1\]"),
+        ({"ratio": float("nan")}, ValueError, r"ratio must be in \(0, 1\]"),
+        ({"ratio": True}, TypeError, "ratio must be a float"),
+        ({"start_iter": -1}, ValueError, "start_iter"),
+        ({"start_iter": 2.5}, TypeError, "start_iter"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 2**63}, ValueError, "seed"),
+        ({"error_feedback": False}, ValueError, "applies to the 'randk' hook only"),
+        ({"unbiased": True}, ValueError, "applies to the 'randk' hook only"),
+        ({"hook": "randk", "unbiased": 1}, TypeError, "unbiased must be a bool"),
+    ],
+)
+def test_bad_arguments(offline_ddp, kwargs, exc, match):
+    args = {"hook": "topk_ef21", "ratio": 0.01, **kwargs}
+    with pytest.raises(exc, match=match):
+        fddp.register(offline_ddp(), args.pop("hook"), args.pop("ratio"), **args)
+
+
+def test_bad_model_and_group(offline_ddp):
+    with pytest.raises(TypeError, match="model must be a torch.nn.parallel.Distributed"):
+        fddp.register(_mlp(0), "topk_ef14", 0.1)
+    with pytest.raises(ValueError, match="backend 'undefined' is not supported"):
+        fddp.register(offline_ddp(), "topk_ef14", 0.1)
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
+        fddp.register(offline_ddp(), "topk_ef14", 0.1, process_group=object())
+    with pytest.raises(TypeError, match=r"parameter 'module.0.weight' has dtype torch.float64"):
+        fddp.register(offline_ddp(torch.float64), "randk", 0.1)
