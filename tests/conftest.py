@@ -67,12 +67,22 @@ def backend_fixture(impls: dict):
 backend = backend_fixture({"all": dict.fromkeys(("reference", "cpu", "triton", "cuda"))})
 
 
+def fresh_seed(what: str = "random inputs") -> int:
+    """A fresh 32-bit seed per call, or FEDKERN_TEST_SEED when set (to replay a failure).
+
+    The seed is printed, so pytest shows it in the captured output of a failing test, with the
+    environment setting that replays it.
+    """
+    env = os.environ.get("FEDKERN_TEST_SEED")
+    seed = int(env) if env else int.from_bytes(os.urandom(4), "little")
+    print(f"{what}: seed {seed} (replay with FEDKERN_TEST_SEED={seed})")
+    return seed
+
+
 @pytest.fixture
 def gen():
-    """Fresh random inputs every run; the seed is in the captured output of a failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random inputs from torch.Generator().manual_seed({seed})")
-    return torch.Generator().manual_seed(seed)
+    """Fresh random inputs every run (``fresh_seed``): a torch.Generator."""
+    return torch.Generator().manual_seed(fresh_seed("torch.Generator"))
 
 
 def rand(n, dtype, gen, device="cpu", kind="normal"):

@@ -16,11 +16,10 @@ compared bit for bit with a NumPy emulation of their stated summation orders, an
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from conftest import fresh_seed
 
 C = pytest.importorskip("fedkern._C")
 
@@ -38,9 +37,7 @@ RTOL = 1e-5  # observed errors are ~1e-7 (the spec allows ~1e-4)
 @pytest.fixture
 def rng():
     """Fresh random inputs every run; the seed is in the captured output of a failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random inputs from np.random.default_rng({seed})")
-    return np.random.default_rng(seed)
+    return np.random.default_rng(fresh_seed("np.random.default_rng"))
 
 
 # ---- the Feistel permutation (randk.h), written out -----------------------------------------

@@ -20,7 +20,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import HAS_CUDA, same_bits
+from conftest import HAS_CUDA, fresh_seed, same_bits
 
 NO_TRITON = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1"
 pytestmark = pytest.mark.skipif(NO_TRITON, reason="no GPU and TRITON_INTERPRET is not 1")
@@ -102,16 +102,21 @@ def grad(kind, C, x, a, yv):
 
 def brute_local_steps(X, clients, A, y, offsets, kind, C, K, gamma, l2, H, mode, b, keys, clip,
                       mu, anchor):  # fmt: skip
-    """float64 local steps of every cohort row; returns (X [c, p], number of clipped updates)."""
+    """float64 local steps of every cohort row.
+
+    Returns (X [c, p], number of clipped updates, per cohort row the norms ||g - h|| of its updates
+    in order).
+    """
     f64 = lambda t: None if t is None else t.detach().cpu().double().numpy()  # noqa: E731
     X, A, y, H, anchor = f64(X), f64(A), f64(y), f64(H), f64(anchor)
     clients, offsets = clients.cpu().numpy(), offsets.cpu().numpy()
     keys = None if keys is None else keys.cpu().numpy()
     gamma, l2, mu = (float(np.float32(v)) for v in (gamma, l2, mu))  # the kernel's fp32 values
-    clipped = 0
+    clipped, norms = 0, []
     for r, i in enumerate(clients):
         lo, m = int(offsets[i]), int(offsets[i + 1] - offsets[i])
         x = X[r].copy()
+        norms.append([])
         for t in range(K):
             for B in batches(m, mode, b, None if keys is None else keys[r, t]):
                 g = np.zeros_like(x)
@@ -123,14 +128,31 @@ def brute_local_steps(X, clients, A, y, offsets, kind, C, K, gamma, l2, H, mode,
                 if mu != 0:
                     g = g + mu * (x - anchor[r])
                 u = g - H[r] if H is not None else g
-                if clip > 0:
-                    nrm = np.sqrt(np.sum(u * u))
-                    if nrm > clip:
-                        u = clip / nrm * u
-                        clipped += 1
+                nrm = np.sqrt(np.sum(u * u))
+                norms[-1].append(nrm)
+                if clip > 0 and nrm > clip:
+                    u = clip / nrm * u
+                    clipped += 1
                 x = x - gamma * u
         X[r] = x
-    return X, clipped
+    return X, clipped, norms
+
+
+def exercised_clip(case) -> float:
+    """A clip radius that binds on this drawn case by construction, far from every update norm.
+
+    Every client's first update is the same with or without clipping, so a radius below the largest
+    first-update norm clips at least that update. The radius is moved until no norm of the clipped
+    run lies within 1% of it, so float32 (kernel) and float64 (oracle) take the same branch.
+    """
+    first = [row[0] for row in brute_local_steps(**dict(case, clip=0.0))[2] if row]
+    clip = 0.7 * max(first)
+    for _ in range(50):
+        norms = [n for row in brute_local_steps(**dict(case, clip=clip))[2] for n in row]
+        if min(abs(n - clip) for n in norms) > 0.01 * clip:
+            return clip
+        clip *= 0.97
+    raise AssertionError("no clip radius away from every update norm")  # not seen in practice
 
 
 # ---- problem generation ------------------------------------------------------------------------
@@ -203,14 +225,14 @@ def test_brute_force_perm_is_randk_permutation():
 @pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
 @pytest.mark.parametrize("kind", list(KINDS), ids=list(KINDS))
 def test_local_steps_matches_brute_force(kind, mode, opts):
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"make_case seed {seed}")
-    case = make_case(seed, KINDS[kind], MODES[mode], OPTIONS[opts])
-    want, clipped = brute_local_steps(**case)
+    case = make_case(fresh_seed("make_case"), KINDS[kind], MODES[mode], OPTIONS[opts])
+    if case["clip"] > 0:
+        case["clip"] = exercised_clip(case)
+    want, clipped, _ = brute_local_steps(**case)
     got = run_kernel(case)
     check_close(got, want)
     if case["clip"] > 0:
-        assert clipped > 0  # the threshold is exercised
+        assert clipped > 0  # the clipping path ran (by construction of the radius)
 
 
 @pytest.mark.parametrize("b", [1, 20])
@@ -238,7 +260,7 @@ def test_local_steps_empty_clients_step():
     """A cohort of empty clients only: g = l2 x + mu (x - anchor), one step per local step (rr)."""
     case = make_case(2, KINDS["logistic"], MODES["rr"], OPTIONS["prox"], sizes=[0, 0, 3],
                      cohort=[1, 0], K=2)  # fmt: skip
-    want, _ = brute_local_steps(**case)
+    want = brute_local_steps(**case)[0]
     x, a = case["X"].cpu().double().numpy(), case["anchor"].cpu().double().numpy()
     l2, mu, gamma = (float(np.float32(v)) for v in (0.05, 0.2, 0.3))
     for _ in range(2):

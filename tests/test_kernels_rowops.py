@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import HAS_CUDA, same_bits
+from conftest import HAS_CUDA, fresh_seed, same_bits
 
 C = pytest.importorskip("fedkern._C")
 NO_TRITON = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1"
@@ -203,9 +203,7 @@ def check_close(got, want, dtype, scale):
 
 @pytest.fixture
 def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random inputs from torch.Generator().manual_seed({seed})")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(fresh_seed("torch.Generator"))
 
 
 @pytest.fixture
