@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 from fedkern.ops import clients as ops
 from fedkern.problems import Problem
 from fedkern.random import client_seeds, randk_keys_tensor

@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 from fedkern.ops.randk import ef14_randk_, ef21_randk_, randk_compress
 from fedkern.ops.sparse import sparse_add_
 from fedkern.ops.topk import ef14_topk_, ef21_topk_, topk_compress

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 from fedkern.random import permutation
 
 __all__ = ["DATASETS", "SPLITS", "flip_labels", "load", "load_libsvm", "split"]

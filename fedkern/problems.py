@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 
 __all__ = ["KINDS", "LogisticRegression", "Problem"]
 

@@ -1,8 +1,10 @@
-"""Argument checks shared by the op schemas.
+"""Argument checks shared across fedkern (a public-internal module: stable for fedkern's own
+layers, not part of the user API).
 
 Every public op validates its arguments here before any kernel runs, so that kernels only ever see
 contiguous float32/bfloat16 tensors on one device, k in [1, numel] and finite fp32 scalars, and so
-that nothing is modified when an error is raised. Messages name the argument and what was expected.
+that nothing is modified when an error is raised. The blocks and algorithms use the same checks for
+their hyperparameters. Messages name the argument and what was expected.
 """
 
 from __future__ import annotations
@@ -95,6 +97,32 @@ def fp32_scalar(name: str, v, *, nonneg: bool = False) -> float:
     if not math.isfinite(r):
         raise ValueError(f"{name} must fit in float32, got {v}")
     return r
+
+
+def finite(name: str, v) -> float:
+    """A finite real number (not a bool), as a Python float (full float64 precision)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def positive(name: str, v) -> float:
+    """A finite real number > 0 that fits float32 (step sizes, radii), as a Python float."""
+    fp32_scalar(name, v)
+    if float(v) <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return float(v)
+
+
+def probability(name: str, v) -> float:
+    """A probability in (0, 1], as a Python float."""
+    v = finite(name, v)
+    if not 0 < v <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {v}")
+    return v
 
 
 def boolean(name: str, v) -> bool:

@@ -65,8 +65,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from fedkern import validation as v
 from fedkern.compress import TopK
-from fedkern.ops import _validate as v
 from fedkern.ops.randk import ef14_randk_, randk_compress
 from fedkern.ops.sparse import sparse_add_, sparse_add_batched_
 from fedkern.ops.topk import ef14_topk_, ef21_topk_

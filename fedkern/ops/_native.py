@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from fedkern.ops._validate import DTYPE_TAG
+from fedkern.validation import DTYPE_TAG
 
 
 def lazy(module: str, attr: str) -> Callable:

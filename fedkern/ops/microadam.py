@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 from fedkern.ops._dispatch import pick
 from fedkern.ops._native import cpu_core, lazy, tag
 from fedkern.reference import microadam as ref

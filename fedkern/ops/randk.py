@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedkern import validation as v
 from fedkern.interop import accepts_dlpack
-from fedkern.ops import _validate as v
 from fedkern.ops._dispatch import pick
 from fedkern.ops._native import cpu_core, lazy, outputs, tag
 from fedkern.ops.topk import check_feedback, check_topk, scatter_backward

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 from fedkern.ops._dispatch import current_backend, pick
 from fedkern.ops._native import cpu_core, lazy, tag
 from fedkern.reference import robust as ref

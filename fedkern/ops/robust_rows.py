@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 from fedkern.ops._dispatch import pick
 from fedkern.ops._native import cpu_core, lazy, tag
 from fedkern.ops.robust import check_stack

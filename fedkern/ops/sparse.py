@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fedkern import validation as v
 from fedkern.interop import accepts_dlpack
-from fedkern.ops import _validate as v
 from fedkern.ops._dispatch import pick
 from fedkern.ops._native import cpu_core, lazy, tag
 from fedkern.reference import sparse as ref

@@ -23,8 +23,8 @@ import torch
 
 import fedkern.ops.randk
 import fedkern.ops.robust  # noqa: F401  (registers the ops)
+from fedkern import validation as v
 from fedkern.interop import accepts_dlpack, to_torch
-from fedkern.ops import _validate as v
 from fedkern.ops import robust_rows as rows
 from fedkern.ops.robust import check_stack
 from fedkern.random import client_seed, permutation, randk_keys

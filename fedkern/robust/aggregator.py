@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 
 RULES = ("mean", "coordinate_median", "trimmed_mean", "krum", "geometric_median", "centered_clip")
 PRE = (None, "bucketing", "nnm")

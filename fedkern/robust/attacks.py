@@ -19,7 +19,7 @@ from statistics import NormalDist
 
 import torch
 
-from fedkern.ops import _validate as v
+from fedkern import validation as v
 from fedkern.ops.robust import check_stack
 
 __all__ = ["alie", "alie_z", "bit_flip", "ipm", "shift_back"]
