@@ -24,8 +24,16 @@ __all__ = [
     "randk_keys",
     "client_seed",
     "feistel_params",
+    "feistel",
+    "permutation",
+    "permutation_tensor",
+    "uniforms",
     "STREAM_RANDK",
     "STREAM_CLIENT",
+    "STREAM_SHUFFLE",
+    "STREAM_COHORT",
+    "STREAM_RESHUFFLE",
+    "STREAM_UNIFORM",
 ]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -37,8 +45,13 @@ _MAX_SEED = (1 << 63) - 1
 STREAM_RANDK = 0x52414E4B  # "RANK"
 #: Stream tag of per-client seeds (``client_seed``).
 STREAM_CLIENT = 0x434C4E54  # "CLNT"
-#: Stream tag of shuffles (``permutation``: bucketing, client sampling).
+#: Stream tag of shuffles (``permutation``: bucketing).
 STREAM_SHUFFLE = 0x53484646  # "SHFF"
+#: Stream tags of ``fedkern.sampling``: uniform cohorts, meta-epoch reshuffles, and the uniform
+#: floats behind coins, geometric counts and independent participation.
+STREAM_COHORT = 0x434F4854  # "COHT"
+STREAM_RESHUFFLE = 0x52534846  # "RSHF"
+STREAM_UNIFORM = 0x554E4946  # "UNIF"
 
 
 def philox4x32(counter: tuple[int, int, int, int], key: tuple[int, int], rounds: int = 10):
@@ -146,31 +159,88 @@ def permutation(n: int, seed: int, step: int = 0) -> list[int]:
     Returns:
         A list of the n ints 0..n-1 in permuted order.
     """
+    return permutation_tensor(n, seed, step).tolist()
+
+
+def permutation_tensor(n: int, seed: int, step: int = 0, *, stream: int = STREAM_SHUFFLE,
+                       count: int | None = None):  # fmt: skip
+    """``permutation`` as an int64 tensor, vectorized; ``count`` keeps only its first entries.
+
+    Args:
+        n: int >= 1, the size of the permuted range.
+        seed, step: ints in [0, 2**63).
+        stream: the Philox stream tag of the round keys (STREAM_SHUFFLE for ``permutation``;
+            ``fedkern.sampling`` uses its own tags, so its draws are independent of these).
+        count: how many leading entries perm(0..count-1) to compute (default n). The first
+            ``count`` entries of a uniform permutation are a uniform ``count``-subset in random
+            order: that is how a cohort is drawn in O(count).
+
+    Returns:
+        int64 CPU tensor [count] of distinct values in [0, n).
+    """
+    import torch
+
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    keys = _round_keys(STREAM_SHUFFLE, _check_seed("seed", seed), _check_seed("step", step))
+    count = n if count is None else count
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= n:
+        raise ValueError(f"count must be an int in [0, {n}], got {count!r}")
+    keys = _round_keys(stream, _check_seed("seed", seed), _check_seed("step", step))
     h, mask = feistel_params(n)
-    out = []
-    for i in range(n):
-        x = i
-        while True:  # cycle walking: at most a few rounds on average
-            left, right = x >> h, x & mask
-            for key in keys:
-                left, right = right, left ^ (_mix32(right ^ key) & mask)
-            x = (left << h) | right
-            if x < n:
-                break
-        out.append(x)
-    return out
+    x = feistel(torch.arange(count, dtype=torch.int64), keys, h, mask)
+    walk = torch.nonzero(x >= n).flatten()
+    while walk.numel():  # cycle walking, on the lanes still outside [0, n) only
+        x[walk] = feistel(x[walk], keys, h, mask)
+        walk = walk[x[walk] >= n]
+    return x
 
 
-def _mix32(x: int) -> int:
-    """The "lowbias32" integer hash (as the rand-k kernels' round function)."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+def feistel(x, keys, h: int, mask: int):
+    """One pass of the 8-round Feistel network on an int64 tensor of values in [0, 2**(2h)).
+
+    Round function F(R, K) = mix32(R ^ K) & mask with mix32 the "lowbias32" hash; the network of
+    rand-k, ``permutation`` and the clients' minibatches (cycle walking is the caller's).
+    """
+    left, right = x >> h, x & mask
+    for key in keys:
+        f = right ^ key
+        f = f ^ (f >> 16)
+        f = _mul32_tensor(f, 0x7FEB352D)
+        f = f ^ (f >> 15)
+        f = _mul32_tensor(f, 0x846CA68B)
+        f = f ^ (f >> 16)
+        left, right = right, left ^ (f & mask)
+    return (left << h) | right
+
+
+def _mul32_tensor(x, c: int):
+    """uint32 product x * c mod 2**32 in int64 without overflow (c split in 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def uniforms(n: int, *, seed: int, step: int, stream: int = STREAM_UNIFORM):
+    """n independent uniform floats in [0, 1) for (seed, step): float64 CPU tensor [n].
+
+    Entry i is the top 53 bits of the 64-bit Philox output at counter (i, k) under a key k,
+    with k = Philox((seed, step), (stream, 0)) derived once per call, times 2**-53. Entry i does
+    not depend on n, so a longer draw extends a shorter one.
+
+    Args:
+        n: int >= 0.
+        seed, step: ints in [0, 2**63).
+        stream: the stream tag (distinct features use distinct tags).
+    """
+    import torch
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    seed, step = _check_seed("seed", seed), _check_seed("step", step)
+    w = philox4x32((seed & _MASK32, seed >> 32, step & _MASK32, step >> 32), (stream, 0))
+    i = torch.arange(n, dtype=torch.int64)
+    zero = torch.zeros_like(i)
+    out = philox4x32_tensor(i & _MASK32, i >> 32, zero + w[0], zero + w[1], w[2], w[3])
+    bits = (out[1] << 21) | (out[0] >> 11)  # the top 53 of the 64 bits (out[1] high), exact
+    return bits.to(torch.float64) * 2.0**-53
 
 
 # ---- vectorized forms (torch int64 tensors holding uint32 / uint63 values) ----------------------

@@ -14,31 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fedkern.random import feistel_params
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # uint32 product modulo 2**32 in int64 without overflow: split the constant in 16-bit halves.
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def feistel(x: torch.Tensor, keys, h: int, mask: int) -> torch.Tensor:
-    """One pass of the 8-round Feistel network on int64 values in [0, 2**(2h))."""
-    left, right = x >> h, x & mask
-    for key in keys:
-        left, right = right, left ^ (_mix32(right ^ key) & mask)
-    return (left << h) | right
+from fedkern.random import feistel, feistel_params
 
 
 def randk_indices(n: int, k: int, keys, device=None) -> torch.Tensor:
