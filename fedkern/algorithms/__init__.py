@@ -1,5 +1,7 @@
 """Federated and distributed optimization methods, each a thin composition of fedkern's ops.
 
+- ``Method`` (``fedkern.algorithms.base``): the common base: seeded counter-based randomness,
+  history, divergence as a result, exact ``state_dict`` resume;
 - ``GD``, ``FedAvg``, ``FedProx``, ``Scaffold``, ``ProxSkip``, ``Scaffnew`` on a
   ``fedkern.clients.ClientBatch`` (batched local training; ``fedkern.algorithms.federated``);
 - ``ByzVRMarinaPP``: Byzantine-robust variance reduction with partial participation and clipped
@@ -8,10 +10,29 @@
 ``REGISTRY`` maps the command-line names (``fedkern run <name>``) to the classes.
 """
 
+from fedkern.algorithms.base import Method
 from fedkern.algorithms.byzantine import ByzVRMarinaPP
-from fedkern.algorithms.federated import GD, FedAvg, FedProx, Method, ProxSkip, Scaffnew, Scaffold
+from fedkern.algorithms.federated import (
+    GD,
+    FedAvg,
+    FederatedMethod,
+    FedProx,
+    ProxSkip,
+    Scaffnew,
+    Scaffold,
+)
 
 REGISTRY = {cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew)}
 
-__all__ = ["GD", "REGISTRY", "ByzVRMarinaPP", "FedAvg", "FedProx", "Method", "ProxSkip",
-           "Scaffnew", "Scaffold"]  # fmt: skip
+__all__ = [
+    "GD",
+    "REGISTRY",
+    "ByzVRMarinaPP",
+    "FedAvg",
+    "FedProx",
+    "FederatedMethod",
+    "Method",
+    "ProxSkip",
+    "Scaffnew",
+    "Scaffold",
+]

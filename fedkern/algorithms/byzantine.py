@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from fedkern import robust as R
-from fedkern.ops import _validate as v
+from fedkern import sampling
+from fedkern import validation as v
+from fedkern.algorithms.base import Method
+from fedkern.random import client_seed
 from fedkern.robust import attacks
 
 __all__ = ["ATTACKS", "ByzVRMarinaPP"]
@@ -20,7 +22,7 @@ __all__ = ["ATTACKS", "ByzVRMarinaPP"]
 ATTACKS = ("shift_back", "bit_flip", "alie", "ipm", "none")
 
 
-class ByzVRMarinaPP:
+class ByzVRMarinaPP(Method):
     """Byz-VR-MARINA-PP over a federated problem with honest and Byzantine clients.
 
     Every round k (state x, g):
@@ -56,8 +58,9 @@ class ByzVRMarinaPP:
         attack: "shift_back" (when the Byzantine clients are a majority of S they send what moves
             the model back to x0, else they behave honestly), "bit_flip", "alie", "ipm" or "none".
         plus: Byz-VR-MARINA-PP+ (mean of the clipped differences on c = 0 rounds).
-        seed: seeds the coins, cohorts and minibatches (a counter-based Philox stream) and the
-            compressor's per-client masks.
+        seed: keys the coins (``key(0)``), cohorts (``key(1)``) and each client's minibatches
+            (``fedkern.sampling.uniform`` under ``client_seed(seed, i)`` at ``key(2)``), and the
+            default aggregator's bucketing.
         x0: the start point, [d] (default zeros).
         dtype: dtype of the messages (float32 or bfloat16); the model and the loss are float64.
 
@@ -66,24 +69,32 @@ class ByzVRMarinaPP:
     client sent that round, indices counted as floats), "floats_down" (d: the model).
     """
 
+    name = "byz_vr_marina_pp"
+    state_attrs = ("x", "g", "aggregator", "_lam")
+    config_attrs = ("gamma", "p", "batch_size", "cohort_size", "full_cohort", "alpha", "clip",
+                    "plus", "attack", "byzantine")  # fmt: skip
+    problems = ("byzantine",)
+
     def __init__(self, problem, *, byzantine=(), gamma=None, p=None, batch_size=1, cohort=None,
                  full_cohort=None, alpha=1.0, clip=True, aggregator=None, compressor=None,
                  attack="shift_back", plus=False, seed=0, x0=None,
-                 dtype=torch.float32):  # fmt: skip
+                 dtype=torch.float32, diverge_factor: float = 1e8):  # fmt: skip
+        super().__init__(seed=seed, diverge_factor=diverge_factor)
         self.problem = problem
         n = problem.n
         self.byzantine = sorted({v.integer("byzantine", b, 0, n - 1) for b in byzantine})
         self.honest = [i for i in range(n) if i not in set(self.byzantine)]
         if not self.honest:
             raise ValueError("at least one client must be honest")
-        self.gamma = _positive("gamma", 1.0 / problem.L if gamma is None else gamma)
-        self.cohort = v.integer("cohort", math.ceil(0.2 * n) if cohort is None else cohort, 1, n)
+        self.gamma = v.positive("gamma", 1.0 / problem.L if gamma is None else gamma)
+        self.cohort_size = v.integer("cohort", math.ceil(0.2 * n) if cohort is None else cohort,
+                                     1, n)  # fmt: skip
         self.full_cohort = v.integer("full_cohort", n if full_cohort is None else full_cohort, 1, n)
-        self.p = self.cohort / n if p is None else v.fp32_scalar("p", p)
+        self.p = self.cohort_size / n if p is None else v.fp32_scalar("p", p)
         if not 0 < self.p <= 1:
             raise ValueError(f"p must be in (0, 1], got {p}")
         self.batch_size = v.integer("batch_size", batch_size, 1)
-        self.alpha = _positive("alpha", alpha)
+        self.alpha = v.positive("alpha", alpha)
         self.clip = v.boolean("clip", clip)
         self.plus = v.boolean("plus", plus)
         if attack not in ATTACKS:
@@ -96,36 +107,25 @@ class ByzVRMarinaPP:
             aggregator = R.Aggregator("coordinate_median", pre="bucketing", seed=seed)
         self.aggregator = aggregator
         self.compressor = compressor
-        self.rng = np.random.Generator(np.random.Philox(v.integer("seed", seed, 0)))
         d = problem.p
         self.x0 = torch.zeros(d, dtype=torch.float64) if x0 is None else x0.to(torch.float64)
         if self.x0.shape != (d,):
             raise ValueError(f"x0 must have shape ({d},), got {tuple(self.x0.shape)}")
         self.x = self.x0.clone()
+        self.remember_start()
+        self._lam = 0.0
         # f* of the honest objective, when the problem can compute it (the "gap" metric)
         optimum = getattr(problem, "optimum", None)
         self.f_star = optimum(self.honest)[1] if optimum is not None else None
-        self.history: dict[str, list] = {
-            k: []
-            for k in (
-                "loss",
-                "gap",
-                "grad_norm",
-                "full",
-                "byzantine_majority",
-                "floats_up",
-                "floats_down",
-            )
-        }
-        self.rounds = 0
         # g0: the aggregate of full gradients at x0 (a full round without a step)
-        self.g = self._full_round(self.x, self._sample(self.full_cohort))
+        S0 = sampling.uniform(n, self.full_cohort, seed=self.seed, step=self.initial_key(1))
+        self.g = self._full_round(self.x, S0.tolist())
         self._record(True, False, d)
 
     # ---- one round ---------------------------------------------------------------------------
 
-    def _sample(self, size: int) -> np.ndarray:
-        return np.sort(self.rng.choice(self.problem.n, size=size, replace=False))
+    def _sample(self, size: int) -> list[int]:
+        return self.cohort(self.problem.n, size, 1).tolist()
 
     def _msg(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.to(self.dtype)
@@ -173,8 +173,10 @@ class ByzVRMarinaPP:
         if not clients:
             return None
         sizes = self.problem.sizes[clients].tolist()
-        samples = [torch.from_numpy(self.rng.integers(0, m, size=min(self.batch_size, m)))
-                   for m in sizes]  # fmt: skip
+        key = self.key(2)
+        samples = [sampling.uniform(m, min(self.batch_size, m), seed=client_seed(self.seed, i),
+                                    step=key)
+                   for i, m in zip(clients, sizes, strict=True)]  # fmt: skip
         g_new = self._msg(self.problem.grads(x_new, clients, samples))
         g_old = self._msg(self.problem.grads(self.x, clients, samples))
         bound = self._lam if (self.clip and self._lam > 0) else None
@@ -203,8 +205,8 @@ class ByzVRMarinaPP:
 
     def step(self) -> None:
         """One round (steps 1-4 above); appends to ``history``."""
-        full = bool(self.rng.random() < self.p)
-        S = self._sample(self.full_cohort if full else self.cohort)
+        full = self.coin(self.p, 0)
+        S = self._sample(self.full_cohort if full else self.cohort_size)
         x_new = self.x - self.gamma * self.g
         self._lam = self.alpha * float((x_new - self.x).norm())
         nb = sum(1 for i in S if i in self._byz_set)
@@ -220,26 +222,16 @@ class ByzVRMarinaPP:
         self.rounds += 1
         self._record(full, 2 * nb > len(S), up)
 
-    def run(self, rounds: int) -> dict[str, list]:
-        """``rounds`` steps; returns ``history``."""
-        for _ in range(v.integer("rounds", rounds, 0)):
-            self.step()
-        return self.history
-
     def _record(self, full: bool, majority: bool, up: int) -> None:
-        h, P = self.history, self.problem
-        loss = P.loss(self.x, self.honest)
-        h["loss"].append(loss)
-        h["gap"].append(loss - self.f_star if self.f_star is not None else math.nan)
-        h["grad_norm"].append(float(P.grad(self.x, self.honest).norm()))
-        h["full"].append(full)
-        h["byzantine_majority"].append(majority)
-        h["floats_up"].append(up)
-        h["floats_down"].append(P.p)
-
-
-def _positive(name: str, value) -> float:
-    out = v.fp32_scalar(name, value)
-    if out <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
+        P = self.problem
+        finite = bool(torch.isfinite(self.x).all())
+        loss = P.loss(self.x, self.honest) if finite else math.nan
+        self.record(
+            loss=loss,
+            gap=loss - self.f_star if self.f_star is not None else math.nan,
+            grad_norm=float(P.grad(self.x, self.honest).norm()) if finite else math.nan,
+            full=full,
+            byzantine_majority=majority,
+            floats_up=up,
+            floats_down=P.p,
+        )

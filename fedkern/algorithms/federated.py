@@ -1,40 +1,46 @@
 """Federated methods on a ``ClientBatch``: GD, FedAvg, FedProx, Scaffold, ProxSkip and Scaffnew.
 
 Each is a short composition of the batched kernels (``ClientBatch.local_steps_``, its server ops).
-Common interface: construct with the problem (a ClientBatch) and hyperparameters (the theory
-defaults of ALGORITHMS.md where the paper gives them), then ``run(rounds)`` or ``step()`` (one
-communication round). ``history`` holds, per round (index 0 = the start point): "loss" f(x),
-"gap" f(x) - f*, "grad_norm" ||grad f(x)||, "dist" ||x - x*||, "floats_up" / "floats_down" (floats
-one participating client sent / received that round) and "local_steps". The metrics are float64
-(``fedkern.problems``) at the server model x.
+Common interface (``FederatedMethod``, on ``fedkern.algorithms.base.Method``): construct with the
+problem (a ClientBatch) and hyperparameters (the theory defaults of the papers where they give
+them), then ``run(rounds)`` or ``step()`` (one communication round); ``state_dict`` /
+``load_state_dict`` resume exactly. ``history`` holds, per round (index 0 = the start point):
+"loss" f(x), "gap" f(x) - f*, "grad_norm" ||grad f(x)||, "dist" ||x - x*||, "floats_up" /
+"floats_down" (floats one participating client sent / received that round), "local_steps" and
+"diverged". The metrics are float64 (``fedkern.problems``) at the server model x; on a problem
+without a known optimum "gap" and "dist" are NaN.
+
+Randomness: the local-step count K ~ Geometric(p) and coins use ``key(0)``, cohorts ``key(1)``
+(``fedkern.sampling.uniform``), so methods that share a seed draw the same cohorts and counts.
 """
 
 from __future__ import annotations
 
-import abc
 import math
 
-import numpy as np
 import torch
 
+from fedkern import validation as v
+from fedkern.algorithms.base import Method
 from fedkern.clients import ClientBatch
-from fedkern.ops import _validate as v
 
-__all__ = ["FedAvg", "FedProx", "GD", "Method", "ProxSkip", "Scaffnew", "Scaffold"]
+__all__ = ["FedAvg", "FedProx", "FederatedMethod", "GD", "ProxSkip", "Scaffnew", "Scaffold"]
 
-
-def _positive(name: str, value) -> float:
-    out = v.fp32_scalar(name, value)
-    if out <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
+#: ``key`` slots shared by the federated methods (a method's own draws use slots from 3 on).
+SLOT_COIN, SLOT_COHORT, SLOT_PATTERN = 0, 1, 2
 
 
-def _probability(name: str, value) -> float:
-    out = v.fp32_scalar(name, value)
-    if not 0 < out <= 1:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return float(value)
+#: ``fedkern run`` options shared by several methods (``Method.cli_options`` entries).
+OPT_GAMMA = {"flag": "--gamma", "type": float, "help": "step size (default 1/L)"}
+OPT_COHORT = {"flag": "--cohort", "type": int, "help": "clients per round (default all)"}
+OPT_P = {
+    "flag": "--p",
+    "type": float,
+    "help": "communication probability of ProxSkip-type methods (default 1/sqrt(kappa))",
+}
+OPT_LOCAL_STEPS = {"flag": "--local-steps", "type": int, "help": "local steps K (default 10)"}
+OPT_SERVER_LR = {"flag": "--server-lr", "type": float,
+                 "help": "FedAvg-type server step size (default 1)"}  # fmt: skip
 
 
 def _require_batch(batch) -> ClientBatch:
@@ -63,82 +69,82 @@ def l1_optimum(problem, lam: float, iters: int = 20000) -> tuple[torch.Tensor, f
     return x, problem.loss(x) + lam * float(x.abs().sum())
 
 
-class Method(abc.ABC):
-    """Base: the server model, the RNG of coins and cohorts, and the history.
+class FederatedMethod(Method):
+    """Base of the methods on a ``ClientBatch``: the server model x, local steps, the metrics.
 
     Args:
         batch: a ``fedkern.clients.ClientBatch``.
         x0: the start point, [p] (default zeros).
-        seed: seeds coins and cohorts (a Philox stream; the clients' own randomness comes from
-            the batch's seed).
+        seed: keys coins, counts and cohorts (``Method.key``; the clients' own minibatches come
+            from the batch's seed and the round).
         mode, batch_size: the local gradient: "gd" (full local batch), "sgd" or "rr".
+        diverge_factor: see ``Method``.
     """
 
     name = "method"
+    state_attrs = ("x", "total_local_steps")
+    config_attrs = ("gamma", "mode", "batch_size")
 
     def __init__(self, batch: ClientBatch, *, x0=None, seed: int = 0, mode: str = "gd",
-                 batch_size: int = 1):  # fmt: skip
+                 batch_size: int = 1, diverge_factor: float = 1e8):  # fmt: skip
         _require_batch(batch)
+        super().__init__(seed=seed, diverge_factor=diverge_factor)
         self.batch, self.problem = batch, batch.problem
         self.mode, self.batch_size = mode, v.integer("batch_size", batch_size, 1)
         if mode not in ("gd", "sgd", "rr"):
             raise ValueError(f"mode must be 'gd', 'sgd' or 'rr', got {mode!r}")
         p = batch.p
-        self.x = torch.zeros(p, device=batch.device) if x0 is None else x0.to(batch.device).float()
+        if x0 is None:
+            self.x = torch.zeros(p, device=batch.device)
+        else:
+            v.tensor("x0", x0)
+            self.x = x0.detach().to(batch.device, torch.float32).clone()
         if self.x.shape != (p,):
             raise ValueError(f"x0 must have shape ({p},), got {tuple(self.x.shape)}")
-        self.rng = np.random.Generator(np.random.Philox(v.integer("seed", seed, 0)))
-        self.rounds = 0
+        self.remember_start()
         self.total_local_steps = 0
-        self.history: dict[str, list] = {
-            k: []
-            for k in ("loss", "gap", "grad_norm", "dist", "floats_up", "floats_down", "local_steps")
-        }
         self._optimum = self.optimum()
         self._record(0, 0, 0)
 
-    def optimum(self) -> tuple[torch.Tensor, float]:
-        """(x*, f*) of the objective this method minimizes (the smooth problem by default)."""
-        return self.problem.optimum()
+    def optimum(self) -> tuple[torch.Tensor, float] | None:
+        """(x*, f*) of the objective this method minimizes, or None when it is not known."""
+        opt = getattr(self.problem, "optimum", None)
+        if opt is None:
+            return None
+        try:
+            return opt()
+        except NotImplementedError:
+            return None
 
     def objective(self, x: torch.Tensor) -> float:
         return self.problem.loss(x)
 
     def _record(self, up: int, down: int, local: int) -> None:
-        h, x = self.history, self.x.double().cpu()
-        xs, fs = self._optimum
-        f = self.objective(x)
-        h["loss"].append(f)
-        h["gap"].append(f - fs)
-        h["grad_norm"].append(float(self.problem.grad(x).norm()))
-        h["dist"].append(float((x - xs).norm()))
-        h["floats_up"].append(up)
-        h["floats_down"].append(down)
-        h["local_steps"].append(local)
-
-    @abc.abstractmethod
-    def step(self) -> None:
-        """One communication round; appends to ``history``."""
-
-    def run(self, rounds: int, progress=None) -> dict[str, list]:
-        """``rounds`` communication rounds; ``progress(i, rounds)`` is called after each."""
-        rounds = v.integer("rounds", rounds, 0)
-        for i in range(rounds):
-            self.step()
-            if progress is not None:
-                progress(i + 1, rounds)
-        return self.history
+        x = self.x.double().cpu()
+        f = self.objective(x) if bool(torch.isfinite(x).all()) else math.nan
+        if self._optimum is None:
+            gap = dist = math.nan
+        else:
+            xs, fs = self._optimum
+            gap, dist = f - fs, float((x - xs).norm())
+        gn = float(self.problem.grad(x).norm()) if math.isfinite(f) else math.nan
+        self.record(loss=f, gap=gap, grad_norm=gn, dist=dist, floats_up=up, floats_down=down,
+                    local_steps=local)  # fmt: skip
 
     def _local(self, X, K, **kw):
         self.batch.local_steps_(X, gamma=self.gamma, steps=K, mode=self.mode,
                                 batch_size=self.batch_size, round=self.rounds, **kw)  # fmt: skip
         self.total_local_steps += K
 
+    def _cohort(self, c: int) -> torch.Tensor:
+        """This round's cohort of c clients (all when c = n), on the batch's device."""
+        return self.cohort(self.batch.n, c, SLOT_COHORT).to(self.batch.device)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rounds={self.rounds}, gamma={self.gamma:.4g})"
 
 
-class GD(Method):
+class GD(FederatedMethod):
     """Gradient descent: every client sends grad f_i(x); x <- x - gamma * mean_i grad f_i(x).
 
     Computed as one local GD step from x on every client, then the cohort mean (identical). gamma
@@ -146,10 +152,11 @@ class GD(Method):
     """
 
     name = "gd"
+    cli_options = {"gamma": OPT_GAMMA}
 
     def __init__(self, batch, *, gamma: float | None = None, **kw):
         _require_batch(batch)
-        self.gamma = _positive("gamma", 1.0 / batch.problem.L if gamma is None else gamma)
+        self.gamma = v.positive("gamma", 1.0 / batch.problem.L if gamma is None else gamma)
         super().__init__(batch, **kw)
 
     def step(self) -> None:
@@ -160,7 +167,7 @@ class GD(Method):
         self._record(self.batch.p, self.batch.p, 1)
 
 
-class FedAvg(Method):
+class FedAvg(FederatedMethod):
     """FedAvg / Local SGD: a cohort runs K local steps from x; x += eta_g * mean_i (y_i - x).
 
     Args:
@@ -170,25 +177,23 @@ class FedAvg(Method):
     """
 
     name = "fedavg"
+    config_attrs = ("gamma", "mode", "batch_size", "K", "server_lr", "cohort_size", "mu")
+    cli_options = {"gamma": OPT_GAMMA, "local_steps": OPT_LOCAL_STEPS,
+                   "server_lr": OPT_SERVER_LR, "cohort": OPT_COHORT}  # fmt: skip
 
     def __init__(self, batch, *, gamma: float | None = None, local_steps: int = 10,
                  server_lr: float = 1.0, cohort: int | None = None, mu: float = 0.0,
                  **kw):  # fmt: skip
         _require_batch(batch)
-        self.gamma = _positive("gamma", 1.0 / batch.problem.L if gamma is None else gamma)
+        self.gamma = v.positive("gamma", 1.0 / batch.problem.L if gamma is None else gamma)
         self.K = v.integer("local_steps", local_steps, 1)
-        self.server_lr = _positive("server_lr", server_lr)
-        self.cohort = v.integer("cohort", batch.n if cohort is None else cohort, 1, batch.n)
+        self.server_lr = v.positive("server_lr", server_lr)
+        self.cohort_size = v.integer("cohort", batch.n if cohort is None else cohort, 1, batch.n)
         self.mu = v.fp32_scalar("mu", mu, nonneg=True)
         super().__init__(batch, **kw)
 
-    def _sample(self) -> torch.Tensor:
-        if self.cohort == self.batch.n:
-            return torch.arange(self.batch.n)
-        return torch.from_numpy(np.sort(self.rng.choice(self.batch.n, self.cohort, replace=False)))
-
     def step(self) -> None:
-        S = self._sample()
+        S = self._cohort(self.cohort_size)
         Y = self.x.expand(S.numel(), -1).contiguous()
         self._local(Y, self.K, clients=S, mu=self.mu, anchor=self.x if self.mu else None)
         self.x = self.x + self.server_lr * (self.batch.mean(Y) - self.x)
@@ -200,6 +205,10 @@ class FedProx(FedAvg):
     """FedProx: FedAvg whose local objective adds (mu/2)||y - x||^2 (mu default 0.1)."""
 
     name = "fedprox"
+    cli_options = {
+        **FedAvg.cli_options,
+        "mu": {"flag": "--mu", "type": float, "help": "FedProx weight (default 0.1)"},
+    }
 
     def __init__(self, batch, *, mu: float = 0.1, **kw):
         if not v.fp32_scalar("mu", mu) > 0:
@@ -215,6 +224,7 @@ class Scaffold(FedAvg):
     """
 
     name = "scaffold"
+    state_attrs = ("x", "total_local_steps", "C", "c")
 
     def __init__(self, batch, **kw):
         super().__init__(batch, **kw)
@@ -222,7 +232,7 @@ class Scaffold(FedAvg):
         self.c = torch.zeros(batch.p, device=batch.device)
 
     def step(self) -> None:
-        S = self._sample().to(self.batch.device)
+        S = self._cohort(self.cohort_size)
         Y = self.x.expand(S.numel(), -1).contiguous()
         H = (self.C[S] - self.c).contiguous()
         self._local(Y, self.K, clients=S, H=H)
@@ -236,7 +246,7 @@ class Scaffold(FedAvg):
         self._record(2 * p, 2 * p, self.K)
 
 
-class ProxSkip(Method):
+class ProxSkip(FederatedMethod):
     """ProxSkip / Scaffnew (Mishchenko et al. 2022) in the federated form.
 
     Every client keeps x_i and a control variate h_i (sum_i h_i = 0 at the start). One round: a
@@ -256,17 +266,20 @@ class ProxSkip(Method):
     """
 
     name = "proxskip"
+    state_attrs = ("x", "total_local_steps", "H")
+    config_attrs = ("gamma", "mode", "batch_size", "p", "prox", "lam", "cohort_size")
+    cli_options = {"gamma": OPT_GAMMA, "p": OPT_P, "cohort": OPT_COHORT}
 
     def __init__(self, batch, *, gamma: float | None = None, p: float | None = None,
                  prox: str = "consensus", lam: float = 0.0, cohort: int | None = None,
                  **kw):  # fmt: skip
         P = _require_batch(batch).problem
-        self.gamma = _positive("gamma", 1.0 / P.L if gamma is None else gamma)
-        self.p = _probability("p", 1.0 / math.sqrt(P.L / P.mu) if p is None else p)
+        self.gamma = v.positive("gamma", 1.0 / P.L if gamma is None else gamma)
+        self.p = v.probability("p", 1.0 / math.sqrt(P.L / P.mu) if p is None else p)
         if prox not in ("consensus", "l1"):
             raise ValueError(f"prox must be 'consensus' or 'l1', got {prox!r}")
         self.prox, self.lam = prox, v.fp32_scalar("lam", lam, nonneg=True)
-        self.cohort = v.integer("cohort", batch.n if cohort is None else cohort, 1, batch.n)
+        self.cohort_size = v.integer("cohort", batch.n if cohort is None else cohort, 1, batch.n)
         self.H = batch.zeros()
         super().__init__(batch, **kw)
 
@@ -279,13 +292,8 @@ class ProxSkip(Method):
         return self.problem.loss(x) + self.lam * float(x.abs().sum()) * (self.prox == "l1")
 
     def step(self) -> None:
-        K = int(self.rng.geometric(self.p))
-        n = self.batch.n
-        if self.cohort == n:
-            S = torch.arange(n, device=self.batch.device)
-        else:
-            S = torch.from_numpy(np.sort(self.rng.choice(n, self.cohort, replace=False)))
-            S = S.to(self.batch.device)
+        K = self.geometric(self.p, SLOT_COIN)
+        S = self._cohort(self.cohort_size)
         X = self.x.expand(S.numel(), -1).contiguous()
         H = self.H[S].contiguous()
         self._local(X, K, clients=S, H=H)
