@@ -31,6 +31,14 @@ SLOT_COIN, SLOT_COHORT, SLOT_PATTERN = 0, 1, 2
 
 
 #: ``fedkern run`` options shared by several methods (``Method.cli_options`` entries).
+OPT_MODE = {
+    "flag": "--mode",
+    "default": "gd",
+    "choices": ("gd", "sgd", "rr"),
+    "help": "local gradient: full batch, minibatch SGD or random reshuffling",
+}
+OPT_BATCH = {"flag": "--batch-size", "type": int, "default": 8,
+             "help": "sgd/rr minibatch (default 8)"}  # fmt: skip
 OPT_GAMMA = {"flag": "--gamma", "type": float, "help": "step size (default 1/L)"}
 OPT_COHORT = {"flag": "--cohort", "type": int, "help": "clients per round (default all)"}
 OPT_P = {
@@ -84,6 +92,7 @@ class FederatedMethod(Method):
     name = "method"
     state_attrs = ("x", "total_local_steps")
     config_attrs = ("gamma", "mode", "batch_size")
+    cli_options = {"mode": OPT_MODE, "batch_size": OPT_BATCH}
 
     def __init__(self, batch: ClientBatch, *, x0=None, seed: int = 0, mode: str = "gd",
                  batch_size: int = 1, diverge_factor: float = 1e8):  # fmt: skip
@@ -152,7 +161,7 @@ class GD(FederatedMethod):
     """
 
     name = "gd"
-    cli_options = {"gamma": OPT_GAMMA}
+    cli_options = {**FederatedMethod.cli_options, "gamma": OPT_GAMMA}
 
     def __init__(self, batch, *, gamma: float | None = None, **kw):
         _require_batch(batch)
@@ -178,8 +187,9 @@ class FedAvg(FederatedMethod):
 
     name = "fedavg"
     config_attrs = ("gamma", "mode", "batch_size", "K", "server_lr", "cohort_size", "mu")
-    cli_options = {"gamma": OPT_GAMMA, "local_steps": OPT_LOCAL_STEPS,
-                   "server_lr": OPT_SERVER_LR, "cohort": OPT_COHORT}  # fmt: skip
+    cli_options = {**FederatedMethod.cli_options, "gamma": OPT_GAMMA,
+                   "local_steps": OPT_LOCAL_STEPS, "server_lr": OPT_SERVER_LR,
+                   "cohort": OPT_COHORT}  # fmt: skip
 
     def __init__(self, batch, *, gamma: float | None = None, local_steps: int = 10,
                  server_lr: float = 1.0, cohort: int | None = None, mu: float = 0.0,
@@ -268,7 +278,8 @@ class ProxSkip(FederatedMethod):
     name = "proxskip"
     state_attrs = ("x", "total_local_steps", "H")
     config_attrs = ("gamma", "mode", "batch_size", "p", "prox", "lam", "cohort_size")
-    cli_options = {"gamma": OPT_GAMMA, "p": OPT_P, "cohort": OPT_COHORT}
+    cli_options = {**FederatedMethod.cli_options, "gamma": OPT_GAMMA, "p": OPT_P,
+                   "cohort": OPT_COHORT}  # fmt: skip
 
     def __init__(self, batch, *, gamma: float | None = None, p: float | None = None,
                  prox: str = "consensus", lam: float = 0.0, cohort: int | None = None,
