@@ -116,14 +116,12 @@ class FederatedMethod(Method):
         self._record(0, 0, 0)
 
     def optimum(self) -> tuple[torch.Tensor, float] | None:
-        """(x*, f*) of the objective this method minimizes, or None when it is not known."""
+        """(x*, f*) of the objective this method minimizes, or None when it is not known (a
+        problem without an ``optimum`` method, or with ``has_optimum = False``: non-convex)."""
         opt = getattr(self.problem, "optimum", None)
-        if opt is None:
+        if opt is None or not getattr(self.problem, "has_optimum", True):
             return None
-        try:
-            return opt()
-        except NotImplementedError:
-            return None
+        return opt()
 
     def objective(self, x: torch.Tensor) -> float:
         return self.problem.loss(x)
