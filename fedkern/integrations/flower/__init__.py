@@ -1,0 +1,47 @@
+"""Flower (flwr) integration: fedkern's robust aggregation and compressed client updates.
+
+Server (Message API, Flower's current strategy API): ``FedkernStrategy`` is
+``flwr.serverapp.strategy.FedAvg`` whose ``aggregate_train`` stacks the clients' updates into
+X [n, d] (on CUDA when available), optionally clips the rows (``fedkern.robust.clip_rows_``, a fixed
+or an adaptive radius), pre-aggregates (bucketing / NNM) and aggregates with a robust rule
+(``fedkern.robust.Aggregator``); use it in a ``ServerApp`` with ``strategy.start(grid=...,
+initial_arrays=..., num_rounds=...)``. ``LegacyFedkernStrategy`` is the same aggregation
+(``core.RobustCore``) for the legacy ``flwr.server.strategy`` API (``aggregate_fit``).
+
+Client: ``make_compress_mod(compressor, error_feedback=True)`` is a client mod (for
+``ClientApp(mods=[...])``) that replaces the trained model a client returns by its compressed update
+(top-k, rand-k sent as values and a seed, or any ``fedkern.compress.Compressor``), with the EF14
+residual in the node's persistent ``context.state``. It works with Message-API ``@app.train()``
+functions and with legacy ``NumPyClient`` apps; both strategies decode its replies (``codec``: the
+wire format). Updates travel and are aggregated in float32 whatever the model's dtype.
+
+Simulation: Flower's simulation engine (``flwr.simulation.run_simulation``) needs Ray (``pip install
+"flwr[simulation]"``); the example app in examples/flower-app runs there with ``flwr run .``.
+"""
+
+from fedkern.integrations.flower.codec import (
+    FORMAT_VERSION,
+    KIND_RANDK,
+    KIND_SPARSE,
+    MAGIC,
+    compress_update,
+    decompress,
+    is_compressed,
+)
+from fedkern.integrations.flower.legacy import LegacyFedkernStrategy
+from fedkern.integrations.flower.mod import CompressMod, make_compress_mod
+from fedkern.integrations.flower.strategy import FedkernStrategy
+
+__all__ = [
+    "CompressMod",
+    "FORMAT_VERSION",
+    "FedkernStrategy",
+    "KIND_RANDK",
+    "KIND_SPARSE",
+    "LegacyFedkernStrategy",
+    "MAGIC",
+    "compress_update",
+    "decompress",
+    "is_compressed",
+    "make_compress_mod",
+]
