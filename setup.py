@@ -120,6 +120,7 @@ def _packages() -> list[str]:
 setup(
     packages=_packages(),
     package_dir={"fedkern.kernels": "kernels"},
+    package_data={"fedkern": ["py.typed"]},
     ext_modules=[CMakeExtension("fedkern._C", target="_C")],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     zip_safe=False,

@@ -25,7 +25,13 @@ from fedkern.ops import (
     topk_compress,
 )
 
-__version__ = "0.1.0"
+try:  # the one version string: the package metadata (pyproject.toml)
+    from importlib.metadata import PackageNotFoundError as _NotFound
+    from importlib.metadata import version as _version
+
+    __version__ = _version("fedkern")
+except _NotFound:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 
 __all__ = [
     "__version__",

@@ -215,24 +215,22 @@ def _check(args, parser) -> None:
 
 
 class _Progress:
-    """A one-line progress bar on stderr."""
+    """A tqdm progress bar on stderr, shown only on a terminal (``disable=None``: in a pipe or a
+    CI log tqdm writes nothing, and the summary table tells the result)."""
 
-    def __init__(self, label: str, enabled: bool, metric: str):
-        self.label, self.enabled, self.metric = label, enabled, metric
-        self.t0 = time.monotonic()
+    def __init__(self, label: str, enabled: bool, metric: str, total: int):
+        from tqdm.auto import tqdm
+
+        self.metric = metric
+        self.bar = tqdm(total=total, desc=f"{label:10s}", file=sys.stderr, leave=True,
+                        disable=None if enabled else True, dynamic_ncols=True)  # fmt: skip
 
     def __call__(self, i: int, total: int, value: float) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        done = int(width * i / total)
-        bar = "#" * done + "." * (width - done)
-        elapsed = time.monotonic() - self.t0
-        sys.stderr.write(f"\r{self.label:10s} [{bar}] {i}/{total}  {self.metric} {value:.3e}  "
-                         f"{elapsed:5.1f}s")  # fmt: skip
-        if i == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        self.bar.update(i - self.bar.n)
+        self.bar.set_postfix_str(f"{self.metric} {value:.3e}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def plot(results: dict, path: Path, spec: ProblemSpec | None = None) -> bool:
@@ -304,14 +302,15 @@ def cmd_run(args, parser) -> int:
             method = REGISTRY[name](problem, **_options(args, name))
         except (TypeError, ValueError) as exc:
             _fail(parser, f"{name}: {exc}")
-        bar = _Progress(name, not args.no_progress, spec.metric)
+        bar = _Progress(name, not args.no_progress, spec.metric, args.rounds)
         t0 = time.monotonic()
-        method.run(
-            args.rounds,
-            progress=lambda i, n, m=method, b=bar: b(i, n, m.history[spec.metric][-1]),
-        )
-        if args.no_progress is False and method.diverged_at is not None:
-            sys.stderr.write("\n")
+        try:
+            method.run(
+                args.rounds,
+                progress=lambda i, n, m=method, b=bar: b(i, n, m.history[spec.metric][-1]),
+            )
+        finally:
+            bar.close()
         h = dict(method.history)
         h["seconds"] = time.monotonic() - t0
         h["diverged_at"] = method.diverged_at
