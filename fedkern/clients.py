@@ -18,7 +18,8 @@ import torch
 
 from fedkern import validation as v
 from fedkern.ops import clients as ops
-from fedkern.problems import Problem
+from fedkern.ops import quartic as quartic_ops
+from fedkern.problems import Problem, Quartic
 from fedkern.random import client_seeds, randk_keys_tensor
 from fedkern.reference.clients import KIND_TAG, MODE_TAG
 
@@ -44,6 +45,9 @@ class ClientBatch:
     Args:
         problem: the problem (data split over clients, loss kind, l2). Its float64 data stays the
             oracle for metrics; a float32 copy of A and y lives on ``device`` for the kernels.
+            A ``fedkern.problems.Quartic`` is accepted too (kind "quartic": A holds its points;
+            ``local_steps_`` runs the "quartic" op family, without FedProx's mu). A ``Problem``
+            with ``nonconvex_reg`` > 0 is refused: the kernels do not implement that term.
         seed: int in [0, 2**63), keys every client's random stream.
         device: where the packed data and the stacked parameters live ("cpu" or a CUDA device).
 
@@ -53,9 +57,12 @@ class ClientBatch:
     """
 
     def __init__(self, problem: Problem, *, seed: int = 0, device="cpu"):
-        if not isinstance(problem, Problem):
-            raise TypeError(f"problem must be a fedkern.problems.Problem, got "
+        if not isinstance(problem, (Problem, Quartic)):
+            raise TypeError(f"problem must be a fedkern.problems.Problem or Quartic, got "
                             f"{type(problem).__name__}")  # fmt: skip
+        if getattr(problem, "nonconvex_reg", 0.0):
+            raise ValueError("ClientBatch's kernels do not implement nonconvex_reg; evaluate such a "
+                             "problem in float64 (fedkern.algorithms.BiasedSGD)")  # fmt: skip
         self.problem = problem
         self.device = torch.device(device)
         self.seed = v.integer("seed", seed, 0, (1 << 63) - 1)
@@ -119,6 +126,13 @@ class ClientBatch:
             seeds = client_seeds(self.seed, c.cpu())
             keys = randk_keys_tensor(seeds[:, None], r * K + torch.arange(K)[None, :])
             keys = keys.to(self.device)
+        if self.kind == "quartic":
+            if mu:
+                raise ValueError("mu (FedProx) is not supported on the quartic problem")
+            quartic_ops.local_steps_(X, c, self.A, self.offsets, K, float(gamma), H, MODE_TAG[mode],
+                                     v.integer("batch_size", batch_size, 1), keys,
+                                     clip or 0.0)  # fmt: skip
+            return X
         ops.local_steps_(X, c, self.A, self.y, self.offsets, KIND_TAG[self.kind], self.classes,
                          K, float(gamma), self.problem.l2, H, MODE_TAG[mode],
                          v.integer("batch_size", batch_size, 1), keys, clip or 0.0, mu,
