@@ -1,8 +1,11 @@
 """Batched local steps on the quartic problem (op family "quartic"): schema, validation, dispatch.
 
 Op (namespace ``fedkern``):
-  quartic_local_steps_(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip) -> None
-      K local steps of gd / sgd / rr for every cohort row of X [c, d], in place
+  quartic_local_steps_(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip, check)
+      -> None: K local steps of gd / sgd / rr for every cohort row of X [c, d], in place
+``check=False`` skips the two checks that read tensor values (offsets rising from 0 to N, client
+ids in range), which are host synchronizations on CUDA: for callers that built those tensors
+themselves (``ClientBatch`` validates its offsets once and its cohorts on the host).
 The math is in ``fedkern.reference.quartic``; the public entry point is
 ``fedkern.clients.ClientBatch(Quartic).local_steps_``, which builds every argument (this module
 only checks them, before any kernel runs).
@@ -42,7 +45,8 @@ IMPLS = {
 }
 
 
-def check_local_steps(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip) -> None:
+def check_local_steps(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip,
+                      check=True) -> None:  # fmt: skip
     """Every argument of quartic_local_steps_; raises before anything is modified."""
     v.tensor("points", points)
     if points.dtype != F32 or points.dim() != 2 or points.shape[1] < 1:
@@ -62,7 +66,7 @@ def check_local_steps(X, clients, points, offsets, K, gamma, H, mode, b, keys, c
                              f"{dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
     if offsets.dim() != 1 or offsets.shape[0] < 2:
         raise ValueError("offsets must be [n + 1] with n >= 1")
-    if not isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
+    if check and not isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
         o = offsets.cpu()
         if int(o[0]) != 0 or int(o[-1]) != points.shape[0] or bool((o[1:] < o[:-1]).any()):
             raise ValueError(f"offsets must rise from 0 to {points.shape[0]} (the rows of points)")
@@ -89,12 +93,12 @@ def check_local_steps(X, clients, points, offsets, K, gamma, H, mode, b, keys, c
 @torch.library.custom_op("fedkern::quartic_local_steps_", mutates_args=("X",))
 def local_steps_(
     X: Tensor, clients: Tensor, points: Tensor, offsets: Tensor, K: int, gamma: float,
-    H: Tensor | None, mode: int, b: int, keys: Tensor | None, clip: float,
+    H: Tensor | None, mode: int, b: int, keys: Tensor | None, clip: float, check: bool = True,
 ) -> None:  # fmt: skip
     """K local steps on the quartic for every cohort row of X, in place
-    (see fedkern.reference.quartic)."""
+    (see fedkern.reference.quartic; ``check`` in the module docstring)."""
     args = (X, clients, points, offsets, K, gamma, H, mode, b, keys, clip)
-    check_local_steps(*args)
+    check_local_steps(*args, check=v.boolean("check", check))
     if X.shape[0] == 0 or K == 0:
         return
     contiguous = [a.contiguous() if isinstance(a, Tensor) else a for a in args[1:]]
@@ -102,5 +106,5 @@ def local_steps_(
 
 
 @local_steps_.register_fake
-def _(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip):
+def _(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip, check=True):
     return None
