@@ -1,7 +1,8 @@
 """Batched local steps on the quartic problem (op family "quartic"): schema, validation, dispatch.
 
 Op (namespace ``fedkern``):
-  quartic_local_steps_(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip, check)
+  quartic_local_steps_(X, clients, points, offsets, K, gamma, H, schedule, b, keys, clip,
+                       check)
       -> None: K local steps of gd / sgd / rr for every cohort row of X [c, d], in place
 ``check=False`` skips the two checks that read tensor values (offsets rising from 0 to N, client
 ids in range), which are host synchronizations on CUDA: for callers that built those tensors
@@ -93,11 +94,12 @@ def check_local_steps(X, clients, points, offsets, K, gamma, H, mode, b, keys, c
 @torch.library.custom_op("fedkern::quartic_local_steps_", mutates_args=("X",))
 def local_steps_(
     X: Tensor, clients: Tensor, points: Tensor, offsets: Tensor, K: int, gamma: float,
-    H: Tensor | None, mode: int, b: int, keys: Tensor | None, clip: float, check: bool = True,
+    H: Tensor | None, schedule: int, b: int, keys: Tensor | None, clip: float, check: bool = True,
 ) -> None:  # fmt: skip
     """K local steps on the quartic for every cohort row of X, in place
-    (see fedkern.reference.quartic; ``check`` in the module docstring)."""
-    args = (X, clients, points, offsets, K, gamma, H, mode, b, keys, clip)
+    (see fedkern.reference.quartic; ``check`` in the module docstring). ``schedule``: 0 gd,
+    1 sgd, 2 rr (not named "mode": that name is taken inside torch's dispatcher)."""
+    args = (X, clients, points, offsets, K, gamma, H, schedule, b, keys, clip)
     check_local_steps(*args, check=v.boolean("check", check))
     if X.shape[0] == 0 or K == 0:
         return
@@ -106,5 +108,5 @@ def local_steps_(
 
 
 @local_steps_.register_fake
-def _(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip, check=True):
+def _(X, clients, points, offsets, K, gamma, H, schedule, b, keys, clip, check=True):
     return None

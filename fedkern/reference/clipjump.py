@@ -13,7 +13,7 @@ optionally an externally computed norm G (a float64 [1] tensor: the full gradien
 
 Returns x_new [p] float32 and stats = [gnorm, theta] float64 [2], both on x's device; nothing is
 read back to the host. With c1 = 0, x_new does not depend on the norm at all (the unclipped jump);
-with c0 = 1 / (s * server_lr), the step is FedAvg's x + server_lr (ybar - x) bit for bit when
+with c0 = s / server_lr, the step is FedAvg's x + server_lr (ybar - x) bit for bit when
 float(theta * s) rounds to server_lr.
 """
 
