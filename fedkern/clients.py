@@ -71,6 +71,8 @@ class ClientBatch:
         self.A = problem.A.to(self.device, torch.float32).contiguous()
         self.y = problem.y.to(self.device, torch.float32).contiguous()
         self.offsets = problem.offsets.to(self.device)
+        # every client's stream seed, on the host once: a full-cohort step reads no tensor
+        self._seeds = client_seeds(self.seed, torch.arange(self.n))
 
     def zeros(self, rows: int | None = None) -> Tensor:
         """A float32 [rows (default n), p] stack of zeros on the batch's device."""
@@ -123,9 +125,8 @@ class ClientBatch:
         r = v.integer("round", round, 0)
         keys = None
         if mode != "gd" and K > 0:
-            # the ids on the host without reading the device copy (no synchronization)
-            ids = torch.arange(self.n) if clients is None else c.cpu()
-            seeds = client_seeds(self.seed, ids)
+            # full cohort: the cached host seeds (no read of the device ids, no synchronization)
+            seeds = self._seeds if clients is None else client_seeds(self.seed, c.cpu())
             keys = randk_keys_tensor(seeds[:, None], r * K + torch.arange(K)[None, :])
             keys = keys.to(self.device)
         if self.kind == "quartic":

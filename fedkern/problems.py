@@ -202,8 +202,10 @@ class Problem:
 
     def mean_grad(self, x: torch.Tensor) -> torch.Tensor:
         """[p] float64: the gradient of (1/N) sum_j f_j at x."""
-        N = self.samples
-        return self.sample_grad_sum(x, torch.arange(N), torch.full((N,), 1.0 / N, dtype=F64))
+        x = x.to(F64).cpu()
+        r = self._residual(self.A, self.y, x) / max(self.samples, 1)
+        g = (r.T @ self.A).reshape(-1) if r.dim() == 2 else r @ self.A
+        return g + self._reg_grad(x)
 
     # ---- evaluation -----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ namespace fedkern {
 namespace {
 
 constexpr int kLanes = 8;
+constexpr int64_t kMinWork = int64_t{1} << 20;  // multiply-adds before threads pay off
 
 // Lane l sums v[k]^2 over k = l (mod 8), then the fixed tree (fedkern/quartic.h).
 template <class T>
@@ -101,8 +102,12 @@ void quartic_local_steps(float* X, int64_t c, int64_t d, const int64_t* clients,
                          const float* H, int mode, int64_t b, const int64_t* keys, double clip) {
   if (c <= 0 || K <= 0) return;
   const Job job{d, K, b, mode, gamma, clip, points, offsets, H, keys};
+  // Threads only for enough work: a parallel region costs a wake-up of every thread (a busy
+  // machine can take milliseconds to schedule them), far more than a small cohort's steps.
+  int64_t work = 0;
+  for (int64_t r = 0; r < c; ++r) work += (offsets[clients[r] + 1] - offsets[clients[r]]) * d * K;
 #ifdef _OPENMP
-#pragma omp parallel if (c > 1)
+#pragma omp parallel if (c > 1 && work >= kMinWork)
 #endif
   {
     std::vector<float> diff(static_cast<size_t>(d)), gsum(static_cast<size_t>(d));
