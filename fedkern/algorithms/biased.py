@@ -31,7 +31,8 @@ class BiasedSGD(Method):
         gamma: the step size (default: ``estimator.theory_gamma(problem, budget) * factor``).
         factor: the multiplier of the theory step (finite, > 0; default 1).
         budget: T, the iteration budget the theory step is computed for (default 1000).
-        x0: [p] start (default zeros); seed: keys the estimator's draws (slot 3 of each round).
+        x0: [p] start (default the problem's ``start`` attribute if set, else zeros).
+        p: with a named estimator, its sampling probability (independent: default 0.1). seed: keys the estimator's draws (slot 3 of each round).
         diverge_factor: see ``Method``.
     Raises ValueError / TypeError (before any work) on bad arguments or an unknown estimator.
     """
@@ -45,16 +46,28 @@ class BiasedSGD(Method):
                       "choices": tuple(est.ESTIMATORS), "help": "biased SGD's estimator"},
         "factor": {"flag": "--factor", "type": float,
                    "help": "multiplier of the theory step (official tuned: 2^18..2^20)"},
+        "p": {"flag": "--p", "type": float,
+              "help": "communication probability (ProxSkip) / sampling probability (biased SGD)"},
+        "budget": {"flag": "--budget", "type": int,
+                   "help": "biased SGD: the iteration budget T of the theory step (default 1000)"},
     }  # fmt: skip
 
     def __init__(self, problem, *, estimator="independent", estimator_args: dict | None = None,
                  gamma: float | None = None, factor: float = 1.0, budget: int = 1000, x0=None,
-                 seed: int = 0, diverge_factor: float = 1e8):  # fmt: skip
+                 p: float | None = None, seed: int = 0, diverge_factor: float = 1e8):  # fmt: skip
         if not hasattr(problem, "sample_grad_sum"):
             raise TypeError(f"problem must be a fedkern.problems.Problem, got "
                             f"{type(problem).__name__}")  # fmt: skip
         if isinstance(estimator, str):
-            estimator = est.build(estimator, **(estimator_args or {}))
+            args = dict(estimator_args or {})
+            if p is not None:
+                args["p"] = p
+            if estimator == "independent":
+                args.setdefault("p", 0.1)
+            estimator = est.build(estimator, **args)
+        elif p is not None:
+            raise ValueError("p is the sampling probability of a named estimator; set it on the "
+                             "estimator object instead")  # fmt: skip
         elif not isinstance(estimator, est.Estimator):
             raise TypeError(f"estimator must be a fedkern.estimators.Estimator or a name, got "
                             f"{type(estimator).__name__}")  # fmt: skip
@@ -66,6 +79,7 @@ class BiasedSGD(Method):
         self.gamma = v.finite("gamma", base * (self.factor if gamma is None else 1.0))
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        x0 = getattr(problem, "start", None) if x0 is None else x0
         if x0 is None:
             self.x = torch.zeros(problem.p, dtype=torch.float64)
         else:

@@ -103,7 +103,8 @@ def theory_defaults(batch, x0: torch.Tensor, steps: int) -> dict:
 class _Jump(FederatedMethod):
     """Base of the methods here: a ClientBatch / ModuleBatch, the server point x, the fused jump.
 
-    Common args: batch, x0 ([p], default zeros), seed, mode / batch_size (the local gradient),
+    Common args: batch, x0 ([p], default the problem's ``start`` attribute if it has one, else
+    zeros; the quartic of ``fedkern run`` sets it to x0 * ones), seed, mode / batch_size (the local gradient),
     norm ("aggregate" | "full"), record_every (k >= 1), diverge_factor (see ``Method``).
     """
 
@@ -116,6 +117,8 @@ class _Jump(FederatedMethod):
                  diverge_factor: float = 1e8):  # fmt: skip
         # FederatedMethod.__init__, widened to ModuleBatch (same interface)
         batch = _check_batch(batch)
+        if x0 is None:
+            x0 = getattr(batch.problem, "start", None)
         Method.__init__(self, seed=seed, diverge_factor=diverge_factor)
         self.batch, self.problem = batch, batch.problem
         if mode not in ("gd", "sgd", "rr"):
@@ -147,6 +150,7 @@ class _Jump(FederatedMethod):
 
     def _defaults(self, gamma, c0, c1, steps: int, x0) -> None:
         """Sets gamma, c0, c1 from the arguments or ``theory_defaults``; validates them."""
+        x0 = getattr(self.batch.problem, "start", None) if x0 is None else x0
         start = torch.zeros(self.batch_p()) if x0 is None else x0
         need = [n for n, val in (("gamma", gamma), ("c0", c0), ("c1", c1)) if val is None]
         theory = theory_defaults(self.batch, start, steps) if need else {}
@@ -309,6 +313,7 @@ class LocalGD(FedAvg):
 
     def __init__(self, batch, *, gamma: float | None = None, local_steps: int = 10, x0=None,
                  **kw):  # fmt: skip
+        x0 = getattr(batch.problem, "start", None) if x0 is None else x0
         if gamma is None:
             start = torch.zeros(batch.p) if x0 is None else x0
             gamma = theory_defaults(batch, start, local_steps).get("gamma")
