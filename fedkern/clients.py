@@ -61,8 +61,8 @@ class ClientBatch:
             raise TypeError(f"problem must be a fedkern.problems.Problem or Quartic, got "
                             f"{type(problem).__name__}")  # fmt: skip
         if getattr(problem, "nonconvex_reg", 0.0):
-            raise ValueError("ClientBatch's kernels do not implement nonconvex_reg; evaluate such a "
-                             "problem in float64 (fedkern.algorithms.BiasedSGD)")  # fmt: skip
+            raise ValueError("ClientBatch's kernels do not implement nonconvex_reg; evaluate "
+                             "such a problem in float64 (algorithms.BiasedSGD)")  # fmt: skip
         self.problem = problem
         self.device = torch.device(device)
         self.seed = v.integer("seed", seed, 0, (1 << 63) - 1)

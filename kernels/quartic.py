@@ -7,7 +7,7 @@ local_steps_ (in place on X [c, d]), cohort row r, client i = clients[r], x = X[
     batches: gd: all m_i points in order; sgd: perm(0 .. min(b, m_i) - 1); rr: perm(0 .. m_i - 1)
              cut into batches of b (the last may be shorter); perm(j) = the keyed Feistel
              permutation of [0, m_i) with cycle walking (kernels/randk.py), keys[r, t, 0:8]
-    per batch B:  D_j = x - x_j;  s_j = ||D_j||^2;  g = (4 / |B|) sum_{j in B} s_j D_j  (0 if B empty)
+    per batch B:  D_j = x - x_j;  s_j = ||D_j||^2;  g = (4/|B|) sum_{j in B} s_j D_j (0 if B empty)
                   u = g - H[r] (if H);  clip > 0: nrm = sqrt(sum double(u_k)^2);
                   nrm > clip: u = float(clip / nrm) u;  x = x - gamma u
 

@@ -41,7 +41,9 @@ def test_matches_float64(backend, shape, full):
     out, stats = cj.clip_jump(Y, x, w, s, c0, c1, G)
     want, gn, theta = oracle(Y, x, w, s, c0, c1, G)
     # d = x - ybar loses up to ||x|| eps to cancellation: the tolerance scales with ||x||
-    torch.testing.assert_close(out.double(), want, rtol=0, atol=4e-7 * (1 + float(x.abs().max())) * (1 + s / (c0 + 1)))
+    torch.testing.assert_close(
+        out.double(), want, rtol=0, atol=4e-7 * (1 + float(x.abs().max())) * (1 + s / (c0 + 1))
+    )
     assert math.isclose(float(stats[0]), gn, rel_tol=1e-4)
     assert math.isclose(float(stats[1]), theta, rel_tol=1e-4)
     assert stats.dtype == torch.float64 and out.dtype == torch.float32

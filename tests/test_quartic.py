@@ -77,7 +77,9 @@ def test_local_steps_match_float64_oracle(backend, mode, opts):
     gamma = 0.1 / (12 * R * R)
     H = torch.randn(clients.numel(), d, generator=g) if opts == "H" else None
     # clip below the typical update norm, drawn from the data: the clipping path runs
-    clip = 0.5 * float(np.linalg.norm(np_grad(X[0].double().numpy(), q.A[: int(q.sizes[0])].numpy())))
+    clip = 0.5 * float(
+        np.linalg.norm(np_grad(X[0].double().numpy(), q.A[: int(q.sizes[0])].numpy()))
+    )
     clip = clip if opts == "clip" else None
     X0 = X.clone()
     batch.local_steps_(X, gamma=gamma, steps=K, clients=clients, H=H, mode=mode, batch_size=b,
@@ -188,7 +190,9 @@ def test_quartic_loss_grad_hessian_against_numpy():
     np.testing.assert_allclose(q.hvp(x, u).numpy(), Hn @ u.numpy(), rtol=1e-12)
     # finite differences of the loss
     e = 1e-6
-    fd = [(q.loss(x + e * v) - q.loss(x - e * v)) / (2 * e) for v in torch.eye(3, dtype=torch.float64)]
+    fd = [
+        (q.loss(x + e * v) - q.loss(x - e * v)) / (2 * e) for v in torch.eye(3, dtype=torch.float64)
+    ]
     np.testing.assert_allclose(fd, q.grad(x).numpy(), rtol=1e-6)
     G = q.grads(x)
     np.testing.assert_allclose(G.mean(0).numpy(), q.grad(x).numpy(), rtol=1e-12)

@@ -32,7 +32,8 @@ class BiasedSGD(Method):
         factor: the multiplier of the theory step (finite, > 0; default 1).
         budget: T, the iteration budget the theory step is computed for (default 1000).
         x0: [p] start (default the problem's ``start`` attribute if set, else zeros).
-        p: with a named estimator, its sampling probability (independent: default 0.1). seed: keys the estimator's draws (slot 3 of each round).
+        p: with a named estimator, its sampling probability (independent: default 0.1).
+        seed: keys the estimator's draws (slot 3 of each round).
         diverge_factor: see ``Method``.
     Raises ValueError / TypeError (before any work) on bad arguments or an unknown estimator.
     """

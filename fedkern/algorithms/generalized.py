@@ -104,7 +104,8 @@ class _Jump(FederatedMethod):
     """Base of the methods here: a ClientBatch / ModuleBatch, the server point x, the fused jump.
 
     Common args: batch, x0 ([p], default the problem's ``start`` attribute if it has one, else
-    zeros; the quartic of ``fedkern run`` sets it to x0 * ones), seed, mode / batch_size (the local gradient),
+    zeros; the quartic of ``fedkern run`` sets it to x0 * ones), seed, mode / batch_size (the
+    local gradient),
     norm ("aggregate" | "full"), record_every (k >= 1), diverge_factor (see ``Method``).
     """
 
@@ -155,8 +156,8 @@ class _Jump(FederatedMethod):
         need = [n for n, val in (("gamma", gamma), ("c0", c0), ("c1", c1)) if val is None]
         theory = theory_defaults(self.batch, start, steps) if need else {}
         if need and not theory:
-            raise ValueError(f"{', '.join(need)} must be given for "
-                             f"{type(self.batch.problem).__name__} (no theory constants)")  # fmt: skip
+            where = type(self.batch.problem).__name__
+            raise ValueError(f"{', '.join(need)} must be given for {where} (no theory constants)")
         self.gamma = v.positive("gamma", theory["gamma"] if gamma is None else gamma)
         self.c0 = v.finite("c0", theory["c0"] if c0 is None else c0)
         if not self.c0 > 0:

@@ -6,7 +6,7 @@ local steps in float32 (the clipping norm in float64), one batch update at a tim
 
   for t < K: for each batch B of the step (gd: all m_i points in order; sgd: the first min(b, m_i)
   entries of perm_t; rr: perm_t cut into consecutive batches of b, the last may be short):
-      D_j = x - x_j;  s_j = ||D_j||^2;  g = fp32(4 / |B|) * sum_{j in B} s_j D_j   (g = 0 if m_i = 0)
+      D_j = x - x_j;  s_j = ||D_j||^2;  g = fp32(4 / |B|) * sum_{j in B} s_j D_j  (0 if m_i = 0)
       u = g - h (if H);  u = min(1, clip / ||u||) u (if clip > 0);  x = x - gamma u
 perm_t is the keyed Feistel permutation of rand-k at the round keys keys[r, t] (the permutation of
 ``fedkern.reference.clients``, so the quartic and the convex problems draw the same minibatches).

@@ -1,5 +1,6 @@
 // fedkern/quartic.h -- batched local steps on the quartic f_i(x) = (1/m_i) sum_j ||x - x_j||^4
-// (CPU, OpenMP): K local steps of GD, SGD or random reshuffling for a cohort of clients in one call.
+// (CPU, OpenMP): K local steps of GD, SGD or random reshuffling for a cohort of clients in one
+// call.
 //
 // Data, packed one client after another: points float32 [N, d] row-major, offsets int64 [n + 1]
 // (client i owns rows offsets[i] .. offsets[i+1] - 1, m_i of them, m_i may be 0).
