@@ -18,11 +18,12 @@ import torch
 
 from fedkern import validation as v
 from fedkern.ops import clients as ops
-from fedkern.problems import Problem
+from fedkern.ops import quartic as quartic_ops
+from fedkern.problems import Problem, Quartic
 from fedkern.random import client_seeds, randk_keys_tensor
 from fedkern.reference.clients import KIND_TAG, MODE_TAG
 
-__all__ = ["ClientBatch", "ModuleClients"]
+__all__ = ["ClientBatch", "ModuleBatch", "ModuleClients"]
 
 Tensor = torch.Tensor
 
@@ -44,6 +45,9 @@ class ClientBatch:
     Args:
         problem: the problem (data split over clients, loss kind, l2). Its float64 data stays the
             oracle for metrics; a float32 copy of A and y lives on ``device`` for the kernels.
+            A ``fedkern.problems.Quartic`` is accepted too (kind "quartic": A holds its points;
+            ``local_steps_`` runs the "quartic" op family, without FedProx's mu). A ``Problem``
+            with ``nonconvex_reg`` > 0 is refused: the kernels do not implement that term.
         seed: int in [0, 2**63), keys every client's random stream.
         device: where the packed data and the stacked parameters live ("cpu" or a CUDA device).
 
@@ -53,9 +57,12 @@ class ClientBatch:
     """
 
     def __init__(self, problem: Problem, *, seed: int = 0, device="cpu"):
-        if not isinstance(problem, Problem):
-            raise TypeError(f"problem must be a fedkern.problems.Problem, got "
+        if not isinstance(problem, (Problem, Quartic)):
+            raise TypeError(f"problem must be a fedkern.problems.Problem or Quartic, got "
                             f"{type(problem).__name__}")  # fmt: skip
+        if getattr(problem, "nonconvex_reg", 0.0):
+            raise ValueError("ClientBatch's kernels do not implement nonconvex_reg; evaluate "
+                             "such a problem in float64 (algorithms.BiasedSGD)")  # fmt: skip
         self.problem = problem
         self.device = torch.device(device)
         self.seed = v.integer("seed", seed, 0, (1 << 63) - 1)
@@ -64,6 +71,8 @@ class ClientBatch:
         self.A = problem.A.to(self.device, torch.float32).contiguous()
         self.y = problem.y.to(self.device, torch.float32).contiguous()
         self.offsets = problem.offsets.to(self.device)
+        # every client's stream seed, on the host once: a full-cohort step reads no tensor
+        self._seeds = client_seeds(self.seed, torch.arange(self.n))
 
     def zeros(self, rows: int | None = None) -> Tensor:
         """A float32 [rows (default n), p] stack of zeros on the batch's device."""
@@ -116,9 +125,17 @@ class ClientBatch:
         r = v.integer("round", round, 0)
         keys = None
         if mode != "gd" and K > 0:
-            seeds = client_seeds(self.seed, c.cpu())
+            # full cohort: the cached host seeds (no read of the device ids, no synchronization)
+            seeds = self._seeds if clients is None else client_seeds(self.seed, c.cpu())
             keys = randk_keys_tensor(seeds[:, None], r * K + torch.arange(K)[None, :])
             keys = keys.to(self.device)
+        if self.kind == "quartic":
+            if mu:
+                raise ValueError("mu (FedProx) is not supported on the quartic problem")
+            quartic_ops.local_steps_(X, c, self.A, self.offsets, K, float(gamma), H, MODE_TAG[mode],
+                                     v.integer("batch_size", batch_size, 1), keys,
+                                     clip or 0.0, False)  # fmt: skip
+            return X
         ops.local_steps_(X, c, self.A, self.y, self.offsets, KIND_TAG[self.kind], self.classes,
                          K, float(gamma), self.problem.l2, H, MODE_TAG[mode],
                          v.integer("batch_size", batch_size, 1), keys, clip or 0.0, mu,
@@ -221,3 +238,181 @@ class ModuleClients:
                 clip_rows_(u, clip)
             X.sub_(u, alpha=float(gamma))
         return X
+
+
+class _ModuleObjective:
+    """The metrics view of a ``ModuleBatch``: f(x) = mean over clients of f_i(x) (ModuleClients'
+    weighting), evaluated in float64 on a float64 copy of the module. No optimum is known."""
+
+    has_optimum = False
+
+    def __init__(self, mb: ModuleBatch):
+        self.mb = mb
+        self.n = mb.n
+        mc = mb.clients
+        self.sizes = (mc.weights > 0).sum(1).to(torch.int64)
+
+    def _objective64(self, x: Tensor) -> Tensor:
+        from torch.func import functional_call
+
+        mc = self.mb.clients
+        mod = self.mb.module64
+        params = {n: t.view(s) for n, t, s in zip(mc.names, x.split(mc.sizes), mc.shapes,
+                                                   strict=True)}  # fmt: skip
+        inp = mc.inputs.to(torch.float64) if mc.inputs.is_floating_point() else mc.inputs
+        n, M = mc.weights.shape
+        out = functional_call(mod, (params, {}), (inp.reshape(n * M, *inp.shape[2:]),))
+        per = mc.loss(out, mc.targets.reshape(n * M)).reshape(n, M)
+        return (per * mc.weights.to(torch.float64)).sum() / n + 0.5 * mc.l2 * (x * x).sum()
+
+    def loss(self, x: Tensor) -> float:
+        """f(x) in float64: a float."""
+        with torch.no_grad():
+            return float(self._objective64(x.detach().cpu().to(torch.float64)))
+
+    def grad(self, x: Tensor) -> Tensor:
+        """[P] float64 on the CPU: grad f(x)."""
+        x = x.detach().cpu().to(torch.float64).requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self._objective64(x), x)
+        return g
+
+
+class ModuleBatch:
+    """``ClientBatch``'s interface over ``ModuleClients``, so that the federated methods of
+    ``fedkern.algorithms.generalized`` train a neural network: n, p, device, ``problem`` (float64
+    metrics: loss and gradient norm; no optimum), ``local_steps_`` (gd, or sgd / rr minibatches
+    with the same keyed per-client permutations as ClientBatch), ``mean``, ``weighted_sum`` and
+    ``full_grad`` (on the device).
+
+    Args:
+        clients: a ``ModuleClients`` (module, loss, data packed per client).
+        seed: int in [0, 2**63): keys the clients' minibatch permutations.
+        test: optional (inputs, targets) for ``accuracy``.
+
+    The stacked parameters X [c, P] are float32 on the clients' data device.
+    """
+
+    kind = "module"
+
+    def __init__(self, clients: ModuleClients, *, seed: int = 0, test=None):
+        import copy
+
+        if not isinstance(clients, ModuleClients):
+            raise TypeError(f"clients must be a fedkern.clients.ModuleClients, got "
+                            f"{type(clients).__name__}")  # fmt: skip
+        self.clients = clients
+        self.seed = v.integer("seed", seed, 0, (1 << 63) - 1)
+        self.n, self.p = clients.n, clients.P
+        self.device = clients.inputs.device
+        self.module64 = copy.deepcopy(clients.module).to(torch.float64)
+        self.problem = _ModuleObjective(self)
+        self.test = test
+
+    def zeros(self, rows: int | None = None) -> Tensor:
+        return torch.zeros(self.n if rows is None else rows, self.p, device=self.device)
+
+    def _grads(self, X: Tensor, inputs, targets, weights) -> Tensor:
+        from torch.func import functional_call, grad, vmap
+
+        mc = self.clients
+
+        def objective(x, inp, tgt, w):
+            out = functional_call(mc.module, (mc._unflatten(x), mc.buffers), (inp,))
+            return (mc.loss(out, tgt) * w).sum() + 0.5 * mc.l2 * (x * x).sum()
+
+        return vmap(grad(objective))(X, inputs, targets, weights)
+
+    def local_steps_(self, X: Tensor, *, gamma: float, steps: int, clients=None, H=None,
+                     mode: str = "gd", batch_size: int = 1, clip: float | None = None,
+                     mu: float = 0.0, anchor=None, round: int = 0) -> Tensor:  # fmt: skip
+        """K local steps for every cohort row of X [c, P] (in place), as ClientBatch.local_steps_
+        (gd: full local batch; sgd: b samples without replacement; rr: one reshuffled epoch of
+        batches of b per step). FedProx (mu) is not supported here. Returns X."""
+        from fedkern.robust import clip_rows_
+
+        if mu:
+            raise ValueError("mu (FedProx) is not supported by ModuleBatch")
+        if mode not in MODE_TAG:
+            raise ValueError(f"mode must be one of {', '.join(MODE_TAG)}, got {mode!r}")
+        K = v.integer("steps", steps, 0)
+        b = v.integer("batch_size", batch_size, 1)
+        gamma = v.positive("gamma", gamma)
+        r = v.integer("round", round, 0)
+        c = _cohort(clients, self.n, "cpu")
+        if X.shape != (c.numel(), self.p):
+            raise ValueError(f"X must be [{c.numel()}, {self.p}], got {tuple(X.shape)}")
+        mc = self.clients
+        inputs, targets = mc.inputs[c], mc.targets[c]
+        sizes = (mc.weights[c] > 0).sum(1).tolist()
+        M = inputs.shape[1]
+        seeds = client_seeds(self.seed, c)
+        for t in range(K):
+            if mode == "gd":
+                plans = [(torch.arange(M)[None].expand(c.numel(), -1), mc.weights[c])]
+            else:
+                keys = randk_keys_tensor(seeds, torch.full_like(seeds, r * K + t))
+                plans = self._plans(sizes, keys, b, mode)
+            for idx, w in plans:
+                rows = torch.arange(c.numel())[:, None]
+                u = self._grads(X, inputs[rows, idx], targets[rows, idx], w.to(X.device))
+                if H is not None:
+                    u = u - H
+                if clip is not None:
+                    clip_rows_(u, float(clip))
+                live = (w.sum(1) > 0).to(X.dtype).to(X.device)[:, None]  # empty batch: no step
+                X.sub_(live * u, alpha=gamma)
+        return X
+
+    @staticmethod
+    def _plans(sizes, keys, b: int, mode: str):
+        """The batches of one step: [(idx [c, b], weights [c, b])], position j of client r's
+        batch k being perm_r(k b + j) (ClientBatch's keyed permutation), weight 1/|B| or 0."""
+        from fedkern.reference.clients import permutation
+
+        perms = [permutation(m, keys[r]) for r, m in enumerate(sizes)]
+        nb = 1 if mode == "sgd" else max((m + b - 1) // b for m in sizes)
+        out = []
+        for k in range(nb):
+            idx = torch.zeros(len(sizes), b, dtype=torch.int64)
+            w = torch.zeros(len(sizes), b)
+            for r, (m, perm) in enumerate(zip(sizes, perms, strict=True)):
+                part = perm[k * b : min((k + 1) * b, m)]
+                idx[r, : part.numel()] = part
+                if part.numel():
+                    w[r, : part.numel()] = 1.0 / part.numel()
+            out.append((idx, w))
+        return out
+
+    def mean(self, X: Tensor) -> Tensor:
+        """The cohort mean of X [c, P]: float32 [P] (float64 accumulation)."""
+        w = torch.full((X.shape[0],), 1.0 / max(X.shape[0], 1), dtype=torch.float64,
+                       device=X.device)  # fmt: skip
+        return ops.weighted_sum(X, w)
+
+    def weighted_sum(self, X: Tensor, w) -> Tensor:
+        """sum_r w[r] X[r]: float32 [P]."""
+        return ops.weighted_sum(X, torch.as_tensor(w, dtype=torch.float64).to(X.device))
+
+    def full_grad(self, x: Tensor) -> Tensor:
+        """grad f(x) at a shared x [P] on the device (float32): the mean over clients."""
+        G = self.clients.grads(x.expand(self.n, -1).contiguous())
+        return G.mean(0)
+
+    def accuracy(self, x: Tensor, inputs: Tensor | None = None,
+                 targets: Tensor | None = None) -> float:  # fmt: skip
+        """Classification accuracy of the model x [P] on (inputs, targets) (default: ``test``)."""
+        from torch.func import functional_call
+
+        if inputs is None:
+            if self.test is None:
+                raise ValueError("no test set: pass inputs and targets, or test= at construction")
+            inputs, targets = self.test
+        mc = self.clients
+        with torch.no_grad():
+            out = functional_call(mc.module, (mc._unflatten(x.to(self.device)), mc.buffers),
+                                  (inputs,))  # fmt: skip
+        return float((out.argmax(1) == targets).double().mean())
+
+    def __repr__(self) -> str:
+        return f"ModuleBatch(n={self.n}, P={self.p}, seed={self.seed})"

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 import fedkern
 from fedkern import data
 from fedkern.algorithms import REGISTRY
@@ -98,6 +100,56 @@ register_problem(ProblemSpec(
     "convex", "a bundled dataset (or libsvm:PATH) split over clients: L2-regularized logistic "
     "(breast_cancer, LibSVM) or multinomial (digits) regression, with its exact optimum",
     _build_convex,
+))  # fmt: skip
+
+
+def _build_quartic(args, parser):
+    from fedkern.problems import Quartic
+
+    if args.dim < 1 or args.points < args.clients:
+        _fail(parser, f"--dim must be >= 1 and --points >= --clients, got {args.dim}, "
+                      f"{args.points}")  # fmt: skip
+    pts = Quartic.uniform_points(args.points, args.dim, seed=args.seed)
+    q = Quartic.sorted_split(pts, args.clients)
+    q.start = torch.full((args.dim,), float(args.x0), dtype=torch.float64)
+    print(f"{q}; points sorted by norm into {args.clients} contiguous clients; x0 = {args.x0}")
+    meta = {"dim": args.dim, "points": args.points, "clients": args.clients, "x0": args.x0,
+            "L0": q.L0, "L1": q.L1, "f_star": q.optimum()[1]}  # fmt: skip
+    return ClientBatch(q, seed=args.seed, device=args.device), meta
+
+
+def _build_logistic_nonconvex(args, parser):
+    from fedkern.estimators import gaussians
+
+    A, y, kind = _load(args, parser)
+    if kind != "logistic":
+        y = (y >= 5).long()  # digits binarized: 0-4 vs 5-9
+    problem = Problem(A, y, [torch.arange(A.shape[0])], "logistic", 0.0,
+                      nonconvex_reg=args.lam)  # fmt: skip
+    problem.start = gaussians(problem.p, seed=args.seed, step=0)  # x0 ~ N(0, I)
+    print(f"{problem} with nonconvex_reg {args.lam}; x0 ~ N(0, I)")
+    meta = {"dataset": args.dataset, "lam": args.lam, "L": problem.sample_smoothness_mean()}
+    return problem, meta
+
+
+register_problem(ProblemSpec(
+    "quartic", "f(x) = mean ||x - x_j||^4, points uniform in [-10, 10]^dim sorted by norm over "
+    "--clients (the (L0, L1)-smooth problem), started at --x0 * ones", _build_quartic,
+    options={
+        "dim": {"flag": "--dim", "type": int, "default": 1, "help": "quartic: dimension"},
+        "points": {"flag": "--points", "type": int, "default": 1000,
+                   "help": "quartic: points (default 1000)"},
+        "x0": {"flag": "--x0", "type": float, "default": 100.0,
+               "help": "quartic: start point x0 * ones (default 100)"},
+    },
+))  # fmt: skip
+register_problem(ProblemSpec(
+    "logistic_nonconvex", "logistic regression + lam sum w^2 / (1 + w^2) on one node "
+    "(breast_cancer, or digits binarized), x0 ~ N(0, I): biased SGD's problem",
+    _build_logistic_nonconvex, metric="grad_norm_sq", label="||grad f(x)||^2",
+    title="||grad f||^2", axes=("grad_evals",),
+    options={"lam": {"flag": "--lam", "type": float, "default": 1.0,
+                     "help": "logistic_nonconvex: the regularizer's weight (default 1)"}},
 ))  # fmt: skip
 
 

@@ -39,5 +39,7 @@ void bind_pairwise(py::module_& m);  // bind_pairwise.cpp: Gram matrix, gather-m
 void bind_rowops(py::module_& m);    // bind_rowops.cpp: Weiszfeld, centered clip, row clipping
 void bind_diffclip(py::module_& m);  // bind_diffclip.cpp: difference -> compress -> clip
 void bind_clients(py::module_& m);   // bind_clients.cpp: batched local steps, server updates
+void bind_quartic(py::module_& m);   // bind_quartic.cpp: batched local steps on the quartic
+void bind_clipjump(py::module_& m);  // bind_clipjump.cpp: the fused clipped server jump
 
 }  // namespace fedkern::py_bind
