@@ -27,7 +27,7 @@ one fp64 partial sum of squares per (row, tile); _clip_kernel adds a row's parti
 tree order (every program of the row computes the same norm) and rewrites the row only when it
 must be scaled or zeroed.  fp64 sums: fixed order, so results are deterministic; their order
 differs from the C++ core's (allowed: fp64 sums may differ across backends).  All launches use
-enable_fp_fusion=False; dtype conversions use topk.py's load_f32 / round_to / store_f32.
+enable_fp_fusion=False; dtype conversions use _common.py's load_f32 / round_to / store_f32.
 """
 
 import torch
@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 
 from . import topk as _topk
+from ._common import block_for, load_f32, round_to, store_f32
 from .randk import _feistel, _half_bits
-from .topk import _LEVELS, _SRC_DIFF, _SRC_KEYS, _source_key, load_f32, round_to, store_f32
+from .topk import _LEVELS, _SRC_DIFF, _SRC_KEYS, _source_key
 
 # Launch shapes.  GPU: BLOCK elements per inner iteration, at most about _MAX_PROGRAMS programs
 # over all rows for a pass (and at least _MIN_TILE_BLOCKS blocks per tile).  Interpreter: large
@@ -377,7 +378,7 @@ def diff_randk_clip(g_new, g_old, k, keys, scale, max_norm, idx, val):
     arguments and the return value as in diff_topk_clip."""
     rows, d = g_new.shape
     perm = torch.empty(rows, k, dtype=torch.int64, device=g_new.device)
-    block = _topk.block_for(k, g_new.device)
+    block = block_for(k, g_new.device)
     _perm_kernel[(triton.cdiv(k, block), rows)](
         perm, keys, d, k, _half_bits(d), block, enable_fp_fusion=False
     )

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import load_f32, round_to, store_f32
+from ._common import load_f32, round_to, store_f32
 
 # GPU launch shapes (not yet timed on a GPU): Gram tiles of BLOCK_N rows (<= 64; at least 16,
 # the smallest tl.dot), BLOCK_K columns per tl.dot step; gather-mean BLOCK columns per program.

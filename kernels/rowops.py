@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import load_f32, round_to, store_f32
+from ._common import load_f32, round_to, store_f32
 
 # GPU launch shapes (not yet timed on a GPU): _sumsq works on [ROWS, BLOCK_D] slabs and its grid
 # aims at >= TARGET_PROGRAMS programs; _update uses BLOCK_D columns per program.

@@ -37,9 +37,7 @@ Full passes over the data: 2 (level 1, compaction) when the candidates fit; othe
 level plus the emission, len(_LEVELS) + 1 = 4 (all-equal keys, k-th key in a huge bucket).  EF14's
 first pass also writes a; EF21 reads grad and state in every pass.
 
-The dtype helpers at the top (load_f32, round_to, store_f32) are shared with randk.py and
-sparse.py: bf16 is converted with integer bit operations (exact in Triton's interpreter, whose own
-fp32->bf16 cast does not round to nearest even).  NaN rounds to the quiet NaN 0x7fc0, as in torch.
+dtype conversions and block sizes: _common.py (load_f32 / round_to / store_f32, block_for).
 """
 
 from typing import NamedTuple
@@ -48,14 +46,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import block_for, load_f32, round_to, store_f32
+
 # (shift, bits) of each radix digit of the 31-bit key, most significant first; they tile bits 0..30.
 _LEVELS = ((20, 11), (10, 10), (0, 10))
 # Launch shapes.  On CPU tensors the kernels run in Triton's interpreter, where every program and
 # every jit-function call costs milliseconds: few programs, large blocks.
-_BLOCK = 1024  # elements per inner iteration of a program (GPU)
 _MAX_PROGRAMS = 1024  # programs of a full pass (GPU); each writes a histogram row per level
 _MIN_TILE_BLOCKS = 4  # keeps the histogram rows small next to the data for mid-sized n
-_BLOCK_INTERPRETED = 16384
 _MAX_PROGRAMS_INTERPRETED = 8
 _CAND_SLACK = 16  # candidate buffer holds k + n // _CAND_SLACK entries
 
@@ -64,38 +62,6 @@ _SRC_X = 0  # key(x)
 _SRC_DIFF = 1  # key(round(x - y)): EF21 with x = grad, y = state
 _SRC_KEYS = 2  # keys stored in x (candidate buffer), original indices in the idx buffer
 _SRC_EF14 = 3  # a = round(y + lr * x) written to y, key(a): EF14 first pass, x = grad, y = error
-
-
-@triton.jit
-def load_f32(ptr, offs, mask, IS_BF16: tl.constexpr):
-    """Load fp32 or bf16 as fp32 (bf16 widened by a 16-bit shift: exact, NaN payload kept)."""
-    if IS_BF16:
-        h = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
-        return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return tl.load(ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def round_to(v, IS_BF16: tl.constexpr):
-    """fp32 -> nearest value of the tensor dtype (ties to even), returned as fp32; NaN -> 0x7fc0."""
-    if IS_BF16:
-        u = v.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        r = tl.where(v != v, 0x7FC00000, r)
-        return r.to(tl.float32, bitcast=True)
-    else:
-        return v
-
-
-@triton.jit
-def store_f32(ptr, offs, v, mask, IS_BF16: tl.constexpr):
-    """Store a value already rounded by round_to (so dropping the low 16 bits is exact for bf16)."""
-    if IS_BF16:
-        h = (v.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16)
-        tl.store(ptr + offs, h.to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptr + offs, v, mask=mask)
 
 
 @triton.jit
@@ -241,12 +207,6 @@ def _epilogue_kernel(
         d = round_to(g - s, IS_BF16)
         store_f32(val_ptr, offs, d, mask, IS_BF16)
         store_f32(y_ptr, idx, round_to(s + d, IS_BF16), mask, IS_BF16)
-
-
-def block_for(count, device):
-    """Elements per program for a pass over ``count`` elements (large programs when interpreted)."""
-    block = _BLOCK_INTERPRETED if device.type == "cpu" else _BLOCK
-    return min(block, triton.next_power_of_2(max(count, 16)))
 
 
 def _shape(n, device):
