@@ -7,7 +7,7 @@ tensors without a GPU) are called directly, below the op layer, against NumPy br
   Triton: within the fp64 rounding bound d * 2^-53 * sum_k |x_ik x_jk| (its order is tl.dot's).
 - gather-mean: bit for bit against an fp32 NumPy loop in t order, on both backends.
 Plus symmetry, non-finite rows, -0.0, bf16, and determinism (two runs; 1 / 2 / 3 OpenMP threads
-in subprocesses).
+in subprocesses; the AVX2 and baseline-ISA builds).
 """
 
 from __future__ import annotations
@@ -281,7 +281,8 @@ def test_gather_mean_bucketing_and_krum_shapes(backend):
 
 _THREAD_SCRIPT = textwrap.dedent(
     """
-    import hashlib, torch, fedkern._C as C
+    import hashlib, os, torch, fedkern._C as C
+    C._force_baseline(os.environ.get("FEDKERN_TEST_BASELINE") == "1")
     h = hashlib.sha256()
     gen = torch.Generator().manual_seed(123)
     cases = [(40, 50000, torch.float32), (300, 5000, torch.bfloat16), (7, 9000, torch.float32)]
@@ -304,10 +305,12 @@ _THREAD_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(_C is None or not hasattr(_C, "pairwise_gram"), reason="fedkern._C not built")
-def test_cpu_thread_count_does_not_change_bytes():
+def test_cpu_thread_count_and_isa_do_not_change_bytes():
+    """1 / 2 / 3 OpenMP threads, and the baseline-ISA build (fedkern._C._force_baseline) against the
+    AVX2 one: the same bytes."""
     digests = set()
-    for threads in ("1", "2", "3"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads)
+    for threads, baseline in (("1", "0"), ("2", "0"), ("3", "0"), ("2", "1")):
+        env = dict(os.environ, OMP_NUM_THREADS=threads, FEDKERN_TEST_BASELINE=baseline)
         res = subprocess.run(
             [sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True, text=True,
             check=True, timeout=300,

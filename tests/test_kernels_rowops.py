@@ -209,8 +209,8 @@ def gen():
 @pytest.fixture
 def blocking():
     """Set the core's blocking test hook for one test; restored afterwards."""
-    yield C._rowops_blocking
-    C._rowops_blocking(0, 0)
+    yield C._blocking
+    C._blocking(0, 0)
 
 
 CPU_SHAPES = [(1, 1), (1, 7), (2, 3), (5, 17), (16, 300), (13, 4099), (64, 1000), (200, 700)]
@@ -389,12 +389,12 @@ def test_cpu_blocks_and_isa(dtype, gen, blocking):
         for u, v in zip(_all_outputs("cpu", x, p0, mx), ref, strict=True):
             assert same(u, v), (grain, blocks)
     blocking(0, 0)
-    old = C._rowops_force_baseline(True)
+    old = C._force_baseline(True)
     try:
         for u, v in zip(_all_outputs("cpu", x, p0, mx), ref, strict=True):
             assert same(u, v)
     finally:
-        C._rowops_force_baseline(old)
+        C._force_baseline(old)
 
 
 _SCRIPT = r"""

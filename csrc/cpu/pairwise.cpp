@@ -227,8 +227,7 @@ void gram_run(const void* xv, const GramPlan& p, double* g) {
   PackFn<T> pack = pack_base<T>;
   MicroFn micro[3] = {micro_base<1>, micro_base<2>, micro_base<3>};
 #if FEDKERN_PAIRWISE_AVX2
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      !detail::pairwise_force_baseline()) {
+  if (detail::use_avx2(/*fma=*/true)) {
     pack = pack_avx2<T>;
     micro[0] = micro_avx2<1>;
     micro[1] = micro_avx2<2>;
@@ -406,7 +405,7 @@ void gather_run(const GatherJob& job, int64_t n, int64_t r) {
   using Fn = void (*)(const GatherJob&, int64_t, int64_t, int64_t);
   Fn fn = gather_cols_base<T>;
 #if FEDKERN_PAIRWISE_AVX2
-  if (__builtin_cpu_supports("avx2") && !detail::pairwise_force_baseline()) {
+  if (detail::use_avx2()) {
     fn = gather_cols_avx2<T>;
   }
 #endif

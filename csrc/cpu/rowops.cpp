@@ -44,14 +44,6 @@ constexpr int64_t kMinTile = 256, kMaxTile = 2048;
 constexpr int64_t kClipChunk = 2048;   // clip_rows: columns per partial sum
 constexpr int64_t kMinWork = 1 << 18;  // elements per thread at least
 
-bool use_avx2() {
-#if FEDKERN_ROWOPS_AVX2
-  return __builtin_cpu_supports("avx2") && !detail::rowops_force_baseline();
-#else
-  return false;
-#endif
-}
-
 // Columns per tile: the largest power of two in [kMinTile, kMaxTile] whose slab fits kSlabBytes.
 int64_t tile_cols(int64_t n, DType dtype) {
   const int64_t elem = dtype == DType::kBFloat16 ? 2 : 4;
@@ -194,7 +186,7 @@ template <class T, int kMode, bool kDist>
 void run_pass(const IterJob& j) {
   PassFn fn = pass_base<T, kMode, kDist>;
 #if FEDKERN_ROWOPS_AVX2
-  if (use_avx2()) fn = pass_avx2<T, kMode, kDist>;
+  if (detail::use_avx2()) fn = pass_avx2<T, kMode, kDist>;
 #endif
   const int nb = detail::num_blocks(j.ntiles, std::max<int64_t>(1, kMinWork / (j.n * j.tile)));
   const int64_t ngroups = nb == 1 ? 1 : std::min<int64_t>(j.ntiles, int64_t{8} * nb);
@@ -350,7 +342,7 @@ void clip_rows_impl(void* xv, int64_t n, int64_t d, const double* max_norm, doub
   auto sums_fn = chunk_sums_base<T>;
   auto apply_fn = clip_apply_base<T>;
 #if FEDKERN_ROWOPS_AVX2
-  if (use_avx2()) {
+  if (detail::use_avx2()) {
     rows_fn = clip_rows_avx2<T>;
     sums_fn = chunk_sums_avx2<T>;
     apply_fn = clip_apply_avx2<T>;

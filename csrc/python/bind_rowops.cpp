@@ -40,24 +40,6 @@ void bind_rowops(py::module_& m) {
       nogil(),
       "In place: rows of norm > max_norm[i] (float64 [n]) scaled by float(max_norm[i]/norm), rows "
       "with inf/NaN set to +0.0; norms_ptr (float64 [n]) <- pre-clip norms (inf for such rows).");
-  m.def(
-      "_rowops_force_baseline",
-      [](bool force) {
-        const bool was = detail::rowops_force_baseline();
-        detail::rowops_force_baseline() = force;
-        return was;
-      },
-      arg("force"),
-      "Test hook: run the rowops kernels' baseline-ISA build even with AVX2; returns the old "
-      "flag.");
-  m.def(
-      "_rowops_blocking",
-      [](int64_t grain, int max_blocks) {
-        detail::blocking_override() = detail::BlockingOverride{grain, max_blocks};
-      },
-      arg("grain"), arg("max_blocks"),
-      "Test hook (shared by every kernel of the core): minimum work per block and block limit; "
-      "(0, 0) restores the tuned values.");
 }
 
 }  // namespace fedkern::py_bind

@@ -216,6 +216,26 @@ PYBIND11_MODULE(_C, m) {
   fedkern::py_bind::bind_clients(m);
 
   m.def(
+      "_force_baseline",
+      [](bool force) {
+        const bool was = fedkern::detail::force_baseline();
+        fedkern::detail::force_baseline() = force;
+        return was;
+      },
+      arg("force"),
+      "Test hook (every family): run the kernels' baseline-ISA builds even on a CPU with AVX2; "
+      "returns the old flag.");
+
+  m.def(
+      "_blocking",
+      [](int64_t grain, int max_blocks) {
+        fedkern::detail::blocking_override() = fedkern::detail::BlockingOverride{grain, max_blocks};
+      },
+      arg("grain"), arg("max_blocks"),
+      "Test hook (every family): minimum work per block and block limit of the core's parallel "
+      "loops; (0, 0) restores the tuned values.");
+
+  m.def(
       "build_info",
       []() {
         py::dict d;

@@ -44,13 +44,4 @@ void pairwise_gram(const void* x, DType dtype, int64_t n, int64_t d, double* g);
 void gather_mean(const void* x, DType dtype, int64_t n, int64_t d, const int64_t* idx, int64_t r,
                  int64_t s, void* out);
 
-namespace detail {
-// Test hook: when true the kernels run their baseline-ISA build even on a CPU with AVX2, so that
-// both builds can be compared bit for bit.
-inline bool& pairwise_force_baseline() {
-  static bool force = false;
-  return force;
-}
-}  // namespace detail
-
 }  // namespace fedkern

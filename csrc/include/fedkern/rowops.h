@@ -58,13 +58,4 @@ void centered_clip(const void* x, DType dtype, int64_t n, int64_t d, const float
 void clip_rows(void* x, DType dtype, int64_t n, int64_t d, const double* max_norm,
                double* norms_out);
 
-namespace detail {
-// Test hook: when true the kernels run their baseline-ISA build even on a CPU with AVX2, so that
-// both builds can be compared bit for bit.
-inline bool& rowops_force_baseline() {
-  static bool force = false;
-  return force;
-}
-}  // namespace detail
-
 }  // namespace fedkern
