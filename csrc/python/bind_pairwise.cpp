@@ -1,5 +1,5 @@
 // csrc/python/bind_pairwise.cpp -- bindings of the pairwise family (fedkern/pairwise.h): the fp64
-// Gram matrix and the gather-mean.
+// Gram matrix.
 #include "bindings.h"
 #include "fedkern/pairwise.h"
 
@@ -17,18 +17,6 @@ void bind_pairwise(py::module_& m) {
       "g[i, j] = sum_k double(x[i, k]) * double(x[j, k]) for x [n, d]; g: [n, n] float64, "
       "symmetric bit for bit. fp64 sums: sequential in k within fixed column chunks (a function "
       "of n, d only), chunk partials added in order.");
-
-  m.def(
-      "gather_mean",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, uintptr_t idx, int64_t r, int64_t s,
-         uintptr_t out) {
-        fedkern::gather_mean(ptr<const void>(x), to_dtype(dtype), n, d, ptr<const int64_t>(idx), r,
-                             s, ptr<void>(out));
-      },
-      arg("x_ptr"), arg("dtype"), arg("n"), arg("d"), arg("idx_ptr"), arg("r"), arg("s"),
-      arg("out_ptr"), nogil(),
-      "out[q] = round(fp32 sum, in t order from the first valid term, of x[idx[q, t]] over "
-      "idx[q, t] >= 0, / count); idx: int64 [r, s] (-1 = trailing padding), out: [r, d].");
 }
 
 }  // namespace fedkern::py_bind

@@ -1,6 +1,6 @@
-// csrc/python/bind_rowops.cpp -- bindings of the rowops family (fedkern/rowops.h): geometric median
-// (smoothed Weiszfeld), centered clipping, in-place row clipping. nu, tau stay fp64 (the spec's
-// weights are fp64); the starting point z0 / v0 is a float32 [d] buffer.
+// csrc/python/bind_rowops.cpp -- bindings of the rowops family (fedkern/rowops.h): gather-mean,
+// geometric median (smoothed Weiszfeld), centered clipping, in-place row clipping. nu, tau stay
+// fp64 (the spec's weights are fp64); the starting point z0 / v0 is a float32 [d] buffer.
 #include "bindings.h"
 #include "fedkern/rowops.h"
 
@@ -8,6 +8,17 @@ namespace fedkern::py_bind {
 
 void bind_rowops(py::module_& m) {
   using py::arg;
+  m.def(
+      "gather_mean",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, uintptr_t idx, int64_t r, int64_t s,
+         uintptr_t out) {
+        fedkern::gather_mean(ptr<const void>(x), to_dtype(dtype), n, d, ptr<const int64_t>(idx), r,
+                             s, ptr<void>(out));
+      },
+      arg("x_ptr"), arg("dtype"), arg("n"), arg("d"), arg("idx_ptr"), arg("r"), arg("s"),
+      arg("out_ptr"), nogil(),
+      "out[q] = round(fp32 sum, in t order from the first valid term, of x[idx[q, t]] over "
+      "idx[q, t] >= 0, / count); idx: int64 [r, s] (-1 = trailing padding), out: [r, d].");
   m.def(
       "geometric_median",
       [](uintptr_t x, int dtype, int64_t n, int64_t d, uintptr_t z0, int64_t iters, double nu,

@@ -97,7 +97,7 @@ def _cpu_diff_clip(g_new, g_old, max_norm):
 
 def _tri_gather_mean(x, idx):
     out = torch.empty(idx.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-    lazy("fedkern.kernels.pairwise", "gather_mean")(x, idx, out)
+    lazy("fedkern.kernels.rowops", "gather_mean")(x, idx, out)
     return out
 
 

@@ -1,6 +1,5 @@
-// fedkern/pairwise.h -- pairwise kernels over n client vectors (CPU, OpenMP): the fp64 Gram
-// matrix (Krum, Multi-Krum, NNM distances) and the gather-mean of index lists (NNM, Multi-Krum,
-// bucketing).
+// fedkern/pairwise.h -- the fp64 Gram matrix of n client vectors (CPU, OpenMP): the distances of
+// Krum, Multi-Krum and NNM.
 //
 // X is an [n, d] row-major matrix (row i = client i) of float32 or bfloat16.
 //
@@ -14,21 +13,11 @@
 //     ...) + P_{C-1}, chunks in order. Entries with i <= j are computed, G[j, i] = G[i, j] is a
 //     copy, so G is symmetric bit for bit. Non-finite inputs propagate (inf / NaN entries).
 //
-//   gather_mean:    out[q, :] = round( (sum over t = 0..s-1 with idx[q, t] >= 0, in t order, of
-//     fp32(X[idx[q, t], :])) / float(count_q) ),  out: [r, d] of X's dtype, idx: int64 [r, s].
-//     The fp32 sum starts from the first valid term (so one term is copied exactly, -0.0 kept);
-//     one IEEE fp32 division by count_q (skipped when count_q == 1, where it is exact anyway).
-//     Entries < 0 are padding (-1, trailing by contract); count_q == 0 (outside the contract)
-//     gives NaN.
-//
-// fp32 arithmetic without FMA; round() as in common.h (bf16: nearest even, NaN -> 0x7fc0).
 // Contract (the Python op layer validates, the kernels do not): x points to n*d contiguous
-// elements of `dtype`, g to n*n doubles, idx to r*s int64 in [-1, n), out to r*d elements;
-// n, d, r, s >= 1. Results are a function of the input alone (never of the thread count or the
-// instruction set: the AVX2 and baseline builds give the same bits). Extra memory of
-// pairwise_gram: C partial [n4, n4] fp64 matrices (<= 64 MiB in all, or one when n4 > 2896) and per
-// thread a packed fp64 panel of n4 x kc doubles (kc = 64..128 columns); gather_mean: r * s + r
-// int64 (the valid indices and counts).
+// elements of `dtype`, g to n*n doubles; n, d >= 1. Results are a function of the input alone
+// (never of the thread count or the instruction set: the AVX2 and baseline builds give the same
+// bits). Extra memory: C partial [n4, n4] fp64 matrices (<= 64 MiB in all, or one when n4 > 2896)
+// and per thread a packed fp64 panel of n4 x kc doubles (kc = 64..128 columns).
 #pragma once
 
 #include <cstdint>
@@ -39,9 +28,5 @@ namespace fedkern {
 
 // G = X X^T in fp64 (see above). g: n*n doubles, row-major, both triangles written.
 void pairwise_gram(const void* x, DType dtype, int64_t n, int64_t d, double* g);
-
-// out[q] = mean of the rows idx[q, t] >= 0 of X, summed in t order in fp32 (see above).
-void gather_mean(const void* x, DType dtype, int64_t n, int64_t d, const int64_t* idx, int64_t r,
-                 int64_t s, void* out);
 
 }  // namespace fedkern
