@@ -113,7 +113,7 @@ STACKED = ("local_steps_vs_loop", "local_steps_vs_vmap", "module_steps_vs_loop",
 #: does the heavy work of a composed function).
 IMPL_OP = {
     "microadam_vs_adamw": "microadam_step_",
-    "krum": "pairwise_gram",
+    "krum": "gram",
     "nnm": "gather_mean",
     "geometric_median": "weiszfeld",
     "diff_compress_clip": "diff_topk_clip",

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HAS_CUDA, fresh_seed, same_bits
-from test_kernels_pairwise import special_rows
+from test_kernels_gram import special_rows
 
 C = pytest.importorskip("fedkern._C")
 NO_TRITON = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1"

@@ -371,7 +371,7 @@ def test_opcheck(gen):
     idx = torch.tensor([[0, 2, -1], [4, 1, 3]])
     mn = torch.full((5,), 1.0, dtype=torch.float64)
     ops = torch.ops.fedkern
-    torch.library.opcheck(ops.pairwise_gram.default, (X,))
+    torch.library.opcheck(ops.gram.default, (X,))
     torch.library.opcheck(ops.gather_mean.default, (X, idx))
     torch.library.opcheck(ops.weiszfeld.default, (X, torch.zeros(12), 3, 0.1))
     torch.library.opcheck(ops.centered_clip.default, (X, torch.zeros(12), 3, 0.5))

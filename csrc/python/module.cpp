@@ -210,7 +210,7 @@ PYBIND11_MODULE(_C, m) {
       arg("x_ptr"), arg("dtype"), arg("n"), arg("d"), arg("f"), arg("out_ptr"), nogil,
       "out[j] = round(sum in row order of the values of ranks f..n-f-1 of column j / (n - 2f)).");
 
-  fedkern::py_bind::bind_pairwise(m);
+  fedkern::py_bind::bind_gram(m);
   fedkern::py_bind::bind_rowops(m);
   fedkern::py_bind::bind_diffclip(m);
   fedkern::py_bind::bind_clients(m);

@@ -7,7 +7,7 @@ entry points are re-exported from ``fedkern``.
 from fedkern.ops import (
     microadam,  # noqa: F401  (registers fedkern::microadam_step_)
     robust,  # noqa: F401  (registers coordinate_median, trimmed_mean)
-    robust_rows,  # noqa: F401  (registers the row kernels: pairwise_gram, gather_mean, ...)
+    robust_rows,  # noqa: F401  (registers the row kernels: gram, gather_mean, ...)
 )
 from fedkern.ops._dispatch import backend, backends, current_backend
 from fedkern.ops.randk import ef14_randk_, ef21_randk_, randk_compress

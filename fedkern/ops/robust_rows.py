@@ -1,7 +1,7 @@
 """Row kernels of robust aggregation: schemas, validation and dispatch.
 
 Ops (namespace ``fedkern``; X is a stack of n client vectors [n, d], float32 or bfloat16):
-  pairwise_gram(X) -> G [n, n] float64            G = X X^T (Krum, NNM)
+  gram(X) -> G [n, n] float64                     G = X X^T (Krum, NNM)
   gather_mean(X, idx) -> [r, d]                   out[q] = mean of rows idx[q, :] (-1 = padding)
   weiszfeld(X, z0, iters, nu) -> [d]              smoothed Weiszfeld geometric median
   centered_clip(X, v0, iters, tau) -> [d]         centered clipping
@@ -33,7 +33,7 @@ F64 = torch.float64
 def _cpu_gram(x):
     n, d = x.shape
     g = torch.empty(n, n, dtype=F64)
-    cpu_core().pairwise_gram(x.data_ptr(), tag(x), n, d, g.data_ptr())
+    cpu_core().gram(x.data_ptr(), tag(x), n, d, g.data_ptr())
     return g
 
 
@@ -137,10 +137,10 @@ def _ref_diff_randk(g_new, g_old, k, keys, scale, max_norm):
 
 
 IMPLS = {
-    "pairwise_gram": {
-        "reference": ref.pairwise_gram,
+    "gram": {
+        "reference": ref.gram,
         "cpu": _cpu_gram,
-        "triton": lazy("fedkern.kernels.pairwise", "gram"),
+        "triton": lazy("fedkern.kernels.gram", "gram"),
     },
     "gather_mean": {
         "reference": ref.gather_mean,
@@ -250,14 +250,14 @@ def _run(op: str, x: Tensor, *args):
     return pick(op, IMPLS[op], x.device)(*args)
 
 
-@torch.library.custom_op("fedkern::pairwise_gram", mutates_args=())
-def pairwise_gram(x: Tensor) -> Tensor:
+@torch.library.custom_op("fedkern::gram", mutates_args=())
+def gram(x: Tensor) -> Tensor:
     """G = X X^T, float64 [n, n] (see the module docstring)."""
     x = check_stack(x).contiguous()
-    return _run("pairwise_gram", x, x)
+    return _run("gram", x, x)
 
 
-@pairwise_gram.register_fake
+@gram.register_fake
 def _(x):
     check_stack(x)
     return x.new_empty(x.shape[0], x.shape[0], dtype=F64)

@@ -59,7 +59,7 @@ def trimmed_mean(x: Tensor, f: int) -> Tensor:
 # of rows are float32 sums in a stated order (gather_mean), rounded once to X's dtype.
 
 
-def pairwise_gram(x: Tensor) -> Tensor:
+def gram(x: Tensor) -> Tensor:
     """G = X X^T in float64, [n, n], exactly symmetric (the upper triangle mirrored)."""
     xd = x.double()
     g = xd @ xd.T

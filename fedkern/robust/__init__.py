@@ -121,7 +121,7 @@ def pairwise_sqdist(X: Tensor) -> Tensor:
         D[i, i] = 0. An entry involving a row with an inf/NaN entry is +inf (such a row is "far
         from everything"); D is exactly symmetric.
     """
-    G = rows.pairwise_gram(X)
+    G = rows.gram(X)
     sq = G.diagonal()
     D = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_min_(0.0)
     D = torch.where(torch.isfinite(D), D, math.inf)

@@ -1,9 +1,9 @@
-"""Kernel-level tests of the pairwise family: the fp64 Gram matrix.
+"""Kernel-level tests of the gram family: the fp64 Gram matrix.
 
-The C++ core (fedkern._C) and the Triton kernels (fedkern.kernels.pairwise; the interpreter on CPU
+The C++ core (fedkern._C) and the Triton kernels (fedkern.kernels.gram; the interpreter on CPU
 tensors without a GPU) are called directly, below the op layer, against NumPy brute force:
 - Gram, C++: bit for bit against a NumPy transcription of the summation order stated in
-  fedkern/pairwise.h (column chunks, sequential fp64 sums via cumsum, chunks in order);
+  fedkern/gram.h (column chunks, sequential fp64 sums via cumsum, chunks in order);
   Triton: within the fp64 rounding bound d * 2^-53 * sum_k |x_ik x_jk| (its order is tl.dot's).
 Plus symmetry, non-finite rows, -0.0, bf16, and determinism (two runs; 1 / 2 / 3 OpenMP threads
 in subprocesses; the AVX2 and baseline-ISA builds).
@@ -32,7 +32,7 @@ if _C is None:
         _C = None
 
 try:
-    from fedkern.kernels import pairwise as tk
+    from fedkern.kernels import gram as tk
 except Exception:  # noqa: BLE001 -- no triton: the Triton cases are skipped
     tk = None
 
@@ -44,7 +44,7 @@ BACKENDS = [
     pytest.param(
         "cpu",
         marks=pytest.mark.skipif(
-            _C is None or not hasattr(_C, "pairwise_gram"), reason="fedkern._C not built"
+            _C is None or not hasattr(_C, "gram"), reason="fedkern._C not built"
         ),
     ),
     pytest.param("triton", marks=pytest.mark.skipif(tk is None, reason="triton not available")),
@@ -61,7 +61,7 @@ def gram(backend, x):
     n, d = x.shape
     if backend == "cpu":
         g = torch.empty(n, n, dtype=torch.float64)
-        _C.pairwise_gram(x.data_ptr(), _tag(x), n, d, g.data_ptr())
+        _C.gram(x.data_ptr(), _tag(x), n, d, g.data_ptr())
         return g
     return tk.gram(x.to(DEV)).cpu()
 
@@ -84,7 +84,7 @@ def small(backend):
 
 
 def gram_cpp_order(x):
-    """NumPy transcription of fedkern/pairwise.h's order: chunks of L columns, sequential fp64
+    """NumPy transcription of fedkern/gram.h's order: chunks of L columns, sequential fp64
     sums from +0.0 within a chunk (cumsum is sequential), chunk partials added in order."""
     xd = x.double().numpy()
     n, d = xd.shape
@@ -190,14 +190,14 @@ _THREAD_SCRIPT = textwrap.dedent(
     for n, d, dt in cases:
         x = torch.randn(n, d, generator=gen).to(dt)
         g = torch.empty(n, n, dtype=torch.float64)
-        C.pairwise_gram(x.data_ptr(), int(dt == torch.bfloat16), n, d, g.data_ptr())
+        C.gram(x.data_ptr(), int(dt == torch.bfloat16), n, d, g.data_ptr())
         h.update(g.numpy().tobytes())
     print(h.hexdigest())
     """
 )
 
 
-@pytest.mark.skipif(_C is None or not hasattr(_C, "pairwise_gram"), reason="fedkern._C not built")
+@pytest.mark.skipif(_C is None or not hasattr(_C, "gram"), reason="fedkern._C not built")
 def test_cpu_thread_count_and_isa_do_not_change_bytes():
     """1 / 2 / 3 OpenMP threads, and the baseline-ISA build (fedkern._C._force_baseline) against the
     AVX2 one: the same bytes."""

@@ -1,4 +1,4 @@
-// csrc/cpu/pairwise.cpp -- fp64 Gram matrix (fedkern/pairwise.h), OpenMP.
+// csrc/cpu/gram.cpp -- fp64 Gram matrix (fedkern/gram.h), OpenMP.
 //
 // Gram: a symmetric rank-d update, GEMM-style. The rows are grouped by 4 (the last group padded
 // with zero rows, n4 = 4 * groups). Per chunk of L columns (the summation order of the header)
@@ -16,7 +16,7 @@
 // The kernel is compiled twice, with AVX2 (+FMA) and for the baseline ISA; the FMA of two
 // fp32-valued doubles equals mul + add (the product is exact), so the two builds give the same
 // bits.
-#include "fedkern/pairwise.h"
+#include "fedkern/gram.h"
 
 #include <algorithm>
 #include <cmath>
@@ -25,11 +25,11 @@
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define FEDKERN_PAIRWISE_AVX2 1
+#define FEDKERN_GRAM_AVX2 1
 #include <immintrin.h>
 #define FEDKERN_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define FEDKERN_PAIRWISE_AVX2 0
+#define FEDKERN_GRAM_AVX2 0
 #endif
 
 namespace fedkern {
@@ -101,7 +101,7 @@ void micro_base(const double* A, const double* B, int64_t bs, int64_t kl, double
   }
 }
 
-#if FEDKERN_PAIRWISE_AVX2
+#if FEDKERN_GRAM_AVX2
 FEDKERN_AVX2 inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
 FEDKERN_AVX2 inline __m128 load4(const uint16_t* p) {
   const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
@@ -220,7 +220,7 @@ void gram_run(const void* xv, const GramPlan& p, double* g) {
   const S* x = static_cast<const S*>(xv);
   PackFn<T> pack = pack_base<T>;
   MicroFn micro[3] = {micro_base<1>, micro_base<2>, micro_base<3>};
-#if FEDKERN_PAIRWISE_AVX2
+#if FEDKERN_GRAM_AVX2
   if (detail::use_avx2(/*fma=*/true)) {
     pack = pack_avx2<T>;
     micro[0] = micro_avx2<1>;
@@ -281,7 +281,7 @@ void gram_run(const void* xv, const GramPlan& p, double* g) {
 
 }  // namespace
 
-void pairwise_gram(const void* x, DType dtype, int64_t n, int64_t d, double* g) {
+void gram(const void* x, DType dtype, int64_t n, int64_t d, double* g) {
   const GramPlan p = gram_plan(n, d);
   dispatch_dtype(dtype, [&](auto tag) { gram_run<decltype(tag)>(x, p, g); });
 }

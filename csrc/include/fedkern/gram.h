@@ -1,9 +1,9 @@
-// fedkern/pairwise.h -- the fp64 Gram matrix of n client vectors (CPU, OpenMP): the distances of
+// fedkern/gram.h -- the fp64 Gram matrix of n client vectors (CPU, OpenMP): the distances of
 // Krum, Multi-Krum and NNM.
 //
 // X is an [n, d] row-major matrix (row i = client i) of float32 or bfloat16.
 //
-//   pairwise_gram:  G[i, j] = sum_k double(X[i, k]) * double(X[j, k]),  G: [n, n] float64.
+//   gram:  G[i, j] = sum_k double(X[i, k]) * double(X[j, k]),  G: [n, n] float64.
 //     Every product of two fp32 values is exact in fp64, so only the additions round (an fp64
 //     FMA equals mul + add here). Summation order: the columns are split into C consecutive
 //     chunks of L columns (the last one shorter), L and C functions of (n, d) only (never of the
@@ -27,6 +27,6 @@
 namespace fedkern {
 
 // G = X X^T in fp64 (see above). g: n*n doubles, row-major, both triangles written.
-void pairwise_gram(const void* x, DType dtype, int64_t n, int64_t d, double* g);
+void gram(const void* x, DType dtype, int64_t n, int64_t d, double* g);
 
 }  // namespace fedkern
