@@ -95,12 +95,12 @@ FAMILY = {
     "microadam_vs_adamw": "microadam",
     "coordinate_median": "robust",
     "trimmed_mean": "robust",
-    "krum": "robust_rows",
-    "nnm": "robust_rows",
-    "geometric_median": "robust_rows",
-    "centered_clip": "robust_rows",
-    "clip_rows_": "robust_rows",
-    "diff_compress_clip": "robust_rows",
+    "krum": "gram",
+    "nnm": "rowops",
+    "geometric_median": "rowops",
+    "centered_clip": "rowops",
+    "clip_rows_": "rowops",
+    "diff_compress_clip": "diffclip",
     "local_steps_vs_loop": "clients",
     "local_steps_vs_vmap": "clients",
     "module_steps_vs_loop": "clients",
@@ -115,7 +115,6 @@ IMPL_OP = {
     "microadam_vs_adamw": "microadam_step_",
     "krum": "gram",
     "nnm": "gather_mean",
-    "geometric_median": "weiszfeld",
     "diff_compress_clip": "diff_topk_clip",
     "local_steps_vs_loop": "local_steps_",
     "local_steps_vs_vmap": "local_steps_",
@@ -287,7 +286,7 @@ class Case:
             return self.m * self.n * (2 * es + 8 + 8)
         if self.family == "clients":  # the packed data (float64 oracle copy included)
             return self.n * self.m * (CLIENT_DIM + 2) * 16
-        if self.family == "robust_rows":  # X (two for differences), eager temporaries
+        if self.family in ("gram", "rowops", "diffclip"):  # X (two for differences), temporaries
             return self.m * self.n * (4 * es + 8)
         if self.family == "microadam":  # params + grads twice, AdamW moments, reference temps
             return 4 * self.n * es + 8 * self.n + 40 * self.n

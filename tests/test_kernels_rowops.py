@@ -325,7 +325,6 @@ def test_gather_mean_bucketing_and_krum_shapes(impl):
     assert same_bits(run_gather(impl, x, krum), gather_mean_ref(x, krum))
 
 
-
 # ---- geometric median / centered clipping ------------------------------------------------------
 
 ITERATIVE = [("geometric_median", oracle_gm, 1e-6), ("centered_clip", oracle_cc, None)]
@@ -334,7 +333,7 @@ ITERATIVE = [("geometric_median", oracle_gm, 1e-6), ("centered_clip", oracle_cc,
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["normal", "special"])
-@pytest.mark.parametrize("name,oracle,hyper", ITERATIVE, ids=["weiszfeld", "centered"])
+@pytest.mark.parametrize("name,oracle,hyper", ITERATIVE, ids=["geometric_median", "centered_clip"])
 def test_iterative(impl, dtype, kind, name, oracle, hyper, gen):
     for n, d in shapes(impl):
         x = stack(n, d, dtype, gen, kind)
@@ -391,7 +390,7 @@ def test_iterative_edges(impl, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_weiszfeld_converges(dtype, gen):
+def test_geometric_median_converges(dtype, gen):
     """Many iterations: the C++ result is the fixed point of the fp64 Weiszfeld map."""
     x = torch.randn(9, 50, generator=gen).to(dtype)
     z0 = x.float().mean(0)

@@ -1,48 +1,23 @@
-"""Byzantine-robust aggregation of client vectors.
+"""The robust aggregation rules: a stack of n client vectors in, one vector out.
 
-Aggregators over a stack X of n client vectors [n, d] (float32 or bfloat16, CPU or CUDA; or a list
-of n 1-D tensors of one shape, dtype and device, see ``as_stack``) return [d] in X's dtype:
-``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``geometric_median``
-(smoothed Weiszfeld) and ``centered_clip``. Pre-aggregators return a new stack:
-``bucketing`` and ``nnm``. Clipping: ``clip_rows_`` (in place) and ``diff_compress_clip`` (the
-client side of Byz-VR-MARINA: difference, compress, clip). ``Aggregator`` chains a pre-aggregator
-and an aggregator; ``fedkern.robust.attacks`` builds Byzantine messages for tests and benchmarks.
-
-NaN rows (a Byzantine client's garbage) are data, not errors; each function says what they do.
-Per-coordinate values are ordered with NaN above +inf, so a minority of NaN rows cannot poison
-the median or the trimmed mean; Krum gives a row with a non-finite entry an infinite score.
-Exact numerics: ``fedkern.reference.robust``.
+``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``geometric_median`` (smoothed
+Weiszfeld) and ``centered_clip`` take X [n, d] (float32 or bfloat16, CPU or CUDA; or a list of n
+1-D rows, see ``as_stack``) and return [d] in X's dtype; ``pairwise_sqdist`` gives the squared
+distances Krum and NNM rank by. NaN rows are data, not errors; each function says what they do.
+Exact numerics: ``fedkern.reference.robust``, ``gram`` and ``rowops``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-import fedkern.ops.randk
-import fedkern.ops.robust  # noqa: F401  (registers the ops)
+import fedkern.ops.robust  # noqa: F401  (registers coordinate_median, trimmed_mean)
 from fedkern import validation as v
 from fedkern.interop import accepts_dlpack, to_torch
-from fedkern.ops import robust_rows as rows
-from fedkern.ops.robust import check_stack
-from fedkern.random import client_seed, permutation, randk_keys
-
-__all__ = [
-    "Aggregator",
-    "as_stack",
-    "bucketing",
-    "centered_clip",
-    "clip_rows_",
-    "coordinate_median",
-    "diff_compress_clip",
-    "geometric_median",
-    "krum",
-    "nnm",
-    "pairwise_sqdist",
-    "trimmed_mean",
-]
+from fedkern.ops import gram as _gram
+from fedkern.ops import rowops as _rowops
 
 Tensor = torch.Tensor
 
@@ -68,7 +43,7 @@ def as_stack(X) -> Tensor:
         for i, row in enumerate(X[1:], 1):
             v.same_as(f"X[{i}]", v.tensor(f"X[{i}]", row), "X[0]", first)
         X = torch.stack(list(X))
-    return check_stack(X)
+    return v.stack("X", X)
 
 
 @accepts_dlpack
@@ -121,7 +96,7 @@ def pairwise_sqdist(X: Tensor) -> Tensor:
         D[i, i] = 0. An entry involving a row with an inf/NaN entry is +inf (such a row is "far
         from everything"); D is exactly symmetric.
     """
-    G = rows.gram(X)
+    G = _gram.gram(X)
     sq = G.diagonal()
     D = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_min_(0.0)
     D = torch.where(torch.isfinite(D), D, math.inf)
@@ -130,7 +105,7 @@ def pairwise_sqdist(X: Tensor) -> Tensor:
 
 def _selection(X: Tensor, idx: Tensor) -> Tensor:
     """Mean of chosen rows, summed in ascending row order (rows of idx sorted ascending)."""
-    return rows.gather_mean(X, torch.sort(idx, dim=-1).values)
+    return _rowops.gather_mean(X, torch.sort(idx, dim=-1).values)
 
 
 @accepts_dlpack
@@ -166,55 +141,6 @@ def krum(X: Tensor, f: int, m: int = 1) -> Tensor:
     scores = near.sum(1)
     best = torch.sort(scores, stable=True).indices[:m]
     return _selection(X, best[None, :])[0]
-
-
-@accepts_dlpack
-def nnm(X: Tensor, f: int) -> Tensor:
-    """Nearest-neighbour mixing: every row replaced by the mean of its n - f nearest rows.
-
-    Args:
-        X: [n, d] float32 or bfloat16 (CPU or CUDA). Not modified.
-        f: an int with 0 <= f < n.
-
-    Returns:
-        [n, d] in X's dtype: row i is the mean of row i itself and its n - f - 1 nearest other
-        rows (squared distances from ``pairwise_sqdist``; ties to the lower row), summed in float32
-        in ascending row order and divided by n - f. A row with an inf/NaN entry is infinitely far
-        from every other row, so a finite row mixes it in only when fewer than n - f rows are
-        finite; that row's own output is NaN/inf.
-    """
-    X = as_stack(X)
-    n = X.shape[0]
-    f = v.integer("f", f, 0, n - 1)
-    D = pairwise_sqdist(X)
-    D.fill_diagonal_(-1.0)  # itself first
-    order = torch.sort(D, dim=1, stable=True).indices[:, : n - f]
-    return _selection(X, order)
-
-
-@accepts_dlpack
-def bucketing(X: Tensor, s: int, *, seed: int, step: int = 0) -> Tensor:
-    """Bucketing (Karimireddy et al.): shuffle the rows, average groups of s.
-
-    Args:
-        X: [n, d] float32 or bfloat16 (CPU or CUDA). Not modified.
-        s: bucket size, an int >= 1 (s >= n gives one bucket: the mean).
-        seed, step: ints in [0, 2**63) keying the permutation (``fedkern.random.permutation``);
-            a new step gives a new shuffle.
-
-    Returns:
-        [ceil(n / s), d] in X's dtype: bucket b is the mean of rows perm[b*s : (b+1)*s] (the last
-        bucket may be smaller), summed in float32 in permutation order and divided by its size. A
-        NaN row makes its bucket NaN (the aggregator after bucketing sees one NaN row).
-    """
-    X = as_stack(X)
-    n = X.shape[0]
-    s = v.integer("s", s, 1)
-    perm = torch.tensor(permutation(n, seed, step), dtype=torch.int64)
-    nb = -(-n // s)
-    idx = torch.full((nb * s,), -1, dtype=torch.int64)
-    idx[:n] = perm
-    return rows.gather_mean(X, idx.view(nb, s).to(X.device))
 
 
 def _start(name: str, X: Tensor, start) -> Tensor:
@@ -257,7 +183,7 @@ def geometric_median(X: Tensor, *, iters: int = 8, nu: float = 0.1, init=None) -
         0 (it is ignored); if every row has one, the result is NaN.
     """
     X = as_stack(X)
-    return rows.weiszfeld(X, _start("init", X, init), iters, nu)
+    return _rowops.geometric_median(X, _start("init", X, init), iters, nu)
 
 
 @accepts_dlpack
@@ -279,95 +205,4 @@ def centered_clip(X: Tensor, *, tau: float, iters: int = 3, center=None) -> Tens
         by n), so the output is always finite for a finite center.
     """
     X = as_stack(X)
-    return rows.centered_clip(X, _start("center", X, center), iters, tau)
-
-
-def _max_norm(max_norm, X: Tensor, name: str = "max_norm") -> Tensor:
-    """A float or a [n] tensor, each finite and > 0, as float64 [n] on X's device."""
-    n = X.shape[0]
-    if isinstance(max_norm, torch.Tensor):
-        if max_norm.dim() == 0:
-            max_norm = max_norm.reshape(1).expand(n)
-        if max_norm.shape != (n,):
-            raise ValueError(f"{name} must be a float or a tensor of shape ({n},), got shape "
-                             f"{tuple(max_norm.shape)}")  # fmt: skip
-        out = max_norm.to(device=X.device, dtype=torch.float64).contiguous()
-    else:
-        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-            raise TypeError(f"{name} must be a float or a tensor, got {type(max_norm).__name__}")
-        out = torch.full((n,), float(max_norm), dtype=torch.float64, device=X.device)
-    return rows.check_max_norm(out, X, name)
-
-
-@accepts_dlpack
-def clip_rows_(X: Tensor, max_norm) -> Tensor:
-    """Clip every row of X to a maximum Euclidean norm, in place: x_i <- min(1, c_i/||x_i||) x_i.
-
-    Args:
-        X: [n, d] float32 or bfloat16, contiguous, on CPU or CUDA; modified in place.
-        max_norm: a finite float > 0, or a [n] tensor of them (one bound per row).
-
-    Returns:
-        X. Norms are float64; a row within its bound is untouched (bit for bit); a longer row
-        becomes round(fp32(c_i / ||x_i||) * x_i); a row with an inf/NaN entry is set to zero (the
-        clipped vector of a Byzantine client must be bounded, and zero is). Nothing is modified
-        when an argument is invalid.
-    """
-    check_stack(X)
-    rows.clip_rows_(X, _max_norm(max_norm, X))
-    return X
-
-
-@accepts_dlpack
-def diff_compress_clip(G_new: Tensor, G_old: Tensor, compressor=None, max_norm=None, *,
-                       clients=None, step: int | None = None):  # fmt: skip
-    """The client side of clipped gradient differences, batched over clients (one per row).
-
-    Row i: c_i = clip_{max_norm_i}(C(G_new[i] - G_old[i])), the difference rounded to the dtype,
-    compressed, and the message clipped (norm in float64; rule of ``clip_rows_``). The difference
-    is fused into the compression: the [n, d] difference is never materialized for top-k and
-    rand-k, and rand-k reads only the k chosen entries of each row.
-
-    Args:
-        G_new, G_old: [n, d] float32 or bfloat16, same shape, dtype and device. Not modified.
-        compressor: None (dense), a ``fedkern.compress.TopK`` (per row, as ``topk_compress``) or a
-            ``fedkern.compress.RandK`` (row i draws its mask from
-            ``randk_keys(client_seed(compressor.seed, clients[i]), step)``, so a client's mask does
-            not depend on its row; scaled by d/k when unbiased). k comes from the compressor for d.
-        max_norm: a finite float > 0 or a [n] tensor of them (one bound per row); None (the
-            default) skips clipping.
-        clients: the client ids of the rows (a sequence of ints), default 0..n-1. RandK only.
-        step: the rand-k step; default the compressor's counter, which then advances by one.
-
-    Returns:
-        None compressor: the clipped differences [n, d]. Otherwise ``(values, indices)``: [n, k]
-        in the dtype and int64 (indices ascending per row), the message format of the
-        compressors. Use ``fedkern.sparse_add_batched_`` or a scatter to densify.
-    """
-    from fedkern.compress import RandK, TopK
-
-    rows.check_pair(G_new, G_old)
-    n, d = G_new.shape
-    # no bound: the largest float64, which no float32 message norm reaches
-    bound = _max_norm(torch.finfo(torch.float64).max if max_norm is None else max_norm, G_new)
-    if compressor is None:
-        return rows.diff_clip(G_new, G_old, bound)[0]
-    if isinstance(compressor, TopK):
-        values, indices, _ = rows.diff_topk_clip(G_new, G_old, compressor.k_for(d), bound)
-        return values, indices
-    if isinstance(compressor, RandK):
-        ids = list(range(n)) if clients is None else [v.integer("clients", c, 0) for c in clients]
-        if len(ids) != n:
-            raise ValueError(f"clients must name one client per row ({n}), got {len(ids)}")
-        step = compressor._next(None if step is None else v.integer("step", step, 0))
-        keys = torch.tensor([randk_keys(client_seed(compressor.seed, c), step) for c in ids],
-                            dtype=torch.int64)  # fmt: skip
-        k = compressor.k_for(d)
-        scale = fedkern.ops.randk.scale_for(d, k, compressor.unbiased)
-        values, indices, _ = rows.diff_randk_clip(G_new, G_old, k, keys, scale, bound)
-        return values, indices
-    raise TypeError(f"compressor must be None, a fedkern.compress.TopK or RandK, got "
-                    f"{type(compressor).__name__}")  # fmt: skip
-
-
-from fedkern.robust.aggregator import Aggregator  # noqa: E402  (uses the functions above)
+    return _rowops.centered_clip(X, _start("center", X, center), iters, tau)
