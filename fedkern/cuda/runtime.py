@@ -1,4 +1,4 @@
-"""Loader for the CUDA C++ kernels of csrc/cuda, compiled at first use by NVRTC through CuPy.
+"""The CuPy runtime of the CUDA C++ kernels of csrc/cuda, compiled at first use by NVRTC.
 
 A source ``<name>.cu`` holds self-contained ``extern "C" __global__`` kernels (no headers). It is
 found next to the installed package (``fedkern/cuda/src/<name>.cu``) or in a repository checkout
@@ -40,7 +40,7 @@ def source(name: str) -> str:
     """Text of the kernel source ``<name>.cu``: the installed copy, else the repository's."""
     fname = f"{name}.cu"
     try:
-        res = importlib.resources.files(__name__).joinpath("src", fname)
+        res = importlib.resources.files("fedkern.cuda").joinpath("src", fname)
         if res.is_file():
             return res.read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError, ModuleNotFoundError):
