@@ -12,9 +12,13 @@ spec hold in one place:
 bf16 is converted with integer bit operations, which are exact in Triton's interpreter too (its own
 fp32->bf16 cast does not round to nearest even); NaN rounds to 0x7fc0, as in torch.
 
-``block_for(count, device)`` is the elements per program of a 1-D pass: large blocks on CPU
-tensors, where the kernels run in Triton's interpreter and every program costs milliseconds.
+``block_for(count, device)`` is the elements per program of a 1-D pass; ``row_tiles(n, rows,
+device, tiling)`` cuts a pass over `rows` rows of n elements into (tile, row) programs.  Both use
+large blocks on CPU tensors, where the kernels run in Triton's interpreter and every program costs
+milliseconds.
 """
+
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -59,3 +63,27 @@ def block_for(count, device):
     """Elements per program for a pass over ``count`` elements (large programs when interpreted)."""
     block = BLOCK_INTERPRETED if device.type == "cpu" else BLOCK
     return min(block, triton.next_power_of_2(max(count, 16)))
+
+
+class Tiling(NamedTuple):
+    """Launch shape of a tiled pass over rows of n elements (see ``row_tiles``)."""
+
+    block: int = BLOCK  # elements per inner iteration of a program (GPU)
+    programs: int = 1024  # programs of a pass over all rows, about (GPU)
+    min_tile_blocks: int = 4  # blocks per tile at least (GPU): small per-tile bookkeeping
+    block_interpreted: int = BLOCK_INTERPRETED  # the same in the interpreter (CPU tensors)
+    tiles_interpreted: int = 8  # tiles per row in the interpreter
+
+
+def row_tiles(n, rows, device, tiling):
+    """(BLOCK, tile, tiles per row) of a pass over n elements in each of `rows` rows: whole-block
+    tiles, about ``tiling.programs`` programs in all on a GPU."""
+    if device.type == "cpu":
+        block = min(tiling.block_interpreted, triton.next_power_of_2(max(n, 16)))
+        per_tile = triton.cdiv(triton.cdiv(n, block), tiling.tiles_interpreted)
+    else:
+        block = min(tiling.block, triton.next_power_of_2(max(n, 16)))
+        per_row = max(1, tiling.programs // rows)
+        per_tile = max(tiling.min_tile_blocks, triton.cdiv(triton.cdiv(n, block), per_row))
+    tile = block * per_tile
+    return block, tile, triton.cdiv(n, tile)
