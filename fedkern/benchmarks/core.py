@@ -1,53 +1,16 @@
-"""Benchmark cases: each fedkern op against the way a competent user writes it in eager PyTorch.
+"""The benchmark machinery: cases, the registry the op families fill, timing and the runner.
 
 A :class:`Case` names an op, a size and a dtype. ``case.setup(device)`` builds the inputs (fresh,
 from a fixed seed, so every run and both sides see the same data) and returns a :class:`Prepared`
 with the fedkern call, the eager baseline, the re-arming of mutated buffers and the bytes the op
 must move. :func:`run_case` times both sides interleaved, repetition by repetition, and reports
-medians. The same cases drive ``fedkern bench`` (fedkern.cli) and the pytest-benchmark suites in
-bench/.
-
-Eager baselines (``eager_*`` below; 1-D inputs, the indices unsorted as torch returns them):
-
-  topk_compress        i = x.abs().topk(k, sorted=False).indices; v = x[i]
-  randk_compress       i = torch.randperm(n)[:k]; v = x[i] * (n/k)
-  ef14_topk_           e.add_(g, alpha=lr); i = e.abs().topk(k, sorted=False).indices
-                       v = e[i]; e[i] = 0
-  ef21_topk_           d = g - s; i = d.abs().topk(k, sorted=False).indices; v = d[i]; s[i] += v
-  ef14_randk_          e.add_(g, alpha=lr); i = torch.randperm(n)[:k]; v = e[i]; e[i] = 0
-  ef21_randk_          i = torch.randperm(n)[:k]; v = g[i] - s[i]; s[i] += v
-  sparse_add_batched_  dense.index_add_(0, indices.flatten(), values.flatten(), alpha=a): one call
-                       over the m concatenated messages (faster than a Python loop of m calls)
-  microadam_step_      MicroAdam.step() on n parameters in 4 tensors (40/30/20/10%), default
-                       options, weight decay 0.01: against the same optimizer on the reference
-                       backend (plain PyTorch, the eager way to write MicroAdam)
-  coordinate_median    torch.median(X, dim=0).values on a stack X of m client vectors [m, n] (for
-                       even m torch returns the lower middle value; fedkern the mean of both)
-  trimmed_mean         X.sort(dim=0).values[f:m-f].mean(0), f = k = m // 4
-  krum                 D = torch.cdist(X, X) ** 2 (diagonal inf); scores = the n-f-2 smallest per
-                       row summed; X[scores.argmin()], f = k = m // 4
-  nnm                  D = torch.cdist(X, X) ** 2; the n-f nearest per row; W @ X with W the
-                       [m, m] averaging matrix of the neighbours (one sgemm), f = k = m // 4
-  geometric_median     a Python Weiszfeld loop: r = (X - z).norm(dim=1); w = 1 / r.clamp_min(nu);
-                       z = (w[:, None] * X).sum(0) / w.sum(), k = 8 iterations, nu = 0.1
-  centered_clip        a Python loop: u = X - v; s = (tau / u.norm(dim=1)).clamp(max=1);
-                       v = v + (s[:, None] * u).mean(0), k = 3 iterations, tau = 1
-  clip_rows_           norms = X.norm(dim=1); X.mul_((c / norms).clamp(max=1)[:, None])
-  diff_compress_clip   D = G_new - G_old; i = D.abs().topk(k, dim=1).indices; v = D.gather(1, i);
-                       v.mul_((c / v.norm(dim=1)).clamp(max=1)[:, None]), k = n // 100 per row
-  local_steps_vs_loop  one round of K = k local GD steps for n logistic-regression clients (d = 100
-                       features + bias, m = 50 samples each) by ClientBatch.local_steps_,
-                       against a Python loop over clients with torch.optim.SGD
-  local_steps_vs_vmap  the same round against K steps of torch.func.vmap(grad(loss)) (eager)
-  module_steps_vs_loop the same round for an MLP 20-32-10 (cross-entropy, m = 50 samples) by
-                       ModuleClients (torch.func + the fused clipping/update), against the loop
-  microadam_vs_adamw   the same fedkern step against torch.optim.AdamW (foreach=True on CPU,
-                       fused=True on CUDA) on the same parameters; the records also carry the
-                       optimizer state in bytes per parameter of both sides
+medians; :func:`run_suite` runs a list of cases. What each op is, how its inputs are built and which
+cases the suites hold is registered by its family's module (:func:`register`, :func:`cases`; see
+the package docstring).
 
 Fairness: the mutated buffer (EF error / state) is restored from a pristine copy before every
-repetition of either side, untimed; sparse_add_batched_ accumulates into its own dense buffer on
-both sides (the cost does not depend on the values). Rand-k calls advance ``step`` every call, as
+repetition of either side, untimed; ops that accumulate do so into their own buffer on both sides
+(the cost does not depend on the values). Calls that draw randomness advance ``step`` every call, as
 training does. Timing: warm-up, then fedkern and eager alternate; per repetition, CUDA events
 around the call on a synchronized device (CPU: perf_counter). ``ratio = eager / fedkern`` (> 1:
 fedkern is faster); ``GB/s = bytes / fedkern time`` with ``bytes`` the traffic the op cannot avoid
@@ -64,7 +27,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import importlib
-import itertools
 import math
 import statistics
 import time
@@ -76,144 +38,10 @@ import torch
 import fedkern
 
 SEED = 1234
-LR = 0.5
-ALPHA = 1.0
-M_MESSAGES = 16
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
-
-FAMILY = {
-    "topk_compress": "topk",
-    "ef14_topk_": "topk",
-    "ef21_topk_": "topk",
-    "randk_compress": "randk",
-    "ef14_randk_": "randk",
-    "ef21_randk_": "randk",
-    "sparse_add_batched_": "sparse",
-    "microadam_step_": "microadam",
-    "microadam_vs_adamw": "microadam",
-    "coordinate_median": "robust",
-    "trimmed_mean": "robust",
-    "krum": "gram",
-    "nnm": "rowops",
-    "geometric_median": "rowops",
-    "centered_clip": "rowops",
-    "clip_rows_": "rowops",
-    "diff_compress_clip": "diffclip",
-    "local_steps_vs_loop": "clients",
-    "local_steps_vs_vmap": "clients",
-    "module_steps_vs_loop": "clients",
-}
-#: Cases over a stack of m client vectors of n coordinates (m is shown next to n).
-STACKED = ("local_steps_vs_loop", "local_steps_vs_vmap", "module_steps_vs_loop",
-           "sparse_add_batched_", "coordinate_median", "trimmed_mean", "krum", "nnm",
-           "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip")  # fmt: skip
-#: Benchmark cases that time an op under another name (a second baseline, or the kernel op that
-#: does the heavy work of a composed function).
-IMPL_OP = {
-    "microadam_vs_adamw": "microadam_step_",
-    "krum": "gram",
-    "nnm": "gather_mean",
-    "diff_compress_clip": "diff_topk_clip",
-    "local_steps_vs_loop": "local_steps_",
-    "local_steps_vs_vmap": "local_steps_",
-    "module_steps_vs_loop": "local_steps_",
-}
-#: Ops whose fedkern kernel must read the whole input (compared with one read at copy bandwidth).
-FULL_PASS = ("topk_compress", "ef14_topk_", "ef21_topk_", "ef14_randk_")
-
-EAGER = {
-    "topk_compress": "x.abs().topk(k, sorted=False) + x[i]",
-    "randk_compress": "x[randperm(n)[:k]] * (n/k)",
-    "ef14_topk_": "e.add_(g, alpha=lr); topk(e.abs()); v = e[i]; e[i] = 0",
-    "ef21_topk_": "d = g - s; topk(d.abs()); v = d[i]; s[i] += v",
-    "ef14_randk_": "e.add_(g, alpha=lr); i = randperm(n)[:k]; v = e[i]; e[i] = 0",
-    "ef21_randk_": "i = randperm(n)[:k]; v = g[i] - s[i]; s[i] += v",
-    "sparse_add_batched_": "dense.index_add_(0, I.flatten(), V.flatten(), alpha=a) (one call)",
-    "microadam_step_": "MicroAdam.step() on the reference backend (plain PyTorch)",
-    "microadam_vs_adamw": "torch.optim.AdamW.step() (foreach=True on CPU, fused=True on CUDA)",
-    "coordinate_median": "torch.median(X, dim=0).values",
-    "trimmed_mean": "X.sort(dim=0).values[f:m-f].mean(0)",
-    "krum": "torch.cdist(X, X)**2 -> scores -> X[argmin]",
-    "nnm": "torch.cdist(X, X)**2 -> neighbours -> W @ X",
-    "geometric_median": "Python Weiszfeld loop, 8 iterations",
-    "centered_clip": "Python centered-clipping loop, 3 iterations",
-    "clip_rows_": "X.mul_((c / X.norm(dim=1)).clamp(max=1)[:, None])",
-    "diff_compress_clip": "D = G_new - G_old; D.abs().topk(k, dim=1); gather; clip",
-    "local_steps_vs_loop": "for each client: torch.optim.SGD, K x (loss, backward, step)",
-    "local_steps_vs_vmap": "K x torch.func.vmap(torch.func.grad(loss)) over the stacked clients",
-    "module_steps_vs_loop": "MLP: for each client: torch.optim.SGD, K x (loss, backward, step)",
-}
-
-
-# --------------------------------------------------------------------------- eager baselines
-
-
-def _perm(n: int, k: int, device) -> torch.Tensor:
-    return torch.randperm(n, device=device)[:k]
-
-
-def eager_topk(x: torch.Tensor, k: int):
-    """(values, indices) of the k largest |x|, the way eager PyTorch does it."""
-    i = x.abs().topk(k, sorted=False).indices
-    return x[i], i
-
-
-def eager_randk(x: torch.Tensor, k: int, *, unbiased: bool = True, indices=None):
-    """Rand-k through randperm; ``indices`` replaces the draw (tests compare like with like)."""
-    n = x.numel()
-    i = _perm(n, k, x.device) if indices is None else indices
-    v = x[i]
-    return (v * (n / k) if unbiased else v), i
-
-
-def eager_ef14_topk_(g, e, k: int, *, lr: float = 1.0):
-    """Classic error feedback with top-k in eager PyTorch; mutates ``e``."""
-    e.add_(g, alpha=lr)
-    i = e.abs().topk(k, sorted=False).indices
-    v = e[i]
-    e[i] = 0
-    return v, i
-
-
-def eager_ef21_topk_(g, s, k: int):
-    """EF21 with top-k in eager PyTorch; mutates ``s``."""
-    d = g - s
-    i = d.abs().topk(k, sorted=False).indices
-    v = d[i]
-    s[i] += v
-    return v, i
-
-
-def eager_ef14_randk_(g, e, k: int, *, lr: float = 1.0, unbiased: bool = False, indices=None):
-    """Classic error feedback with rand-k (randperm) in eager PyTorch; mutates ``e``."""
-    n = e.numel()
-    e.add_(g, alpha=lr)
-    i = _perm(n, k, e.device) if indices is None else indices
-    if unbiased:
-        v = e[i] * (n / k)
-        e[i] -= v
-    else:
-        v = e[i]
-        e[i] = 0
-    return v, i
-
-
-def eager_ef21_randk_(g, s, k: int, *, unbiased: bool = False, indices=None):
-    """EF21 with rand-k (randperm) in eager PyTorch; mutates ``s``."""
-    n = s.numel()
-    i = _perm(n, k, s.device) if indices is None else indices
-    v = g[i] - s[i]
-    if unbiased:
-        v = v * (n / k)
-    s[i] += v
-    return v, i
-
-
-def eager_sparse_add_batched_(dense, values, indices, *, alpha: float = 1.0):
-    """m sparse messages into ``dense`` with one index_add_ over the concatenated messages."""
-    return dense.index_add_(0, indices.reshape(-1), values.reshape(-1), alpha=alpha)
+SUITES = ("quick", "full", "custom")
 
 
 # --------------------------------------------------------------------------- cases
@@ -232,11 +60,14 @@ class Prepared:
     extra: dict = field(default_factory=dict)  # merged into the result record
 
 
-def _nothing() -> None:
+def nothing() -> None:
+    """A re-arm that does nothing (the op does not mutate, or its cost does not depend on it)."""
     return None
 
 
-def _restore(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+def restore(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+    """A re-arm that copies ``src`` back into the mutated buffer ``dst``."""
+
     def rearm() -> None:
         dst.copy_(src)
 
@@ -247,7 +78,8 @@ def _restore(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
 class Case:
     """One benchmark: ``op`` on ``n`` elements (the dense size for sparse ops), keep ``k``.
 
-    For ``sparse_add_batched_``, ``m`` messages of ``k`` entries each go into a dense [n] vector.
+    ``m``: the number of client vectors (or messages) for the ops over a stack of them; what ``k``
+    means for each op is in its family's module docstring.
     """
 
     op: str
@@ -257,8 +89,12 @@ class Case:
     m: int = 1
 
     @property
+    def spec(self) -> Bench:
+        return spec(self.op)
+
+    @property
     def family(self) -> str:
-        return FAMILY[self.op]
+        return self.spec.family
 
     @property
     def dtype_name(self) -> str:
@@ -267,36 +103,25 @@ class Case:
     @property
     def id(self) -> str:
         """Unique, filterable name, e.g. ``topk_compress-n1e7-k1e5-fp32``."""
-        m = f"-m{self.m}" if self.op in STACKED else ""
+        m = f"-m{self.m}" if self.spec.stacked else ""
         return f"{self.op}-n{fmt_n(self.n)}{m}-k{fmt_n(self.k)}-{self.dtype_name}"
 
     @property
     def eager_desc(self) -> str:
-        return EAGER[self.op]
+        return self.spec.eager
 
     def full_pass(self) -> bool:
-        return self.op in FULL_PASS
+        return self.spec.full_pass
 
     def footprint(self) -> int:
         """Rough bytes both sides need at once (inputs, copies, eager temporaries)."""
-        es = self.dtype.itemsize
-        if self.op == "sparse_add_batched_":
-            return 2 * self.n * es + self.m * self.k * (es + 8) * 3
-        if self.family == "robust":  # X, the sorted copy and its int64 indices, fp32 temps
-            return self.m * self.n * (2 * es + 8 + 8)
-        if self.family == "clients":  # the packed data (float64 oracle copy included)
-            return self.n * self.m * (CLIENT_DIM + 2) * 16
-        if self.family in ("gram", "rowops", "diffclip"):  # X (two for differences), temporaries
-            return self.m * self.n * (4 * es + 8)
-        if self.family == "microadam":  # params + grads twice, AdamW moments, reference temps
-            return 4 * self.n * es + 8 * self.n + 40 * self.n
-        return 6 * self.n * es + 2 * self.n * 8  # buffers + abs/diff temps + randperm's int64s
+        return self.spec.footprint(self)
 
     def setup(self, device) -> Prepared:
         """Fresh inputs from a fixed seed on ``device`` and the two calls over them."""
         device = torch.device(device)
         gen = torch.Generator(device=device).manual_seed(SEED)
-        return _SETUP[self.op](self, device, gen)
+        return self.spec.setup(self, device, gen)
 
 
 def fmt_n(n: int) -> str:
@@ -309,11 +134,17 @@ def fmt_n(n: int) -> str:
     return str(n)
 
 
-def _randn(n, case: Case, device, gen, scale: float = 1.0) -> torch.Tensor:
+def randn(n: int, case: Case, device, gen, scale: float = 1.0) -> torch.Tensor:
+    """n standard normal values (times ``scale``) in the case's dtype, drawn as float32 from gen."""
     x = torch.randn(n, generator=gen, device=device, dtype=torch.float32)
     if scale != 1.0:
         x.mul_(scale)
     return x.to(case.dtype)
+
+
+def k_of(n: int) -> int:
+    """k of the 1-D ops: 1% of n (at least 1)."""
+    return max(1, n // 100)
 
 
 def min_bytes(case: Case, touched: int | None = None) -> int:
@@ -321,468 +152,167 @@ def min_bytes(case: Case, touched: int | None = None) -> int:
 
     ``touched`` (sparse_add_batched_ only) is the number of distinct dense entries the messages hit.
     """
-    n, k, es = case.n, case.k, case.dtype.itemsize
-    out = k * (es + 8)  # values + int64 indices written
-    return {
-        "topk_compress": n * es + out,
-        "randk_compress": k * es + out,  # gathers k entries
-        "ef14_topk_": 3 * n * es + out,  # read g, read + write e
-        "ef21_topk_": 2 * n * es + k * es + out,  # read g, s; write s at k entries
-        "ef14_randk_": 3 * n * es + out,
-        "ef21_randk_": 3 * k * es + out,  # g[I], s[I] read, s[I] written
-        "sparse_add_batched_": case.m * k * (es + 8) + 2 * (touched or 0) * es,
-        "coordinate_median": case.m * n * es + n * es,  # read the stack, write one vector
-        "trimmed_mean": case.m * n * es + n * es,
-        "krum": case.m * n * es,  # one read for the Gram matrix (the winner's copy is small)
-        "nnm": 2 * case.m * n * es,  # read the stack, write the mixed stack
-        "geometric_median": 2 * k * case.m * n * es,  # two reads per iteration
-        "centered_clip": 2 * k * case.m * n * es,
-        "clip_rows_": 3 * case.m * n * es,  # read for the norms, read + write to scale
-        "diff_compress_clip": 2 * case.m * n * es + case.m * k * (es + 8),
-        # the data once per local step (it stays in cache between steps on a CPU)
-        "local_steps_vs_loop": n * case.m * (CLIENT_DIM + 2) * 4,
-        "local_steps_vs_vmap": n * case.m * (CLIENT_DIM + 2) * 4,
-        "module_steps_vs_loop": n * case.m * (MLP[0] + 1) * 4,
-        "microadam_step_": microadam_bytes_moved(n, es),
-        "microadam_vs_adamw": microadam_bytes_moved(n, es),
-    }[case.op]
+    fn = case.spec.nbytes
+    return fn(case) if touched is None else fn(case, touched)
 
 
-def microadam_bytes_moved(n: int, es: int, *, m: int = 10, k: int = 41, block: int = 4096,
-                          bucket: int = 256, decay: bool = True) -> int:  # fmt: skip
-    """Bytes one MicroAdam step must move for n parameters of ``es`` bytes: read the gradient,
-    read and write the 4-bit error feedback and its bucket statistics, write one window row,
-    read the whole window, and read + write the parameters (only the window's entries when
-    there is no weight decay)."""
-    stats = 2 * 2 * 4 * n // bucket
-    window_row = n * k // block * 4
-    params = 2 * n * es if decay else 2 * m * window_row // 4 * es
-    return n * es + n + stats + window_row + m * window_row + params
+LR = 0.5  # lr of the EF14 cases
 
 
-def _setup_topk(case, device, gen):
-    x = _randn(case.n, case, device, gen)
-    return Prepared(
-        fedkern=lambda: fedkern.topk_compress(x, case.k),
-        eager=lambda: eager_topk(x, case.k),
-        rearm_fedkern=_nothing,
-        rearm_eager=_nothing,
-        nbytes=min_bytes(case),
-        tensors={"x": x},
-    )
-
-
-def _setup_randk(case, device, gen):
-    x = _randn(case.n, case, device, gen)
-    step = itertools.count()
-    return Prepared(
-        fedkern=lambda: fedkern.randk_compress(x, case.k, seed=SEED, step=next(step)),
-        eager=lambda: eager_randk(x, case.k, unbiased=True),
-        rearm_fedkern=_nothing,
-        rearm_eager=_nothing,
-        nbytes=min_bytes(case),
-        tensors={"x": x},
-    )
-
-
-def _setup_feedback(case, device, gen):
-    g = _randn(case.n, case, device, gen)
-    buf0 = _randn(case.n, case, device, gen, 0.1 if case.op.startswith("ef14") else 1.0)
+def prepare_feedback(case: Case, device, gen, fedkern_step, eager_step) -> Prepared:
+    """The inputs of an error-feedback case (topk and randk): grad g and the mutated buffer (EF14:
+    the error, scaled by 0.1; EF21: the state), one copy per side, restored before every
+    repetition; ``fedkern_step(g, buf)`` / ``eager_step(g, buf)`` are the two calls."""
+    g = randn(case.n, case, device, gen)
+    buf0 = randn(case.n, case, device, gen, 0.1 if case.op.startswith("ef14") else 1.0)
     b_fk, b_eg = buf0.clone(), buf0.clone()
-    k, step = case.k, itertools.count()
-    fk, eg = {
-        "ef14_topk_": (
-            lambda: fedkern.ef14_topk_(g, b_fk, k, lr=LR),
-            lambda: eager_ef14_topk_(g, b_eg, k, lr=LR),
-        ),
-        "ef21_topk_": (
-            lambda: fedkern.ef21_topk_(g, b_fk, k),
-            lambda: eager_ef21_topk_(g, b_eg, k),
-        ),
-        "ef14_randk_": (
-            lambda: fedkern.ef14_randk_(g, b_fk, k, seed=SEED, step=next(step), lr=LR),
-            lambda: eager_ef14_randk_(g, b_eg, k, lr=LR),
-        ),
-        "ef21_randk_": (
-            lambda: fedkern.ef21_randk_(g, b_fk, k, seed=SEED, step=next(step)),
-            lambda: eager_ef21_randk_(g, b_eg, k),
-        ),
-    }[case.op]
     return Prepared(
-        fedkern=fk,
-        eager=eg,
-        rearm_fedkern=_restore(b_fk, buf0),
-        rearm_eager=_restore(b_eg, buf0),
+        fedkern=lambda: fedkern_step(g, b_fk),
+        eager=lambda: eager_step(g, b_eg),
+        rearm_fedkern=restore(b_fk, buf0),
+        rearm_eager=restore(b_eg, buf0),
         nbytes=min_bytes(case),
         tensors={"grad": g, "buf0": buf0, "buf_fedkern": b_fk, "buf_eager": b_eg},
     )
 
 
-def sparse_indices(d: int, m: int, k: int, gen, device) -> torch.Tensor:
-    """[m, k] int64, each row k distinct ascending indices in [0, d), uniformly spread."""
-    rows = []
-    for _ in range(m):
-        cand = torch.unique(torch.randint(d, (k + k // 8 + 16,), generator=gen, device=device))
-        while cand.numel() < k:  # only when k is close to d
-            more = torch.randint(d, (k,), generator=gen, device=device)
-            cand = torch.unique(torch.cat([cand, more]))
-        keep = torch.randperm(cand.numel(), generator=gen, device=device)[:k]
-        rows.append(cand[keep.sort().values])
-    return torch.stack(rows)
+def dense_cases(ops: Iterable[str], suite: str, device, sizes, *, big=(10**8, 10**9)):
+    """The cases of 1-D ops (k = 1%): quick n = 1e6 and 1e7 fp32; full adds bf16 at those sizes
+    and, on CUDA, ``big`` in both dtypes; custom: ``sizes`` in fp32."""
+    f32, b16 = torch.float32, torch.bfloat16
+    if suite == "custom":
+        return [Case(op, n, k_of(n), f32) for n in sizes for op in ops]
+    if suite == "quick":
+        return [Case(op, n, k_of(n), f32) for n in (10**6, 10**7) for op in ops]
+    big = big if torch.device(device).type == "cuda" else ()
+    out = [Case(op, n, k_of(n), f32) for n in big for op in ops]
+    return out + [Case(op, n, k_of(n), b16) for n in (10**6, 10**7, *big) for op in ops]
 
 
-def _setup_sparse(case, device, gen):
-    dense0 = _randn(case.n, case, device, gen)
-    d_fk, d_eg = dense0, dense0.clone()
-    values = _randn(case.m * case.k, case, device, gen).view(case.m, case.k)
-    indices = sparse_indices(case.n, case.m, case.k, gen, device)
-    touched = int(torch.unique(indices).numel())
-    return Prepared(
-        fedkern=lambda: fedkern.sparse_add_batched_(d_fk, values, indices, alpha=ALPHA),
-        eager=lambda: eager_sparse_add_batched_(d_eg, values, indices, alpha=ALPHA),
-        rearm_fedkern=_nothing,  # both sides accumulate, each into its own buffer
-        rearm_eager=_nothing,
-        nbytes=min_bytes(case, touched),
-        tensors={"dense_fedkern": d_fk, "dense_eager": d_eg, "values": values, "indices": indices},
-    )
-
-
-def _setup_robust(case, device, gen):
-    x = _randn(case.m * case.n, case, device, gen).view(case.m, case.n)
-    m, f = case.m, case.k
-    if case.op == "coordinate_median":
-        fk = lambda: fedkern.robust.coordinate_median(x)  # noqa: E731
-        eg = lambda: torch.median(x, dim=0).values  # noqa: E731
+def stack_cases(ks: dict, suite: str, sizes, *, quick_m: int = 16) -> list[Case]:
+    """fp32 cases over a stack of m client vectors of d coordinates: quick d = 1e6 with m =
+    ``quick_m``; full m = 16, 64, 256 for d = 1e5, 1e6; custom d in ``sizes`` with m = 16.
+    ``ks[op](d, m)`` is the k of op's case."""
+    if suite == "custom":
+        grid = [(n, 16) for n in sizes]
+    elif suite == "quick":
+        grid = [(10**6, quick_m)]
     else:
-        fk = lambda: fedkern.robust.trimmed_mean(x, f)  # noqa: E731
-        eg = lambda: x.sort(dim=0).values[f : m - f].mean(0)  # noqa: E731
-    return Prepared(
-        fedkern=fk, eager=eg, rearm_fedkern=_nothing, rearm_eager=_nothing,
-        nbytes=min_bytes(case), tensors={"x": x},
-    )  # fmt: skip
+        grid = [(d, m) for m in (16, 64, 256) for d in (10**5, 10**6)]
+    return [Case(op, d, k(d, m), torch.float32, m) for d, m in grid for op, k in ks.items()]
 
 
-def _setup_rows(case, device, gen):
-    """Krum, NNM, Weiszfeld, centered clipping, row clipping and difference-compress-clip."""
-    from fedkern import robust as R
-
-    m, d, k = case.m, case.n, case.k
-    x = _randn(m * d, case, device, gen).view(m, d)
-    tensors = {"x": x}
-    rearm_fk = rearm_eg = _nothing
-
-    def sqdist():
-        D = torch.cdist(x.float(), x.float()) ** 2
-        return D.fill_diagonal_(math.inf)
-
-    if case.op == "krum":
-        fk = lambda: R.krum(x, k)  # noqa: E731
-
-        def eg():
-            scores = sqdist().topk(m - k - 2, dim=1, largest=False).values.sum(1)
-            return x[scores.argmin()]
-
-    elif case.op == "nnm":
-        fk = lambda: R.nnm(x, k)  # noqa: E731
-
-        def eg():
-            D = sqdist().fill_diagonal_(-1.0)
-            near = D.topk(m - k, dim=1, largest=False).indices
-            W = torch.zeros(m, m, device=device).scatter_(1, near, 1.0 / (m - k))
-            return (W @ x.float()).to(x.dtype)
-
-    elif case.op == "geometric_median":
-        fk = lambda: R.geometric_median(x, iters=k, nu=0.1)  # noqa: E731
-
-        def eg():
-            xf, z = x.float(), torch.zeros(d, device=device)
-            for _ in range(k):
-                w = 1 / (xf - z).norm(dim=1).clamp_min(0.1)
-                z = (w[:, None] * xf).sum(0) / w.sum()
-            return z.to(x.dtype)
-
-    elif case.op == "centered_clip":
-        fk = lambda: R.centered_clip(x, tau=1.0, iters=k)  # noqa: E731
-
-        def eg():
-            xf, v = x.float(), torch.zeros(d, device=device)
-            for _ in range(k):
-                u = xf - v
-                v = v + ((1.0 / u.norm(dim=1)).clamp(max=1)[:, None] * u).mean(0)
-            return v.to(x.dtype)
-
-    elif case.op == "clip_rows_":
-        pristine = x.clone()
-        y = x.clone()
-        bound = math.sqrt(d) / 2  # about half the rows' norm: every row is scaled
-        tensors.update(y=y, pristine=pristine)
-        rearm_fk, rearm_eg = _restore(x, pristine), _restore(y, pristine)
-        fk = lambda: R.clip_rows_(x, bound)  # noqa: E731
-
-        def eg():
-            y.mul_((bound / y.float().norm(dim=1)).clamp(max=1)[:, None].to(y.dtype))
-
-    else:  # diff_compress_clip with top-k
-        from fedkern.compress import TopK
-
-        old = _randn(m * d, case, device, gen).view(m, d)
-        tensors["old"] = old
-        bound = 1.0
-        fk = lambda: R.diff_compress_clip(x, old, TopK(k), bound)  # noqa: E731
-
-        def eg():
-            D = x - old
-            i = D.abs().topk(k, dim=1, sorted=False).indices
-            v = D.gather(1, i)
-            v.mul_((bound / v.float().norm(dim=1)).clamp(max=1)[:, None].to(v.dtype))
-            return v, i
-
-    return Prepared(
-        fedkern=fk, eager=eg, rearm_fedkern=rearm_fk, rearm_eager=rearm_eg,
-        nbytes=min_bytes(case), tensors=tensors,
-    )  # fmt: skip
+def stack_of(case: Case, device, gen) -> torch.Tensor:
+    """The case's stack X [m, n] of client vectors (randn)."""
+    return randn(case.m * case.n, case, device, gen).view(case.m, case.n)
 
 
-CLIENT_OPS_NAMES = ("local_steps_vs_loop", "local_steps_vs_vmap", "module_steps_vs_loop")
-CLIENT_DIM = 100  # logistic-regression features per sample (plus a bias column)
-MLP = (20, 32, 10)  # the generic-path model: in, hidden, classes
+def rows_footprint(case: Case) -> int:
+    """X (two for differences) and the eager temporaries of a whole-row aggregator."""
+    return case.m * case.n * (4 * case.dtype.itemsize + 8)
 
 
-def _setup_clients(case, device, gen):
-    """One round of K local GD steps for n clients of m samples each (see EAGER)."""
-    from fedkern.clients import ClientBatch, ModuleClients
-    from fedkern.problems import Problem
-
-    n, K, m = case.n, case.k, case.m
-    gamma = 0.1
-    parts = [torch.arange(i * m, (i + 1) * m) for i in range(n)]
-    if case.op == "module_steps_vs_loop":
-        torch.manual_seed(SEED)
-        model = torch.nn.Sequential(torch.nn.Linear(MLP[0], MLP[1]), torch.nn.Tanh(),
-                                    torch.nn.Linear(MLP[1], MLP[2])).to(device)  # fmt: skip
-        inputs = torch.randn(n * m, MLP[0], generator=gen, device=device)
-        targets = torch.randint(0, MLP[2], (n * m,), generator=gen, device=device)
-
-        def loss(out, tgt):
-            return torch.nn.functional.cross_entropy(out, tgt, reduction="none")
-
-        mc = ModuleClients(model, loss, inputs, targets, parts)
-        X0 = mc.flat().expand(n, -1).contiguous()
-        X = X0.clone()
-        fk = lambda: mc.local_steps_(X, gamma=gamma, steps=K)  # noqa: E731
-        local = [torch.nn.Sequential(torch.nn.Linear(MLP[0], MLP[1]), torch.nn.Tanh(),
-                                     torch.nn.Linear(MLP[1], MLP[2])).to(device)
-                 for _ in range(2)]  # fmt: skip
-
-        def eg():
-            for i in range(n):
-                net = local[i % 2]
-                net.load_state_dict(model.state_dict())
-                opt = torch.optim.SGD(net.parameters(), lr=gamma)
-                xi, ti = inputs[i * m : (i + 1) * m], targets[i * m : (i + 1) * m]
-                for _ in range(K):
-                    opt.zero_grad()
-                    torch.nn.functional.cross_entropy(net(xi), ti).backward()
-                    opt.step()
-
-        return Prepared(fedkern=fk, eager=eg, rearm_fedkern=_restore(X, X0), rearm_eager=_nothing,
-                        nbytes=min_bytes(case), tensors={"X": X})  # fmt: skip
-    d = CLIENT_DIM + 1
-    A = torch.randn(n * m, d, generator=gen, dtype=torch.float64)
-    A[:, -1] = 1.0
-    y = (torch.rand(n * m, generator=gen) < 0.5).double()
-    problem = Problem(A.cpu(), y.cpu(), parts, "logistic", 1e-3)
-    batch = ClientBatch(problem, device=device)
-    X0 = torch.zeros(n, d, device=device)
-    X = X0.clone()
-    fk = lambda: batch.local_steps_(X, gamma=gamma, steps=K)  # noqa: E731
-    Af, yf = batch.A.view(n, m, d), batch.y.view(n, m)
-    l2 = problem.l2
-    if case.op == "local_steps_vs_vmap":
-        from torch.func import grad, vmap
-
-        def objective(x, a, t):
-            z = a @ x
-            return torch.nn.functional.binary_cross_entropy_with_logits(z, t) + 0.5 * l2 * (x @ x)
-
-        step = vmap(grad(objective))
-        Y = X0.clone()
-
-        def eg():
-            for _ in range(K):
-                Y.sub_(step(Y, Af, yf), alpha=gamma)
-
-        rearm_eg = _restore(Y, X0)
-    else:
-        W = [torch.nn.Linear(d, 1, bias=False).to(device) for _ in range(2)]
-
-        def eg():
-            for i in range(n):
-                lin = W[i % 2]
-                with torch.no_grad():
-                    lin.weight.zero_()
-                opt = torch.optim.SGD(lin.parameters(), lr=gamma, weight_decay=l2)
-                for _ in range(K):
-                    opt.zero_grad()
-                    z = lin(Af[i])[:, 0]
-                    torch.nn.functional.binary_cross_entropy_with_logits(z, yf[i]).backward()
-                    opt.step()
-
-        rearm_eg = _nothing
-    return Prepared(fedkern=fk, eager=eg, rearm_fedkern=_restore(X, X0), rearm_eager=rearm_eg,
-                    nbytes=min_bytes(case), tensors={"X": X, "A": Af})  # fmt: skip
+# --------------------------------------------------------------------------- registry
 
 
-MICROADAM_SPLIT = (0.4, 0.3, 0.2, 0.1)
+def _dense_footprint(case: Case) -> int:
+    """Buffers + abs/diff temporaries + randperm's int64s of a 1-D op."""
+    return 6 * case.n * case.dtype.itemsize + 2 * case.n * 8
 
 
-def _setup_microadam(case, device, gen):
-    from fedkern.optim import MicroAdam
+@dataclass(frozen=True)
+class Bench:
+    """What the registry knows about one benchmarked op (see :func:`register`)."""
 
-    sizes = [int(case.n * f) for f in MICROADAM_SPLIT]
-    sizes[0] += case.n - sum(sizes)
-    init = [_randn(s, case, device, gen) for s in sizes]
-    grads = [_randn(s, case, device, gen, 1e-2) for s in sizes]
-
-    def params():
-        out = [torch.nn.Parameter(x.clone()) for x in init]
-        for p, g in zip(out, grads, strict=True):
-            p.grad = g
-        return out
-
-    opts = {"lr": 1e-3, "weight_decay": 0.01}
-    fk = MicroAdam(params(), **opts)
-    if case.op == "microadam_step_":
-        eg = MicroAdam(params(), **opts)
-
-        def eager() -> None:
-            with fedkern.backend("reference"):
-                eg.step()
-
-    else:
-        flag = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        eg = torch.optim.AdamW(params(), **opts, **flag)
-        eager = eg.step
-    fk.step()  # allocate the state outside the timed calls
-    eager()
-
-    def state_bytes(opt) -> int:
-        return sum(t.numel() * t.element_size() for st in opt.state.values()
-                   for t in st.values() if isinstance(t, torch.Tensor))  # fmt: skip
-
-    return Prepared(
-        fedkern=fk.step,
-        eager=eager,
-        rearm_fedkern=_nothing,  # a step costs the same whatever the parameter values
-        rearm_eager=_nothing,
-        nbytes=min_bytes(case),
-        tensors={"grads": grads, "fedkern_optimizer": fk, "eager_optimizer": eg},
-        extra={
-            "state_bytes_per_param": state_bytes(fk) / case.n,
-            "eager_state_bytes_per_param": state_bytes(eg) / case.n,
-        },  # fmt: skip
-    )
+    op: str
+    family: str
+    setup: Callable[[Case, torch.device, torch.Generator], Prepared]
+    eager: str
+    nbytes: Callable[..., int]
+    position: int
+    by_size: bool = True
+    stacked: bool = False
+    impl_op: str | None = None
+    full_pass: bool = False
+    footprint: Callable[[Case], int] = _dense_footprint
+    ops_module: str | None = None
 
 
-_SETUP = {
-    "topk_compress": _setup_topk,
-    "randk_compress": _setup_randk,
-    "ef14_topk_": _setup_feedback,
-    "ef21_topk_": _setup_feedback,
-    "ef14_randk_": _setup_feedback,
-    "ef21_randk_": _setup_feedback,
-    "sparse_add_batched_": _setup_sparse,
-    "microadam_step_": _setup_microadam,
-    "microadam_vs_adamw": _setup_microadam,
-    "coordinate_median": _setup_robust,
-    "trimmed_mean": _setup_robust,
-    **dict.fromkeys(
-        ("krum", "nnm", "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip"),
-        _setup_rows,
-    ),  # fmt: skip
-    **dict.fromkeys(CLIENT_OPS_NAMES, _setup_clients),
-}
-
-OPS = tuple(_SETUP)
+_REGISTRY: dict[str, Bench] = {}
+_CASES: dict[str, Callable[[str, torch.device, list[int] | None], list[Case]]] = {}
 
 
-def _k_of(n: int) -> int:
-    return max(1, n // 100)
+def register(op: str, *, family: str, setup, eager: str, nbytes, position: int,
+             by_size: bool = True, stacked: bool = False, impl_op: str | None = None,
+             full_pass: bool = False, footprint=None,
+             ops_module: str | None = None) -> Bench:  # fmt: skip
+    """Registers the benchmarked op ``op`` (the ``case`` name in the records; see the package
+    docstring for every argument). Registering a name twice is an error."""
+    if op in _REGISTRY:
+        raise ValueError(f"benchmark op {op!r} is registered twice")
+    if any(b.position == position for b in _REGISTRY.values()):
+        raise ValueError(f"benchmark position {position} of {op!r} is taken")
+    b = Bench(op, family, setup, eager, nbytes, position, by_size, stacked, impl_op, full_pass,
+              footprint or _dense_footprint, ops_module)  # fmt: skip
+    _REGISTRY[op] = b
+    return b
 
 
-MICROADAM_OPS = ("microadam_step_", "microadam_vs_adamw")
-CLIENT_OPS = CLIENT_OPS_NAMES
-CLIENTS_CASE = (1000, 10, 50)  # n clients, K local steps, m samples per client
-ROBUST_OPS = ("coordinate_median", "trimmed_mean")
-ROW_OPS = ("krum", "nnm", "geometric_median", "centered_clip", "clip_rows_", "diff_compress_clip")
-#: k of the row cases: f for Krum / NNM, iterations for Weiszfeld / centered clipping, 1% of the
-#: row for difference-compress-clip.
-ROW_K = {
-    "krum": lambda d, m: m // 4,
-    "nnm": lambda d, m: m // 4,
-    "geometric_median": lambda d, m: 8,
-    "centered_clip": lambda d, m: 3,
-    "clip_rows_": lambda d, m: 0,
-    "diff_compress_clip": lambda d, m: max(1, d // 100),
-}
-MICROADAM_K = 41  # keep_count(0.01, 4096): the default density and block size
+def cases(family: str):
+    """Decorator: ``fn(suite, device, sizes) -> list[Case]`` gives the family's cases of a suite
+    (see the package docstring); one function per family."""
+
+    def deco(fn):
+        if family in _CASES:
+            raise ValueError(f"benchmark family {family!r} registers its cases twice")
+        _CASES[family] = fn
+        return fn
+
+    return deco
+
+
+def spec(op: str) -> Bench:
+    """The registry entry of ``op``."""
+    try:
+        return _REGISTRY[op]
+    except KeyError:
+        raise KeyError(f"no benchmark op {op!r}; registered: {', '.join(ops())}") from None
+
+
+def ops() -> tuple[str, ...]:
+    """Every registered op, in suite position order."""
+    return tuple(sorted(_REGISTRY, key=lambda op: _REGISTRY[op].position))
+
+
+def _order(case: Case) -> tuple:
+    """Run order: the by-size ops' cases size by size (at one size in position order, fp32 before
+    bf16), then the other cases in position order (a family's own order among equal positions)."""
+    b = case.spec
+    if b.by_size:
+        return (0, case.n, b.position, case.dtype != torch.float32)
+    return (1, b.position)
 
 
 def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | None = None):
     """The benchmark cases, in the order they run.
 
-    Quick: n = 1e6 and 1e7 fp32, k = 1% (plus bf16 at 1e7 for topk_compress),
-    sparse_add_batched_ of 16 messages of 1e5 entries into 1e7, and a MicroAdam step on 1e7 fp32
-    parameters against both baselines. ``full`` adds bf16 everywhere and, on CUDA, n = 1e8 and 1e9
-    (fp32 first; MicroAdam up to 1e8). ``sizes`` replaces the sizes of the quick suite (k = 1%,
-    sparse: 16 messages into n), for smoke tests.
+    Quick: every family's quick cases (see the package docstring for the current ones). ``full``
+    runs the quick suite first, then every family's further cases (bf16 everywhere; on CUDA the
+    sizes 1e8 and 1e9). ``sizes`` replaces the quick suite by the families' "custom" cases at those
+    sizes (k = 1%), for smoke tests. Order: :func:`_order`, within the quick part and within the
+    part that ``full`` adds.
     """
-    f32, b16 = torch.float32, torch.bfloat16
-    special = (*STACKED, *MICROADAM_OPS)
-    dense_ops = [op for op in OPS if op not in special]
-    n_c, k_c, m_c = CLIENTS_CASE
-    clients = [Case(op, n_c, k_c, f32, m_c) for op in CLIENT_OPS]
-
-    def micro(n, dtype):
-        return [Case(op, n, MICROADAM_K, dtype) for op in MICROADAM_OPS]
-
-    def robust(d, m, dtype, rows_m=None):
-        cases = [Case(op, d, m // 4 if op == "trimmed_mean" else 0, dtype, m) for op in ROBUST_OPS]
-        rm = m if rows_m is None else rows_m
-        return cases + [Case(op, d, ROW_K[op](d, rm), dtype, rm) for op in ROW_OPS]
-
+    dev = torch.device(device)
+    families = sorted(_CASES)
     if sizes is not None:
         sizes = [int(s) for s in sizes]
-        cases = [Case(op, n, _k_of(n), f32) for n in sizes for op in dense_ops]
-        cases += [Case("sparse_add_batched_", n, _k_of(n), f32, M_MESSAGES) for n in sizes]
-        cases += [c for n in sizes for c in micro(n, f32)]
-        cases += [Case(op, 20, 2, f32, 10) for op in CLIENT_OPS]
-        return cases + [c for n in sizes for c in robust(n, 16, f32)]
-    cases = [Case(op, n, _k_of(n), f32) for n in (10**6, 10**7) for op in dense_ops]
-    cases.insert(cases.index(Case("topk_compress", 10**7, 10**5)) + 1,
-                 Case("topk_compress", 10**7, 10**5, b16))  # fmt: skip
-    cases.append(Case("sparse_add_batched_", 10**7, 10**5, f32, M_MESSAGES))
-    cases += micro(10**7, f32)
-    cases += robust(10**6, 64, f32, rows_m=16)  # the row aggregators' eager loops are slow
-    cases += clients
+        return sorted((c for f in families for c in _CASES[f]("custom", dev, sizes)), key=_order)
+    quick = sorted((c for f in families for c in _CASES[f]("quick", dev, None)), key=_order)
     if not full:
-        return cases
-    cases += [c for m in (16, 64, 256) for d in (10**5, 10**6) for c in robust(d, m, f32)]
-    big = (10**8, 10**9) if torch.device(device).type == "cuda" else ()
-    for n in big:
-        cases += [Case(op, n, _k_of(n), f32) for op in dense_ops]
-    if big:
-        cases.append(Case("sparse_add_batched_", 10**8, 10**6, f32, M_MESSAGES))
-        cases += micro(10**8, f32)
-    for n in (10**6, 10**7, *big):
-        cases += [Case(op, n, _k_of(n), b16) for op in dense_ops]
-    cases.append(Case("sparse_add_batched_", 10**7, 10**5, b16, M_MESSAGES))
-    cases += micro(10**7, b16)
-    if big:
-        cases.append(Case("sparse_add_batched_", 10**8, 10**6, b16, M_MESSAGES))
-        cases += micro(10**8, b16)
+        return quick
+    more = sorted((c for f in families for c in _CASES[f]("full", dev, None)), key=_order)
     seen, out = set(), []
-    for c in cases:
+    for c in quick + more:
         if c not in seen:
             seen.add(c)
             out.append(c)
@@ -885,19 +415,22 @@ def _release(device) -> None:
 def resolve_backend(op: str, device, choice: str = "auto") -> str | None:
     """The backend a fedkern op runs with on ``device`` under ``choice``; None if it has none.
 
-    A forced backend the op has no kernel for gives None.
+    A forced backend the op has no kernel for gives None. The op's kernel table is the ``IMPLS``
+    of its family's ops module (``Bench.ops_module``, default ``fedkern.ops.<family>``), entry
+    ``Bench.impl_op`` (default: the op's own name).
     """
-    fam = FAMILY[op]
+    b = spec(op)
+    name = b.impl_op or op
     try:
-        impls = importlib.import_module(f"fedkern.ops.{fam}").IMPLS[IMPL_OP.get(op, op)]
+        impls = importlib.import_module(b.ops_module or f"fedkern.ops.{b.family}").IMPLS[name]
         from fedkern.ops._dispatch import pick
     except (ImportError, AttributeError, KeyError):
         return choice
     if choice != "auto":
         return choice if choice in impls else None
     with fedkern.backend("auto"):
-        fn = pick(IMPL_OP.get(op, op), impls, torch.device(device))
-    return next((name for name, f in impls.items() if f is fn), "auto")
+        fn = pick(name, impls, torch.device(device))
+    return next((backend for backend, f in impls.items() if f is fn), "auto")
 
 
 @dataclass
