@@ -143,18 +143,9 @@ for _op, _pos, _width, _eager in (
     ("module_steps_vs_loop", 820, MLP[0] + 1,
      "MLP: for each client: torch.optim.SGD, K x (loss, backward, step)"),
 ):  # fmt: skip
-    register(
-        _op,
-        family="clients",
-        setup=_setup_clients,
-        eager=_eager,
-        position=_pos,
-        by_size=False,
-        stacked=True,
-        impl_op="local_steps_",
-        footprint=_footprint,
-        nbytes=lambda c, w=_width: c.n * c.m * w * 4,
-    )
+    register(_op, family="clients", setup=_setup_clients, eager=_eager, position=_pos,
+             by_size=False, stacked=True, impl_op="local_steps_",
+             footprint=_footprint, nbytes=lambda c, w=_width: c.n * c.m * w * 4)  # fmt: skip
 
 
 @cases("clients")

@@ -44,18 +44,13 @@ def _setup(case, device, gen):
     )
 
 
-register(
-    "diff_compress_clip",
-    family="diffclip",
-    setup=_setup,
-    position=700,
-    by_size=False,
-    stacked=True,
-    impl_op="diff_topk_clip",
-    footprint=rows_footprint,
-    eager="D = G_new - G_old; D.abs().topk(k, dim=1); gather; clip",
-    nbytes=lambda c: 2 * c.m * c.n * c.dtype.itemsize + c.m * c.k * (c.dtype.itemsize + 8),
-)
+def _bytes(c):  # read both stacks, write the k values and int64 indices per row
+    return 2 * c.m * c.n * c.dtype.itemsize + c.m * c.k * (c.dtype.itemsize + 8)
+
+
+register("diff_compress_clip", family="diffclip", setup=_setup, position=700, by_size=False,
+         stacked=True, impl_op="diff_topk_clip", footprint=rows_footprint, nbytes=_bytes,
+         eager="D = G_new - G_old; D.abs().topk(k, dim=1); gather; clip")  # fmt: skip
 
 
 @cases("diffclip")

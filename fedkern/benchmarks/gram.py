@@ -48,18 +48,11 @@ def _setup(case, device, gen):
     )
 
 
-register(
-    "krum",
-    family="gram",
-    setup=_setup,
-    position=500,
-    by_size=False,
-    stacked=True,
-    impl_op="gram",
-    eager="torch.cdist(X, X)**2 -> scores -> X[argmin]",
-    nbytes=lambda c: c.m * c.n * c.dtype.itemsize,  # one read (the winner's copy is small)
-    footprint=rows_footprint,
-)
+# one read (the winner's copy is small)
+register("krum", family="gram", setup=_setup, position=500, by_size=False,
+         stacked=True, impl_op="gram",
+         eager="torch.cdist(X, X)**2 -> scores -> X[argmin]",
+         nbytes=lambda c: c.m * c.n * c.dtype.itemsize, footprint=rows_footprint)  # fmt: skip
 
 
 @cases("gram")

@@ -96,25 +96,13 @@ def _footprint(case):  # params + grads twice, AdamW moments, reference temporar
     return 4 * case.n * case.dtype.itemsize + 8 * case.n + 40 * case.n
 
 
-register(
-    "microadam_step_",
-    family="microadam",
-    setup=_setup_microadam,
-    position=300,
-    eager="MicroAdam.step() on the reference backend (plain PyTorch)",
-    nbytes=_bytes,
-    footprint=_footprint,
-)
-register(
-    "microadam_vs_adamw",
-    family="microadam",
-    setup=_setup_microadam,
-    position=310,
-    eager="torch.optim.AdamW.step() (foreach=True on CPU, fused=True on CUDA)",
-    impl_op="microadam_step_",
-    nbytes=_bytes,
-    footprint=_footprint,
-)
+register("microadam_step_", family="microadam", setup=_setup_microadam, position=300,
+         eager="MicroAdam.step() on the reference backend (plain PyTorch)",
+         nbytes=_bytes, footprint=_footprint)  # fmt: skip
+register("microadam_vs_adamw", family="microadam", setup=_setup_microadam,
+         position=310,
+         eager="torch.optim.AdamW.step() (foreach=True on CPU, fused=True on CUDA)",
+         impl_op="microadam_step_", nbytes=_bytes, footprint=_footprint)  # fmt: skip
 
 
 @cases("microadam")

@@ -106,31 +106,18 @@ def _out(case):  # values + int64 indices written
     return case.k * (case.dtype.itemsize + 8)
 
 
-register(
-    "randk_compress",
-    family="randk",
-    setup=_setup_compress,
-    position=110,
-    eager="x[randperm(n)[:k]] * (n/k)",
-    nbytes=lambda c: c.k * c.dtype.itemsize + _out(c),
-)  # gathers k entries
-register(
-    "ef14_randk_",
-    family="randk",
-    setup=_setup_feedback,
-    position=140,
-    full_pass=True,
-    eager="e.add_(g, alpha=lr); i = randperm(n)[:k]; v = e[i]; e[i] = 0",
-    nbytes=lambda c: 3 * c.n * c.dtype.itemsize + _out(c),
-)
-register(
-    "ef21_randk_",
-    family="randk",
-    setup=_setup_feedback,
-    position=150,
-    eager="i = randperm(n)[:k]; v = g[i] - s[i]; s[i] += v",  # g[I], s[I] read, s[I] written
-    nbytes=lambda c: 3 * c.k * c.dtype.itemsize + _out(c),
-)
+# gathers k entries
+register("randk_compress", family="randk", setup=_setup_compress, position=110,
+         eager="x[randperm(n)[:k]] * (n/k)",
+         nbytes=lambda c: c.k * c.dtype.itemsize + _out(c))  # fmt: skip
+register("ef14_randk_", family="randk", setup=_setup_feedback, position=140,
+         full_pass=True,
+         eager="e.add_(g, alpha=lr); i = randperm(n)[:k]; v = e[i]; e[i] = 0",
+         nbytes=lambda c: 3 * c.n * c.dtype.itemsize + _out(c))  # fmt: skip
+# g[I], s[I] read, s[I] written
+register("ef21_randk_", family="randk", setup=_setup_feedback, position=150,
+         eager="i = randperm(n)[:k]; v = g[i] - s[i]; s[i] += v",
+         nbytes=lambda c: 3 * c.k * c.dtype.itemsize + _out(c))  # fmt: skip
 
 
 @cases("randk")

@@ -55,17 +55,8 @@ _EAGER = {
     "trimmed_mean": (410, "X.sort(dim=0).values[f:m-f].mean(0)"),
 }
 for _op, (_pos, _eager) in _EAGER.items():
-    register(
-        _op,
-        family="robust",
-        setup=_setup,
-        eager=_eager,
-        nbytes=_bytes,
-        position=_pos,
-        by_size=False,
-        stacked=True,
-        footprint=_footprint,
-    )
+    register(_op, family="robust", setup=_setup, eager=_eager, nbytes=_bytes,
+             position=_pos, by_size=False, stacked=True, footprint=_footprint)  # fmt: skip
 
 
 @cases("robust")

@@ -89,49 +89,26 @@ def _setup(case, device, gen):
 
 
 def _reg(op, position, eager, nbytes, impl_op=None):
-    register(
-        op,
-        family="rowops",
-        setup=_setup,
-        eager=eager,
-        nbytes=nbytes,
-        position=position,
-        by_size=False,
-        stacked=True,
-        impl_op=impl_op,
-        footprint=rows_footprint,
-    )
+    register(op, family="rowops", setup=_setup, eager=eager, nbytes=nbytes,
+             position=position, by_size=False, stacked=True, impl_op=impl_op,
+             footprint=rows_footprint)  # fmt: skip
 
 
 def _stack_bytes(c):
     return c.m * c.n * c.dtype.itemsize
 
 
-_reg(
-    "nnm",
-    600,
-    "torch.cdist(X, X)**2 -> neighbours -> W @ X",
-    lambda c: 2 * _stack_bytes(c),
-    impl_op="gather_mean",
-)  # read the stack, write the mixed one
-_reg(
-    "geometric_median",
-    610,
-    "Python Weiszfeld loop, 8 iterations",
-    lambda c: 2 * c.k * _stack_bytes(c),
-)  # two reads per iteration
-_reg(
-    "centered_clip",
-    620,
-    "Python centered-clipping loop, 3 iterations",
-    lambda c: 2 * c.k * _stack_bytes(c),
-)
-_reg(
-    "clip_rows_",
-    630,
-    "X.mul_((c / X.norm(dim=1)).clamp(max=1)[:, None])",
-    lambda c: 3 * _stack_bytes(c),
-)  # read for the norms, read + write to scale
+# read the stack, write the mixed one
+_reg("nnm", 600, "torch.cdist(X, X)**2 -> neighbours -> W @ X",
+     lambda c: 2 * _stack_bytes(c), impl_op="gather_mean")  # fmt: skip
+# two reads per iteration
+_reg("geometric_median", 610, "Python Weiszfeld loop, 8 iterations",
+     lambda c: 2 * c.k * _stack_bytes(c))  # fmt: skip
+_reg("centered_clip", 620, "Python centered-clipping loop, 3 iterations",
+     lambda c: 2 * c.k * _stack_bytes(c))  # fmt: skip
+# read for the norms, read + write to scale
+_reg("clip_rows_", 630, "X.mul_((c / X.norm(dim=1)).clamp(max=1)[:, None])",
+     lambda c: 3 * _stack_bytes(c))  # fmt: skip
 
 
 @cases("rowops")

@@ -63,16 +63,10 @@ def _footprint(case):
     return 2 * case.n * es + case.m * case.k * (es + 8) * 3
 
 
-register(
-    "sparse_add_batched_",
-    family="sparse",
-    setup=_setup_sparse,
-    position=200,
-    stacked=True,
-    eager="dense.index_add_(0, I.flatten(), V.flatten(), alpha=a) (one call)",
-    nbytes=_bytes,
-    footprint=_footprint,
-)
+register("sparse_add_batched_", family="sparse", setup=_setup_sparse, position=200,
+         stacked=True,
+         eager="dense.index_add_(0, I.flatten(), V.flatten(), alpha=a) (one call)",
+         nbytes=_bytes, footprint=_footprint)  # fmt: skip
 
 
 @cases("sparse")

@@ -90,33 +90,23 @@ def _out(case):  # values + int64 indices written
     return case.k * (case.dtype.itemsize + 8)
 
 
-register(
-    "topk_compress",
-    family="topk",
-    setup=_setup_compress,
-    position=100,
-    full_pass=True,
-    eager="x.abs().topk(k, sorted=False) + x[i]",
-    nbytes=lambda c: c.n * c.dtype.itemsize + _out(c),
-)
-register(
-    "ef14_topk_",
-    family="topk",
-    setup=_setup_feedback,
-    position=120,
-    full_pass=True,
-    eager="e.add_(g, alpha=lr); topk(e.abs()); v = e[i]; e[i] = 0",
-    nbytes=lambda c: 3 * c.n * c.dtype.itemsize + _out(c),
-)  # read g, read + write e
-register(
-    "ef21_topk_",
-    family="topk",
-    setup=_setup_feedback,
-    position=130,
-    full_pass=True,
-    eager="d = g - s; topk(d.abs()); v = d[i]; s[i] += v",  # read g, s; write s at k entries
-    nbytes=lambda c: 2 * c.n * c.dtype.itemsize + c.k * c.dtype.itemsize + _out(c),
-)
+register("topk_compress", family="topk", setup=_setup_compress, position=100,
+         full_pass=True, eager="x.abs().topk(k, sorted=False) + x[i]",
+         nbytes=lambda c: c.n * c.dtype.itemsize + _out(c))  # fmt: skip
+# read g, read + write e
+register("ef14_topk_", family="topk", setup=_setup_feedback, position=120,
+         full_pass=True,
+         eager="e.add_(g, alpha=lr); topk(e.abs()); v = e[i]; e[i] = 0",
+         nbytes=lambda c: 3 * c.n * c.dtype.itemsize + _out(c))  # fmt: skip
+
+
+def _ef21_bytes(c):  # read g, s; write s at k entries
+    return 2 * c.n * c.dtype.itemsize + c.k * c.dtype.itemsize + _out(c)
+
+
+register("ef21_topk_", family="topk", setup=_setup_feedback, position=130,
+         full_pass=True, eager="d = g - s; topk(d.abs()); v = d[i]; s[i] += v",
+         nbytes=_ef21_bytes)  # fmt: skip
 
 
 @cases("topk")
