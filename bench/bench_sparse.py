@@ -1,7 +1,7 @@
 """Benchmarks: sparse_add_batched_ (m messages at once) against one eager ``index_add_`` call over
 the concatenated messages.
 
-The cases, their inputs and baselines are in ``fedkern.benchmarks``; see bench/conftest.py.
+The cases, their inputs and baselines are in ``fedkern.benchmarks.sparse``; see bench/conftest.py.
 """
 
 OPS = ("sparse_add_batched_",)

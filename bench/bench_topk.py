@@ -1,6 +1,6 @@
 """Benchmarks: topk_compress, ef14_topk_, ef21_topk_ against eager ``abs().topk()`` + gather.
 
-The cases, their inputs and baselines are in ``fedkern.benchmarks``; see bench/conftest.py.
+The cases, their inputs and baselines are in ``fedkern.benchmarks.topk``; see bench/conftest.py.
 """
 
 OPS = ("topk_compress", "ef14_topk_", "ef21_topk_")

@@ -37,6 +37,45 @@ def float_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
+def stack(name: str, x) -> torch.Tensor:
+    """A stack of n client vectors: a [n, d] float32/bfloat16 tensor with n >= 1 and d >= 1."""
+    tensor(name, x)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D stack of client vectors [n, d], got shape "
+                         f"{tuple(x.shape)}")  # fmt: skip
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} must have at least one row (n >= 1), got shape {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name}'s vectors must not be empty (d >= 1), got shape {tuple(x.shape)}")
+    return float_tensor(name, x)
+
+
+def vector(name: str, t, like: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor of ``length`` entries of ``dtype`` on ``like``'s device."""
+    tensor(name, t)
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be a {dtype} tensor, got dtype {t.dtype}")
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} (as X), got {t.device}")
+    return t
+
+
+def row_bounds(name: str, t, x: torch.Tensor) -> torch.Tensor:
+    """One bound per row of the stack x: float64 [n] on x's device, every entry finite and > 0.
+
+    The entries are checked on their values (a host synchronization on CUDA; skipped while tracing
+    with fake tensors)."""
+    vector(name, t, x, x.shape[0], torch.float64)
+    if not isinstance(t, FakeTensor) and t.numel():
+        ok = torch.isfinite(t) & (t > 0)
+        if not bool(ok.all()):
+            bad = t[~ok][0].item()
+            raise ValueError(f"{name} must be finite and > 0 for every row, got {bad}")
+    return t
+
+
 def writable(name: str, x: torch.Tensor) -> torch.Tensor:
     """A buffer updated in place through a flat view must be contiguous and not need grad."""
     if not x.is_contiguous():

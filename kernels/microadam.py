@@ -14,7 +14,7 @@ Per tensor (n elements, blocks of D, K kept per block, buckets of Q, window of m
     p    = round(p * decay - (c1 * mom1) / (sqrt(mom2) * c2 + eps))
 
 Every sum and product is rounded to fp32 on its own (launches pass enable_fp_fusion=False; division
-and sqrt are IEEE: div_rn, sqrt_rn); bf16 is rounded with the integer helpers of topk.py.
+and sqrt are IEEE: div_rn, sqrt_rn); bf16 is rounded with the integer helpers of _common.py.
 
 Kernels (each launched once per parameter dtype present; one program per block of D elements of
 any tensor of the call; per-tensor pointers, sizes and constants come from an int64 table):
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import load_f32, round_to, store_f32
+from ._common import load_f32, round_to, store_f32
 
 # Columns of the per-tensor table (int64); floats are stored as their float32 bits.
 _P = tl.constexpr(0)

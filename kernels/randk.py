@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import block_for, load_f32, round_to, store_f32
+from ._common import block_for, load_f32, round_to, store_f32
 
 
 @triton.jit
@@ -61,14 +61,11 @@ def _feistel(x, h, mask, k0, k1, k2, k3, k4, k5, k6, k7):
     return (left.to(tl.uint64) << h) | right.to(tl.uint64)
 
 
-@triton.jit(do_not_specialize=["n", "k", "h", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"])
-def _perm_kernel(out_ptr, n, k, h, k0, k1, k2, k3, k4, k5, k6, k7, BLOCK: tl.constexpr):
-    """out[i] = perm(i) for i < k (unsorted)."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = i < k
+@triton.jit
+def perm_at(i, valid, n, h, u0, u1, u2, u3, u4, u5, u6, u7, BLOCK: tl.constexpr):
+    """perm(i) (int64) for the BLOCK lanes i (int64, < 2^(2h)) where valid; keys as uint32.
+    Also used by diffclip.py's per-row rand-k."""
     mask = tl.full([BLOCK], 0xFFFFFFFF, tl.uint32) >> (32 - h)
-    u0, u1, u2, u3 = k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32), k3.to(tl.uint32)
-    u4, u5, u6, u7 = k4.to(tl.uint32), k5.to(tl.uint32), k6.to(tl.uint32), k7.to(tl.uint32)
     limit = n.to(tl.uint64)
     x = _feistel(i.to(tl.uint64), h, mask, u0, u1, u2, u3, u4, u5, u6, u7)
     walking = valid & (x >= limit)
@@ -76,7 +73,18 @@ def _perm_kernel(out_ptr, n, k, h, k0, k1, k2, k3, k4, k5, k6, k7, BLOCK: tl.con
         y = _feistel(x, h, mask, u0, u1, u2, u3, u4, u5, u6, u7)
         x = tl.where(walking, y, x)
         walking = walking & (x >= limit)
-    tl.store(out_ptr + i, x.to(tl.int64), mask=valid)
+    return x.to(tl.int64)
+
+
+@triton.jit(do_not_specialize=["n", "k", "h", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"])
+def _perm_kernel(out_ptr, n, k, h, k0, k1, k2, k3, k4, k5, k6, k7, BLOCK: tl.constexpr):
+    """out[i] = perm(i) for i < k (unsorted)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < k
+    u0, u1, u2, u3 = k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32), k3.to(tl.uint32)
+    u4, u5, u6, u7 = k4.to(tl.uint32), k5.to(tl.uint32), k6.to(tl.uint32), k7.to(tl.uint32)
+    x = perm_at(i, valid, n, h, u0, u1, u2, u3, u4, u5, u6, u7, BLOCK)
+    tl.store(out_ptr + i, x, mask=valid)
 
 
 @triton.jit(do_not_specialize=["n"])

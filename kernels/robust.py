@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import load_f32, round_to, store_f32
+from ._common import load_f32, round_to, store_f32
 
 MAX_ROWS = 1024
 # GPU launch shapes: keys per program (N_PAD * BLOCK_D; fewer from N_PAD = 128 up) and warps.

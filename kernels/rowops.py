@@ -1,7 +1,15 @@
-"""Row-wise robust aggregation (Triton): geometric median, centered clipping, row clipping.
+"""Row-wise robust aggregation (Triton): gather-mean, geometric median, centered and row clipping.
 
-X [n, d] is a stack of n client vectors (row-major, fp32 or bf16).  Distance of row i to an fp32
-point z (difference rounded in fp32, squares and sums in fp64):
+X [n, d] is a stack of n client vectors (row-major, fp32 or bf16).
+
+    gather_mean:  out[q, :] = round( (sum over t = 0..s-1 with idx[q, t] >= 0, in t order, of
+                  fp32(X[idx[q, t], :])) / count_q );  idx int64 [r, s] (-1 = trailing padding),
+                  out [r, d] in X's dtype.  The fp32 sum starts from the first valid term (one
+                  term is copied exactly, -0.0 kept); one IEEE division (tl.math.div_rn), skipped
+                  for count_q == 1; count_q == 0 (outside the contract) gives NaN.  One program per
+                  (output row, block of columns).
+
+Distance of row i to an fp32 point z (difference rounded in fp32, squares and sums in fp64):
 
     r_i(z) = sqrt(sum_k double(fp32(X[i,k]) - z_k)^2);   row i is "bad" when r_i is not finite
 
@@ -37,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import load_f32, round_to, store_f32
+from ._common import load_f32, round_to, store_f32
 
 # GPU launch shapes (not yet timed on a GPU): _sumsq works on [ROWS, BLOCK_D] slabs and its grid
 # aims at >= TARGET_PROGRAMS programs; _update uses BLOCK_D columns per program.
@@ -51,13 +59,39 @@ TUNING = {
     "warps": 4,
     "stats_rows": 64,
     "stats_tiles": 64,
+    "gm_block": 1024,  # gather-mean: columns per program
+    "gm_warps": 4,
 }
 # Interpreter (CPU tensors; tests): small blocks, so that the test sizes run every loop of every
 # kernel more than once (several chunks, steps per chunk, row and tile blocks).
 INTERPRETED = {"rows": 8, "sumsq_block": 64, "chunk_steps": 2, "update_block": 256,
-               "stats_rows": 8, "stats_tiles": 2}  # fmt: skip
+               "stats_rows": 8, "stats_tiles": 2, "gm_block": 4096}  # fmt: skip
 
 _GM, _CC, _CLIP = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["n", "d", "r", "s"])
+def _gather_mean_kernel(
+    x_ptr, idx_ptr, out_ptr, n, d, r, s, IS_BF16: tl.constexpr, BLOCK: tl.constexpr
+):
+    # Output rows vary fastest, so the programs that read one column tile run together (L2).
+    pid = tl.program_id(0)
+    q = (pid % r).to(tl.int64)
+    cols = (pid // r).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cm = cols < d
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    cnt = s * 0
+    t = s * 0
+    while t < s:
+        i = tl.load(idx_ptr + q * s + t)
+        ok = (i >= 0) & (i < n)
+        v = load_f32(x_ptr, tl.where(ok, i, 0) * d + cols, cm & ok, IS_BF16)
+        acc = tl.where(ok, tl.where(cnt == 0, v, acc + v), acc)
+        cnt += ok.to(tl.int32)
+        t += 1
+    den = tl.full([BLOCK], 1.0, tl.float32) * cnt.to(tl.float32)
+    mean = tl.where(cnt == 1, acc, tl.math.div_rn(acc, den))  # cnt == 0: 0 / 0 = NaN
+    store_f32(out_ptr, q * d + cols, round_to(mean, IS_BF16), cm, IS_BF16)
 
 
 @triton.jit(do_not_specialize=["n", "d", "chunk", "ntiles"])
@@ -281,6 +315,24 @@ def _iterate(x, p0, iters, hyper, out, mode):
         _weights_kernel[(1,)](part, hyper_t, coef, wsum, n, ntiles, mode, rb, tb, **opts)
         _update_kernel[(triton.cdiv(d, block_u),)](x, z, coef, wsum, out, n, d, mode, bf16, block_u,
                                                    TUNING["unroll"], **opts)  # fmt: skip
+    return out
+
+
+def gather_mean(x, idx, out):
+    """out[q] = mean of the rows idx[q, t] >= 0 of x, summed in t order in fp32 (see above).
+
+    x: contiguous [n, d] fp32/bf16; idx: contiguous int64 [r, s] on x's device (-1 = padding);
+    out: [r, d], x's dtype, written in place and returned.  x and idx are not modified.
+    """
+    n, d = x.shape
+    r, s = idx.shape
+    block = INTERPRETED["gm_block"] if x.device.type == "cpu" else TUNING["gm_block"]
+    block = min(block, triton.next_power_of_2(d))
+    grid = (r * triton.cdiv(d, block),)
+    _gather_mean_kernel[grid](
+        x, idx, out, n, d, r, s, x.dtype == torch.bfloat16, block,
+        num_warps=TUNING["gm_warps"], enable_fp_fusion=False, enable_reflect_ftz=False,
+    )  # fmt: skip
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import block_for, load_f32, round_to, store_f32
+from ._common import block_for, load_f32, round_to, store_f32
 
 
 @triton.jit

@@ -16,12 +16,17 @@ round() rounds fp32 to the tensor dtype (identity for fp32, round-to-nearest-eve
 arithmetic is fp32 and every kernel is launched with enable_fp_fusion=False, so e + lr*g is a
 rounded product followed by a rounded sum, bit-identical to the C++ core and the torch reference.
 
-Select: a radix select on the key, digits of _LEVELS most significant first, no host sync.
+Select (``select``): a radix select on the key, digits of _LEVELS most significant first, no host
+sync, batched over rows: every grid is (tile, row), row r's state (digit prefix, ties still needed,
+element counts) sits in [rows] device tensors, so one launch per step serves all rows.  top-k of a
+vector is the one-row case; diffclip.py selects in every row of a difference [n, d] this way.
   1. level-1 pass over the data (fused with computing a for EF14): per tile of `tile` elements, a
-     histogram of the top digit; tiles keep their own rows, so later per-tile counts are exact sums.
-  2. small torch ops pick the digit B of the k-th largest key: with s[b] = #{digit >= b},
-     B = max{b : s[b] >= need}; need -= s[B + 1].  The prefix (all digits so far) and `need` live on
-     the device.
+     histogram of the top digit (_digit_hist_kernel); tiles keep their own rows, so later per-tile
+     counts are exact sums.
+  2. the digit B of the k-th largest key, per row (_pick_kernel, on the histograms summed over
+     tiles): with s[b] = #{digit >= b}, B = max{b : s[b] >= need}; need -= s[B + 1].  The prefix
+     (all digits so far) and `need` live on the device; per-tile counts above / at B follow
+     (_tile_counts_kernel) when an emission comes next.
   3. candidates: if C = #{key >> shift1 >= B1} fits a buffer of k + n/16 entries (the usual
      case), one ordered compaction pass copies (index, key) of those elements, and the remaining
      digit levels and the final emission run over the candidates only (O(C) work).  Otherwise the
@@ -29,17 +34,17 @@ Select: a radix select on the key, digits of _LEVELS most significant first, no 
      taken gets an element count of 0 on the device and its programs do nothing.
   4. ordered emission: with T the full k-th key and `need` the ties to keep, an element is selected
      if key > T, or key == T and fewer than `need` ties precede it.  Its output slot is
-     #{greater before it} + min(#{ties before it}, need): exclusive cumsums of per-tile counts plus
-     a tl.cumsum inside the block, so indices come out ascending without sorting.
+     #{greater before it} + min(#{ties before it}, need): the counts of the row's earlier tiles
+     (summed by each program) plus a tl.cumsum inside the block, so indices come out ascending
+     without sorting.
   5. epilogue over the k indices: values, and error[idx] = 0 (EF14) or state[idx] += d (EF21).
 
 Full passes over the data: 2 (level 1, compaction) when the candidates fit; otherwise one per digit
 level plus the emission, len(_LEVELS) + 1 = 4 (all-equal keys, k-th key in a huge bucket).  EF14's
 first pass also writes a; EF21 reads grad and state in every pass.
 
-The dtype helpers at the top (load_f32, round_to, store_f32) are shared with randk.py and
-sparse.py: bf16 is converted with integer bit operations (exact in Triton's interpreter, whose own
-fp32->bf16 cast does not round to nearest even).  NaN rounds to the quiet NaN 0x7fc0, as in torch.
+dtype conversions and launch shapes: _common.py (load_f32 / round_to / store_f32, block_for,
+row_tiles).
 """
 
 from typing import NamedTuple
@@ -48,15 +53,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import Tiling, block_for, load_f32, round_to, row_tiles, store_f32
+
 # (shift, bits) of each radix digit of the 31-bit key, most significant first; they tile bits 0..30.
 _LEVELS = ((20, 11), (10, 10), (0, 10))
-# Launch shapes.  On CPU tensors the kernels run in Triton's interpreter, where every program and
-# every jit-function call costs milliseconds: few programs, large blocks.
-_BLOCK = 1024  # elements per inner iteration of a program (GPU)
-_MAX_PROGRAMS = 1024  # programs of a full pass (GPU); each writes a histogram row per level
-_MIN_TILE_BLOCKS = 4  # keeps the histogram rows small next to the data for mid-sized n
-_BLOCK_INTERPRETED = 16384
-_MAX_PROGRAMS_INTERPRETED = 8
+# Launch shapes of the select's passes (_common.row_tiles): on a GPU about 1024 programs per pass,
+# each writing a histogram row per level; in Triton's interpreter (CPU tensors), where every
+# program and every jit-function call costs milliseconds, 8 tiles per row of large blocks.
+TILING = Tiling(programs=1024, tiles_interpreted=8)
 _CAND_SLACK = 16  # candidate buffer holds k + n // _CAND_SLACK entries
 
 # SRC: where a pass reads its keys from
@@ -64,38 +68,6 @@ _SRC_X = 0  # key(x)
 _SRC_DIFF = 1  # key(round(x - y)): EF21 with x = grad, y = state
 _SRC_KEYS = 2  # keys stored in x (candidate buffer), original indices in the idx buffer
 _SRC_EF14 = 3  # a = round(y + lr * x) written to y, key(a): EF14 first pass, x = grad, y = error
-
-
-@triton.jit
-def load_f32(ptr, offs, mask, IS_BF16: tl.constexpr):
-    """Load fp32 or bf16 as fp32 (bf16 widened by a 16-bit shift: exact, NaN payload kept)."""
-    if IS_BF16:
-        h = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
-        return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return tl.load(ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def round_to(v, IS_BF16: tl.constexpr):
-    """fp32 -> nearest value of the tensor dtype (ties to even), returned as fp32; NaN -> 0x7fc0."""
-    if IS_BF16:
-        u = v.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        r = tl.where(v != v, 0x7FC00000, r)
-        return r.to(tl.float32, bitcast=True)
-    else:
-        return v
-
-
-@triton.jit
-def store_f32(ptr, offs, v, mask, IS_BF16: tl.constexpr):
-    """Store a value already rounded by round_to (so dropping the low 16 bits is exact for bf16)."""
-    if IS_BF16:
-        h = (v.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16)
-        tl.store(ptr + offs, h.to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptr + offs, v, mask=mask)
 
 
 @triton.jit
@@ -123,95 +95,117 @@ def _source_key(x_ptr, y_ptr, offs, mask, lr, SRC: tl.constexpr, IS_BF16: tl.con
     return key
 
 
-@triton.jit(do_not_specialize=["tile", "shift"])
+@triton.jit(do_not_specialize=["stride", "tile", "shift"])
 def _digit_hist_kernel(
-    x_ptr,
-    y_ptr,
-    count_ptr,
-    prefix_ptr,
-    hist_ptr,
-    above_ptr,
-    lr,
-    tile,
-    shift,
-    SRC: tl.constexpr,
-    IS_BF16: tl.constexpr,
-    BITS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Per tile: histogram of the digit (key >> shift) & (2^BITS - 1) over the elements whose
-    higher bits key >> (shift + BITS) equal the prefix, and the count of those above the prefix."""
+    x_ptr, y_ptr, stride, count_ptr, prefix_ptr, hist_ptr, above_ptr, lr, tile, shift,
+    SRC: tl.constexpr, IS_BF16: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program (tile p, row r): histogram of the digit (key >> shift) & (2^BITS - 1) over the
+    elements of row r's tile whose higher bits key >> (shift + BITS) equal prefix[r], and the count
+    of those above the prefix."""
     NB: tl.constexpr = 1 << BITS
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * tile
-    end = tl.minimum(start + tile, tl.load(count_ptr))
-    prefix = tl.load(prefix_ptr)
+    p = tl.program_id(0)
+    r = tl.program_id(1)
+    slot = r.to(tl.int64) * tl.num_programs(0) + p
+    base = r.to(tl.int64) * stride
+    start = p.to(tl.int64) * tile
+    end = tl.minimum(start + tile, tl.load(count_ptr + r))
+    prefix = tl.load(prefix_ptr + r)
     hist = tl.zeros([NB], dtype=tl.int32)
     above = tl.zeros([BLOCK], dtype=tl.int32)
     off = start
     while off < end:  # a while loop: the interpreter cannot range() over tensor bounds
         offs = off + tl.arange(0, BLOCK)
         mask = offs < end
-        key = _source_key(x_ptr, y_ptr, offs, mask, lr, SRC, IS_BF16)
+        key = _source_key(x_ptr + base, y_ptr + base, offs, mask, lr, SRC, IS_BF16)
         high = key >> (shift + BITS)
-        digit = (key >> shift) & (NB - 1)
-        hist += tl.histogram(digit, NB, mask=mask & (high == prefix))
+        hist += tl.histogram((key >> shift) & (NB - 1), NB, mask=mask & (high == prefix))
         above += (mask & (high > prefix)).to(tl.int32)
         off += BLOCK
-    tl.store(hist_ptr + pid.to(tl.int64) * NB + tl.arange(0, NB), hist)
-    tl.store(above_ptr + pid, tl.sum(above))
+    tl.store(hist_ptr + slot * NB + tl.arange(0, NB), hist)
+    tl.store(above_ptr + slot, tl.sum(above))
 
 
-@triton.jit(do_not_specialize=["tile", "shift"])
+@triton.jit
+def _pick_kernel(
+    hsum_ptr, prefix_ptr, need_ptr, prefix_out, need_out, bucket_out, digit_out,
+    NB: tl.constexpr,
+):  # fmt: skip
+    """Row r: with s[b] = #{digit >= b}, the digit B = max{b : s[b] >= need} (0 if none: a path
+    not taken); prefix <- prefix * NB + B; need <- need - s[B + 1]; bucket = #{digit == B}."""
+    r = tl.program_id(0)
+    bins = tl.arange(0, NB)
+    h = tl.load(hsum_ptr + r.to(tl.int64) * NB + bins)
+    s = tl.sum(h, 0) - (tl.cumsum(h, 0) - h)
+    need = tl.load(need_ptr + r)
+    b = tl.maximum(tl.sum((s >= need).to(tl.int32), 0) - 1, 0)
+    bucket = tl.sum(tl.where(bins == b, h, 0), 0)
+    s_b = tl.sum(tl.where(bins == b, s, 0), 0)
+    tl.store(prefix_out + r, tl.load(prefix_ptr + r) * NB + b)
+    tl.store(need_out + r, need - (s_b - bucket))
+    tl.store(bucket_out + r, bucket)
+    tl.store(digit_out + r, b)
+
+
+@triton.jit
+def _tile_counts_kernel(hist_ptr, above_ptr, digit_ptr, gt_ptr, eq_ptr, NB: tl.constexpr):
+    """Program (tile p, row r): gt = #{above the prefix} + #{digit > B}, eq = #{digit == B}."""
+    p = tl.program_id(0)
+    r = tl.program_id(1)
+    slot = r.to(tl.int64) * tl.num_programs(0) + p
+    bins = tl.arange(0, NB)
+    h = tl.load(hist_ptr + slot * NB + bins)
+    b = tl.load(digit_ptr + r)
+    gt = tl.load(above_ptr + slot).to(tl.int64) + tl.sum(tl.where(bins > b, h, 0).to(tl.int64), 0)
+    tl.store(gt_ptr + slot, gt)
+    tl.store(eq_ptr + slot, tl.sum(tl.where(bins == b, h, 0).to(tl.int64), 0))
+
+
+@triton.jit(do_not_specialize=["stride", "out_stride", "tile", "shift"])
 def _emit_kernel(
-    x_ptr,
-    y_ptr,
-    src_idx_ptr,
-    count_ptr,
-    thr_ptr,
-    need_ptr,
-    gt_off_ptr,
-    eq_off_ptr,
-    out_idx_ptr,
-    out_key_ptr,
-    tile,
-    shift,
-    SRC: tl.constexpr,
-    WRITE_KEYS: tl.constexpr,
-    IS_BF16: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Ordered compaction: write the (index[, key]) of every element with key >> shift > thr, and of
-    the first `need` elements (in index order) with key >> shift == thr, at consecutive slots."""
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * tile
-    end = tl.minimum(start + tile, tl.load(count_ptr))
-    thr = tl.load(thr_ptr)
-    need = tl.load(need_ptr)
-    n_gt = tl.load(gt_off_ptr + pid)  # selected-above-threshold elements in earlier tiles
-    n_eq = tl.load(eq_off_ptr + pid)  # threshold ties in earlier tiles
-    off = start
-    while off < end:
-        offs = off + tl.arange(0, BLOCK)
-        mask = offs < end
-        key = _source_key(x_ptr, y_ptr, offs, mask, 0.0, SRC, IS_BF16)
-        high = key >> shift
-        gt = (mask & (high > thr)).to(tl.int32)
-        eq = (mask & (high == thr)).to(tl.int32)
-        gt_before = n_gt + (tl.cumsum(gt, 0) - gt)
-        eq_before = n_eq + (tl.cumsum(eq, 0) - eq)
-        take = (gt > 0) | ((eq > 0) & (eq_before < need))
-        slot = gt_before + tl.minimum(eq_before, need)
-        if SRC == 2:  # _SRC_KEYS
-            idx = tl.load(src_idx_ptr + offs, mask=mask, other=0)
-        else:
-            idx = offs
-        tl.store(out_idx_ptr + slot, idx, mask=take)
-        if WRITE_KEYS:
-            tl.store(out_key_ptr + slot, key, mask=take)
-        n_gt += tl.sum(gt)
-        n_eq += tl.sum(eq)
-        off += BLOCK
+    x_ptr, y_ptr, src_idx_ptr, stride, count_ptr, thr_ptr, need_ptr, gt_ptr, eq_ptr,
+    out_idx_ptr, out_key_ptr, out_stride, tile, shift,
+    SRC: tl.constexpr, WRITE_KEYS: tl.constexpr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
+):  # fmt: skip
+    """Ordered compaction of row r: the (index[, key]) of every element with key >> shift > thr[r]
+    and of the first need[r] (in index order) with key >> shift == thr[r], at consecutive slots of
+    the output row.  A tile's first slot comes from the counts of the earlier tiles of its row."""
+    p = tl.program_id(0)
+    r = tl.program_id(1)
+    start = p.to(tl.int64) * tile
+    end = tl.minimum(start + tile, tl.load(count_ptr + r))
+    if start < end:
+        base = r.to(tl.int64) * stride
+        obase = r.to(tl.int64) * out_stride
+        thr = tl.load(thr_ptr + r)
+        need = tl.load(need_ptr + r)
+        q = tl.arange(0, TILES)
+        row = r.to(tl.int64) * tl.num_programs(0)
+        n_gt = tl.sum(tl.load(gt_ptr + row + q, mask=q < p, other=0), 0)
+        n_eq = tl.sum(tl.load(eq_ptr + row + q, mask=q < p, other=0), 0)
+        off = start
+        while off < end:
+            offs = off + tl.arange(0, BLOCK)
+            mask = offs < end
+            key = _source_key(x_ptr + base, y_ptr + base, offs, mask, 0.0, SRC, IS_BF16)
+            high = key >> shift
+            gt = (mask & (high > thr)).to(tl.int32)
+            eq = (mask & (high == thr)).to(tl.int32)
+            gt_before = n_gt + (tl.cumsum(gt, 0) - gt)
+            eq_before = n_eq + (tl.cumsum(eq, 0) - eq)
+            take = (gt > 0) | ((eq > 0) & (eq_before < need))
+            slot = obase + gt_before + tl.minimum(eq_before, need)
+            if SRC == 2:  # _SRC_KEYS: original indices stored next to the keys
+                idx = tl.load(src_idx_ptr + base + offs, mask=mask, other=0)
+            else:
+                idx = offs
+            tl.store(out_idx_ptr + slot, idx, mask=take)
+            if WRITE_KEYS:
+                tl.store(out_key_ptr + slot, key, mask=take)
+            n_gt += tl.sum(gt, 0)
+            n_eq += tl.sum(eq, 0)
+            off += BLOCK
 
 
 @triton.jit(do_not_specialize=["k"])
@@ -243,116 +237,106 @@ def _epilogue_kernel(
         store_f32(y_ptr, idx, round_to(s + d, IS_BF16), mask, IS_BF16)
 
 
-def block_for(count, device):
-    """Elements per program for a pass over ``count`` elements (large programs when interpreted)."""
-    block = _BLOCK_INTERPRETED if device.type == "cpu" else _BLOCK
-    return min(block, triton.next_power_of_2(max(count, 16)))
-
-
-def _shape(n, device):
-    """(BLOCK, tile, programs) of a pass over n elements: a bounded number of whole-block tiles."""
-    block = block_for(n, device)
-    blocks = triton.cdiv(n, block)
-    if device.type == "cpu":
-        per_tile = triton.cdiv(blocks, _MAX_PROGRAMS_INTERPRETED)
-    else:
-        per_tile = max(_MIN_TILE_BLOCKS, triton.cdiv(blocks, _MAX_PROGRAMS))
-    tile = block * per_tile
-    return block, tile, triton.cdiv(n, tile)
-
-
-def _pick(hist, above, prefix, need):
-    """Choose the digit B of the need-th largest key among the elements matching prefix.
-
-    hist [P, NB] int32, above [P] int32: per-tile digit histograms and counts of higher prefixes.
-    Returns (prefix*NB + B, ties still needed within B, bucket size, per-tile #greater,
-    per-tile #equal), all on the device; B is clamped to 0 when the histograms are empty (a path
-    that is not taken).
-    """
-    nb = hist.shape[1]
-    h = hist.sum(0, dtype=torch.int64)
-    s = h.flip(0).cumsum(0).flip(0)  # s[b] = #{digit >= b}
-    b = ((s >= need).sum(0, keepdim=True) - 1).clamp_(min=0)
-    bucket = h.gather(0, b)
-    need = need - (s.gather(0, b) - bucket)
-    bins = torch.arange(nb, device=hist.device)
-    gt = above.to(torch.int64) + (hist * (bins > b)).sum(1, dtype=torch.int64)
-    eq = hist.gather(1, b.expand(hist.shape[0], 1)).squeeze(1).to(torch.int64)
-    return prefix * nb + b, need, bucket, gt, eq
-
-
 class _Pass(NamedTuple):
     """Where a pass reads its keys, and its launch shape."""
 
     src: int  # _SRC_*
-    x: torch.Tensor
+    x: torch.Tensor  # [rows, stride] (or 1-D, one row)
     y: torch.Tensor
     idx: torch.Tensor  # original indices of the elements (read for _SRC_KEYS only)
-    count: torch.Tensor  # [1] int64 on the device: elements to visit, 0 on a path not taken
+    stride: int  # elements from one row to the next
+    count: torch.Tensor  # [rows] int64 on the device: elements to visit, 0 on a path not taken
     block: int
     tile: int
-    grid: int
+    tiles: int  # per row
 
 
-def _hist(p, prefix, level, lr=0.0):
+def _level(p, prefix_in, need_in, level, counts, lr=0.0):
+    """One digit level over the pass p: (prefix, need, bucket, gt, eq) per row; gt and eq per
+    (row, tile), only when counts is true (an emission follows)."""
     shift, bits = _LEVELS[level]
-    hist = torch.empty(p.grid, 1 << bits, dtype=torch.int32, device=p.x.device)
-    above = torch.empty(p.grid, dtype=torch.int32, device=p.x.device)
-    _digit_hist_kernel[(p.grid,)](
-        p.x, p.y, p.count, prefix, hist, above, lr, p.tile, shift,
-        p.src, p.x.dtype == torch.bfloat16, bits, p.block, enable_fp_fusion=False,
+    rows, dev = p.count.numel(), p.x.device
+    hist = torch.empty(rows, p.tiles, 1 << bits, dtype=torch.int32, device=dev)
+    above = torch.empty(rows, p.tiles, dtype=torch.int32, device=dev)
+    _digit_hist_kernel[(p.tiles, rows)](
+        p.x, p.y, p.stride, p.count, prefix_in, hist, above, lr, p.tile, shift, p.src,
+        p.x.dtype == torch.bfloat16, bits, p.block, enable_fp_fusion=False,
     )  # fmt: skip
-    return hist, above
+    hsum = hist.sum(1, dtype=torch.int64)
+    new = [torch.empty(rows, dtype=torch.int64, device=dev) for _ in range(4)]
+    _pick_kernel[(rows,)](hsum, prefix_in, need_in, *new, 1 << bits, enable_fp_fusion=False)
+    prefix, need, bucket, digit = new
+    gt = eq = None
+    if counts:
+        gt = torch.empty(rows, p.tiles, dtype=torch.int64, device=dev)
+        eq = torch.empty(rows, p.tiles, dtype=torch.int64, device=dev)
+        _tile_counts_kernel[(p.tiles, rows)](
+            hist, above, digit, gt, eq, 1 << bits, enable_fp_fusion=False
+        )
+    return prefix, need, bucket, gt, eq
 
 
 def _emit(p, level, thr, need, gt, eq, out_idx, out_key=None):
-    gt_off, eq_off = torch.cumsum(gt, 0) - gt, torch.cumsum(eq, 0) - eq  # exclusive
-    _emit_kernel[(p.grid,)](
-        p.x, p.y, p.idx, p.count, thr, need, gt_off, eq_off,
-        out_idx, out_idx if out_key is None else out_key, p.tile, _LEVELS[level][0],
-        p.src, out_key is not None, p.x.dtype == torch.bfloat16, p.block, enable_fp_fusion=False,
+    _emit_kernel[(p.tiles, p.count.numel())](
+        p.x, p.y, p.idx, p.stride, p.count, thr, need, gt, eq, out_idx,
+        out_idx if out_key is None else out_key, out_idx.shape[-1], p.tile, _LEVELS[level][0],
+        p.src, out_key is not None, p.x.dtype == torch.bfloat16, p.block,
+        triton.next_power_of_2(p.tiles), enable_fp_fusion=False,
     )  # fmt: skip
 
 
 def _finish(p, prefix, need, out):
-    """Digit levels 2.. (_LEVELS has at least two) over the pass, then the ordered emission of the
-    k winners into out."""
-    for level in range(1, len(_LEVELS)):
-        hist, above = _hist(p, prefix, level)
-        prefix, need, _, gt, eq = _pick(hist, above, prefix, need)
-    _emit(p, len(_LEVELS) - 1, prefix, need, gt, eq, out)
+    """Digit levels 2.. (_LEVELS has at least two) over the pass, then the ordered emission of each
+    row's k winners into out."""
+    last = len(_LEVELS) - 1
+    for level in range(1, last + 1):
+        prefix, need, _, gt, eq = _level(p, prefix, need, level, level == last)
+    _emit(p, last, prefix, need, gt, eq, out)
 
 
 def _capacity(n, k):
     return min(n, k + max(n // _CAND_SLACK, 1024))
 
 
-def _select(src, x, y, k, lr):
-    """Indices (int64 [k], ascending) of the k largest keys of the source; ties -> lower index."""
-    n, dev = x.numel(), x.device
-    i64 = dict(dtype=torch.int64, device=dev)
-    zero, n_dev = torch.zeros(1, **i64), torch.full((1,), n, **i64)
+def select(src, x, y, k, out, *, lr=0.0, tiling=TILING):
+    """out[r] = the ascending indices of the k largest keys of row r of the source; ties to the
+    lower index.  On CUDA nothing waits for the device.
 
-    data = _Pass(src, x, y, x, n_dev, *_shape(n, dev))
-    hist, above = _hist(data, zero, 0, lr)  # EF14: also writes a into y
-    prefix, need, bucket, gt, eq = _pick(hist, above, zero, torch.full((1,), k, **i64))
+    src: _SRC_X (keys of x), _SRC_DIFF (keys of round(x - y)) or _SRC_EF14 (y <- a = round(y + lr
+    * x) in the first pass, keys of a).  x, y: contiguous [rows, n] fp32/bf16 (or 1-D: one row), one
+    dtype and device (CUDA, or CPU under TRITON_INTERPRET=1); y is written for _SRC_EF14 only.
+    1 <= k <= n.  out: int64 [rows, k] (or [k] for one row) on the device, written.  tiling: the
+    launch shape of the passes (``_common.Tiling``; row_tiles divides its programs by rows)."""
+    rows, n = (1, x.numel()) if x.dim() == 1 else x.shape
+    dev = x.device
+    i64 = dict(dtype=torch.int64, device=dev)
+    zero, full = torch.zeros(rows, **i64), torch.full((rows,), n, **i64)
+
+    data = _Pass(src, x, y, x, n, full, *row_tiles(n, rows, dev, tiling))
+    first = _level(data, zero, torch.full((rows,), k, **i64), 0, True, lr)  # EF14: writes a to y
+    prefix, need, bucket, gt, eq = first
     if src == _SRC_EF14:  # a now lives in y: later passes read it as topk reads x
         data = data._replace(src=_SRC_X, x=y)
 
-    # candidates: (index, key) of every element whose top digit is >= B1, in index order
+    # candidates: (index, key) of every element whose top digit is >= B1, in index order.  Both
+    # paths are launched, with a row's element count 0 where it is not taken, so that nothing waits
+    # for the device.  On CPU tensors (Triton's interpreter, where every launch costs milliseconds)
+    # reading the flags is free, and a path that no row takes is skipped.
     cap = _capacity(n, k)
     n_cand = (k - need) + bucket  # >= k
     use_cand = n_cand <= cap
-    cand_idx = torch.empty(cap, **i64)
-    cand_key = torch.empty(cap, dtype=torch.int32, device=dev)
-    live = torch.where(use_cand, n_dev, zero)
-    _emit(data._replace(count=live), 0, prefix, bucket, gt, eq, cand_idx, cand_key)
-
-    out = torch.empty(k, **i64)
-    cand = _Pass(_SRC_KEYS, cand_key, cand_key, cand_idx, n_cand, *_shape(cap, dev))
-    _finish(cand._replace(count=torch.where(use_cand, n_cand, zero)), prefix, need, out)
-    if cap < n:  # the same over the data, live only when the candidates did not fit
-        _finish(data._replace(count=torch.where(use_cand, zero, n_dev)), prefix, need, out)
+    host = dev.type == "cpu"
+    if not host or bool(use_cand.any()):
+        cand_idx = torch.empty(rows, cap, **i64)
+        cand_key = torch.empty(rows, cap, dtype=torch.int32, device=dev)
+        _emit(data._replace(count=torch.where(use_cand, full, zero)), 0, prefix, bucket, gt, eq,
+              cand_idx, cand_key)  # fmt: skip
+        cand_count = torch.where(use_cand, n_cand, zero)
+        tiles = row_tiles(cap, rows, dev, tiling)
+        _finish(_Pass(_SRC_KEYS, cand_key, cand_key, cand_idx, cap, cand_count, *tiles),
+                prefix, need, out)  # fmt: skip
+    if cap < n and (not host or not bool(use_cand.all())):  # rows whose candidates did not fit
+        _finish(data._replace(count=torch.where(use_cand, zero, full)), prefix, need, out)
     return out
 
 
@@ -363,6 +347,10 @@ def _epilogue(mode, idx, x, y, k):
         idx, x, y, val, k, mode, x.dtype == torch.bfloat16, block, enable_fp_fusion=False
     )
     return val
+
+
+def _select(src, x, y, k, lr):
+    return select(src, x, y, k, torch.empty(k, dtype=torch.int64, device=x.device), lr=lr)
 
 
 def topk_compress(x, k):

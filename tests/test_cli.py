@@ -247,3 +247,65 @@ def test_prepared_microadam_sides_compute_the_same_step():
     eg = p.tensors["eager_optimizer"].param_groups[0]["params"]
     for a, b in zip(fk, eg, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- the registry
+
+QUICK_IDS = [
+    "topk_compress-n1e6-k1e4-fp32", "randk_compress-n1e6-k1e4-fp32", "ef14_topk_-n1e6-k1e4-fp32",
+    "ef21_topk_-n1e6-k1e4-fp32", "ef14_randk_-n1e6-k1e4-fp32", "ef21_randk_-n1e6-k1e4-fp32",
+    "topk_compress-n1e7-k1e5-fp32", "topk_compress-n1e7-k1e5-bf16", "randk_compress-n1e7-k1e5-fp32",
+    "ef14_topk_-n1e7-k1e5-fp32", "ef21_topk_-n1e7-k1e5-fp32", "ef14_randk_-n1e7-k1e5-fp32",
+    "ef21_randk_-n1e7-k1e5-fp32", "sparse_add_batched_-n1e7-m16-k1e5-fp32",
+    "microadam_step_-n1e7-k41-fp32", "microadam_vs_adamw-n1e7-k41-fp32",
+    "coordinate_median-n1e6-m64-k0-fp32", "trimmed_mean-n1e6-m64-k16-fp32",
+    "krum-n1e6-m16-k4-fp32", "nnm-n1e6-m16-k4-fp32", "geometric_median-n1e6-m16-k8-fp32",
+    "centered_clip-n1e6-m16-k3-fp32", "clip_rows_-n1e6-m16-k0-fp32",
+    "diff_compress_clip-n1e6-m16-k1e4-fp32", "local_steps_vs_loop-n1e3-m50-k10-fp32",
+    "local_steps_vs_vmap-n1e3-m50-k10-fp32", "module_steps_vs_loop-n1e3-m50-k10-fp32",
+]  # fmt: skip
+
+
+def test_quick_suite_order():
+    """The quick suite (the README's main command) runs these cases in this order."""
+    assert [c.id for c in B.suite()] == QUICK_IDS
+
+
+def test_full_suite_runs_the_quick_cases_first():
+    for device in ("cpu", "cuda"):
+        full = [c.id for c in B.suite(full=True, device=device)]
+        assert full[: len(QUICK_IDS)] == QUICK_IDS and len(full) == len(set(full))
+
+
+def test_a_family_registers_its_cases(monkeypatch):
+    """A new family adds an op and its cases from its own module; suite, the records and the
+    backend lookup pick them up, ordered by position."""
+    from fedkern.benchmarks import core
+
+    monkeypatch.setattr(core, "_REGISTRY", dict(core._REGISTRY))
+    monkeypatch.setattr(core, "_CASES", dict(core._CASES))
+
+    def setup(case, device, gen):
+        x = core.randn(case.n, case, device, gen)
+        return B.Prepared(fedkern=lambda: x.sum(), eager=lambda: x.sum(), nbytes=B.min_bytes(case),
+                          rearm_fedkern=core.nothing, rearm_eager=core.nothing)  # fmt: skip
+
+    B.register("my_sum", family="topk", setup=setup, eager="x.sum()", position=105,
+               nbytes=lambda c: c.n * c.dtype.itemsize)  # fmt: skip
+
+    @B.cases("myfamily")
+    def _cases(suite, device, sizes):
+        return [B.Case("my_sum", n, 1) for n in sizes or [10**6]] if suite != "full" else []
+
+    quick = [c.id for c in B.suite()]
+    assert quick[:2] == ["topk_compress-n1e6-k1e4-fp32", "my_sum-n1e6-k1-fp32"]
+    assert [c.op for c in B.suite(sizes=[300])].count("my_sum") == 1
+    rec = B.run_case(B.Case("my_sum", 300, 1), "cpu", budget=B.Budget(1, 2, 2, 0.0))
+    assert rec["status"] == "ok" and rec["bytes"] == 1200 and rec["eager"] == "x.sum()"
+    assert rec["backend"] == "auto"  # no kernel table entry for my_sum: reported as "auto"
+    with pytest.raises(ValueError, match="registered twice"):
+        B.register("my_sum", family="x", setup=setup, eager="", nbytes=len, position=999)
+    with pytest.raises(ValueError, match="position 105"):
+        B.register("other", family="x", setup=setup, eager="", nbytes=len, position=105)
+    with pytest.raises(ValueError, match="registers its cases twice"):
+        B.cases("myfamily")(_cases)

@@ -3,7 +3,7 @@
 tests/cuda_emu is a CPU twin of the GPU: a SIMT emulator (one fiber per CUDA thread, random
 interleaving between barriers, blocks in a random order; emu.h says what it cannot check) under
 which topk.cu compiles unmodified as host C++. g++ builds it once per session into a temporary
-directory. fedkern.cuda.kernel / on_torch_stream and the SM count are monkeypatched so that
+directory. fedkern.cuda.runtime.kernel / on_torch_stream and the SM count are monkeypatched so that
 fedkern/cuda/topk.py runs unchanged on CPU tensors (their data_ptr()s are host pointers) and every
 launch goes to the emulator; the launcher's buffers get poisoned guard zones (GuardedTorch). The
 results are compared bit for bit with a brute-force reference of SPEC.md ops 1-3.
@@ -27,7 +27,7 @@ import pytest
 import torch
 from conftest import DTYPES, oracle_topk, rand, same_bits
 
-import fedkern.cuda as fc
+import fedkern.cuda.runtime as fc
 import fedkern.cuda.topk as ft
 
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
@@ -66,7 +66,7 @@ def libemu(tmp_path_factory):
 
 
 class Emulator:
-    """What fedkern.cuda.kernel returns under the `emu` fixture, and the launch log of a test."""
+    """What fedkern.cuda.runtime.kernel returns under the `emu` fixture; a test's launch log."""
 
     def __init__(self, dll, seed):
         self.dll = dll
@@ -87,7 +87,7 @@ class Emulator:
     def launch(self, func, grid, block, args):
         assert len(grid) == 1 and len(block) == 1 and grid[0] >= 1
         raw, types = [], ""
-        for a in args:  # fedkern.cuda.ptr / u64 / i64 / f32
+        for a in args:  # fedkern.cuda.runtime.ptr / u64 / i64 / f32
             if isinstance(a, np.float32):
                 raw.append(int(np.array(a).view(np.uint32)))
                 types += "f"

@@ -389,15 +389,15 @@ def test_deterministic_across_runs_threads_isa_and_panels(rng, kind, mode):
     assert np.array_equal(first.view(np.int32), run_kernel(**args).view(np.int32))
     try:
         for grain, blocks in ((1, 1), (1, 2), (1, 5)):  # 1, 2, 5 blocks of rows (threads)
-            C._rowops_blocking(grain, blocks)
+            C._blocking(grain, blocks)
             assert np.array_equal(first.view(np.int32), run_kernel(**args).view(np.int32))
     finally:
-        C._rowops_blocking(0, 0)
-    was = C._clients_force_baseline(True)
+        C._blocking(0, 0)
+    was = C._force_baseline(True)
     try:
         assert np.array_equal(first.view(np.int32), run_kernel(**args).view(np.int32))
     finally:
-        C._clients_force_baseline(was)
+        C._force_baseline(was)
     # Clients larger than the per-thread cache are packed panel by panel (here: 8 or 24 rows).
     for floats in (8 * 24, 24 * 24):
         was = C._clients_cache_floats(floats)
@@ -475,8 +475,8 @@ def test_sync_and_sum_deterministic_and_isa_independent(rng):
     w = rng.standard_normal(257)
     results = []
     for grain, blocks, base in ((0, 0, False), (1, 1, False), (1, 3, False), (0, 0, True)):
-        C._rowops_blocking(grain, blocks)
-        was = C._clients_force_baseline(base)
+        C._blocking(grain, blocks)
+        was = C._force_baseline(base)
         try:
             X2, H2 = X.copy(), H.copy()
             xbar, out = np.empty(700, np.float32), np.empty(700, np.float32)
@@ -484,7 +484,7 @@ def test_sync_and_sum_deterministic_and_isa_independent(rng):
             C.weighted_sum(X.ctypes.data, w.ctypes.data, 257, 700, out.ctypes.data)
             results.append(np.concatenate([X2.ravel(), H2.ravel(), xbar, out]).view(np.int32))
         finally:
-            C._rowops_blocking(0, 0)
-            C._clients_force_baseline(was)
+            C._blocking(0, 0)
+            C._force_baseline(was)
     for r in results[1:]:
         assert np.array_equal(results[0], r)

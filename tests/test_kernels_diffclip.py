@@ -242,15 +242,18 @@ def test_topk_triton_paths(monkeypatch):
     """Triton: many tiles per row, and candidate buffers so small that some rows take the digit
     levels over the data while others use the candidates, in one call."""
     dc = kernels()
+    from fedkern.kernels import topk
+
     device = dev("triton")
     if device == "cpu":
-        monkeypatch.setattr(dc, "_BLOCK_INTERPRETED", 16)
-        monkeypatch.setattr(dc, "_TILES_INTERPRETED", 8)
+        monkeypatch.setattr(
+            dc, "TILING", dc.TILING._replace(block_interpreted=16, tiles_interpreted=8)
+        )
     else:
-        monkeypatch.setattr(dc, "_BLOCK", 16)
+        monkeypatch.setattr(dc, "TILING", dc.TILING._replace(block=16))
     for cap_kind, seed in (("tight", 11), ("normal", 12)):
-        if cap_kind == "tight":
-            monkeypatch.setattr(dc, "_capacity", lambda d, k: k + 1)
+        if cap_kind == "tight":  # the select's candidate buffer (topk.py)
+            monkeypatch.setattr(topk, "_capacity", lambda d, k: k + 1)
         for kind in ("normal", "ties"):
             n, d, k = 4, 200, 13
             gn, go = pair(n, d, torch.float32, seed, kind)
@@ -326,8 +329,8 @@ def test_dense_oracle(impl, dtype, kind):
 def test_dense_triton_tiles(monkeypatch):
     dc = kernels()
     device = dev("triton")
-    monkeypatch.setattr(dc, "_BLOCK_INTERPRETED" if device == "cpu" else "_BLOCK", 16)
-    monkeypatch.setattr(dc, "_TILES_INTERPRETED", 8)
+    small = {"block_interpreted" if device == "cpu" else "block": 16, "tiles_interpreted": 8}
+    monkeypatch.setattr(dc, "TILING", dc.TILING._replace(**small))
     for dtype in (torch.float32, torch.bfloat16):
         gn, go = pair(5, 299, dtype, 9, "special")
         mx = max_norms(5, 9)
@@ -358,7 +361,7 @@ print(digest_all({baseline}))
 def digest_all(baseline=False):
     """sha256 of every C++ output on fixed inputs covering the row-parallel, row-serial and
     column-split paths (the numbers that must not depend on threads or ISA)."""
-    C._diffclip_force_baseline(baseline)
+    C._force_baseline(baseline)
     h = hashlib.sha256()
     try:
         for dtype in (torch.float32, torch.bfloat16):
@@ -372,7 +375,7 @@ def digest_all(baseline=False):
                 for t in outs:
                     h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     finally:
-        C._diffclip_force_baseline(False)
+        C._force_baseline(False)
     return h.hexdigest()
 
 

@@ -1,7 +1,8 @@
-"""Kernel-level tests of the rowops family: geometric median (smoothed Weiszfeld), centered
-clipping and in-place row clipping.
+"""Kernel-level tests of the rowops family: gather-mean, geometric median (smoothed Weiszfeld),
+centered clipping and in-place row clipping.
 
-The C++ core (fedkern._C.geometric_median / centered_clip / clip_rows) and the Triton kernels
+Gather-mean is checked bit for bit against an fp32 NumPy loop in t order, on both backends. The
+C++ core (fedkern._C.geometric_median / centered_clip / clip_rows) and the Triton kernels
 (fedkern.kernels.rowops; the interpreter on CPU without a GPU) against a NumPy/float64 brute force
 that follows the spec step by step (fp32 differences, fp64 squares and sums, weights in row order,
 one rounding to fp32 per step). The brute force can sum the squares in the C++ core's documented
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HAS_CUDA, fresh_seed, same_bits
+from test_kernels_gram import special_rows
 
 C = pytest.importorskip("fedkern._C")
 NO_TRITON = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1"
@@ -131,6 +133,33 @@ def oracle_cc(x, v0, iters, tau, tile=None):
     return to_dtype(v, x.dtype)
 
 
+def gather_mean_ref(x, idx):
+    """fp32 NumPy loop in t order from the first valid term; one division by the count."""
+    xf = x.float().numpy()
+    rows = []
+    for row in idx.tolist():
+        valid = [i for i in row if i >= 0]
+        acc = xf[valid[0]].copy()
+        for i in valid[1:]:
+            acc = acc + xf[i]
+        if len(valid) > 1:
+            acc = acc / np.float32(len(valid))
+        rows.append(acc)
+    return torch.from_numpy(np.stack(rows)).to(x.dtype)
+
+
+def random_idx(gen, n, r, s, pad=True):
+    """idx [r, s]: distinct rows per output row when s <= n, counts in [1, s], -1 trailing."""
+    if s <= n:
+        idx = torch.stack([torch.randperm(n, generator=gen)[:s] for _ in range(r)])
+    else:
+        idx = torch.randint(0, n, (r, s), generator=gen)
+    if pad:
+        counts = torch.randint(1, s + 1, (r,), generator=gen)
+        idx[torch.arange(s)[None, :] >= counts[:, None]] = -1
+    return idx
+
+
 def oracle_norms(x, tile=2048):
     with np.errstate(all="ignore"):
         return torch.from_numpy(np.sqrt(sum_squares(x.float().numpy().astype(np.float64), tile)))
@@ -150,6 +179,17 @@ def oracle_clip(x, max_norm, norms):
 
 
 # ---- running the kernels ---------------------------------------------------------------------
+
+
+def run_gather(impl, x, idx):
+    n, d = x.shape
+    r, s = idx.shape
+    out = torch.empty(r, d, dtype=x.dtype, device=dev(impl))
+    if impl == "cpu":
+        C.gather_mean(x.data_ptr(), tag(x), n, d, idx.data_ptr(), r, s, out.data_ptr())
+    else:
+        kernels().gather_mean(x.to(out.device), idx.to(out.device), out)
+    return out.cpu()
 
 
 def run_iter(impl, name, x, p0, iters, hyper):
@@ -209,8 +249,8 @@ def gen():
 @pytest.fixture
 def blocking():
     """Set the core's blocking test hook for one test; restored afterwards."""
-    yield C._rowops_blocking
-    C._rowops_blocking(0, 0)
+    yield C._blocking
+    C._blocking(0, 0)
 
 
 CPU_SHAPES = [(1, 1), (1, 7), (2, 3), (5, 17), (16, 300), (13, 4099), (64, 1000), (200, 700)]
@@ -221,6 +261,70 @@ def shapes(impl):
     return CPU_SHAPES if impl == "cpu" else TRITON_SHAPES
 
 
+def small(impl):
+    """Triton in its interpreter is slow: keep its cases small (n <= 16, d <= 300)."""
+    return impl == "triton" and not HAS_CUDA
+
+
+# ---- gather-mean ------------------------------------------------------------------------------
+
+GM_CASES = [  # n, d, r, s
+    (1, 1, 1, 1), (3, 5, 2, 3), (5, 7, 3, 4), (10, 64, 1, 7), (10, 65, 10, 8), (16, 300, 16, 12),
+    (9, 130, 3, 3), (7, 33, 4, 20), (40, 5000, 40, 30), (64, 3001, 64, 48), (30, 20000, 1, 25),
+    (33, 1027, 9, 4),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,r,s", GM_CASES)
+def test_gather_mean(impl, dtype, n, d, r, s):
+    if small(impl) and (n > 16 or d > 300):
+        pytest.skip("interpreter: small sizes only")
+    gen = torch.Generator().manual_seed(7 * n + 3 * d + r + s)
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    idx = random_idx(gen, n, r, s)
+    out = run_gather(impl, x, idx)
+    assert out.dtype == dtype and out.shape == (r, d)
+    assert same_bits(out, gather_mean_ref(x, idx))
+    assert same_bits(out, run_gather(impl, x, idx))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_mean_special(impl, dtype):
+    """inf / NaN / zero / -0.0 rows; count 1 copies -0.0; repeated indices; no padding."""
+    gen = torch.Generator().manual_seed(11)
+    n, d = (12, 150) if small(impl) else (30, 3000)
+    x = special_rows(torch.randn(n, d, generator=gen), gen).to(dtype)
+    x[1] = -0.0
+    m = n // 2
+    idx = torch.cat([
+        random_idx(gen, n, n, m),
+        torch.tensor([[1] + [-1] * (m - 1), [1, 1] + [-1] * (m - 2)]),
+        torch.randint(0, n, (3, m), generator=gen),
+    ])  # fmt: skip
+    out = run_gather(impl, x, idx)
+    assert same_bits(out, gather_mean_ref(x, idx))
+    for q in (n, n + 1):  # -0.0 / 1 and (-0.0 + -0.0) / 2 keep the sign
+        assert bool(torch.signbit(out[q].float()).all()) and not out[q].float().any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gather_mean_bucketing_and_krum_shapes(impl):
+    """Bucketing (r = ceil(n / s), disjoint rows, the last bucket padded) and Multi-Krum (r = 1)."""
+    gen = torch.Generator().manual_seed(5)
+    n, d = (10, 257) if small(impl) else (50, 40000)
+    s = 3
+    perm = torch.randperm(n, generator=gen)
+    pad = torch.full(((n + s - 1) // s * s - n,), -1, dtype=torch.int64)
+    buckets = torch.cat([perm, pad]).view(-1, s)
+    x = torch.randn(n, d, generator=gen)
+    assert same_bits(run_gather(impl, x, buckets), gather_mean_ref(x, buckets))
+    krum = torch.randperm(n, generator=gen)[: n - 2].view(1, -1)
+    assert same_bits(run_gather(impl, x, krum), gather_mean_ref(x, krum))
+
+
 # ---- geometric median / centered clipping ------------------------------------------------------
 
 ITERATIVE = [("geometric_median", oracle_gm, 1e-6), ("centered_clip", oracle_cc, None)]
@@ -229,7 +333,7 @@ ITERATIVE = [("geometric_median", oracle_gm, 1e-6), ("centered_clip", oracle_cc,
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["normal", "special"])
-@pytest.mark.parametrize("name,oracle,hyper", ITERATIVE, ids=["weiszfeld", "centered"])
+@pytest.mark.parametrize("name,oracle,hyper", ITERATIVE, ids=["geometric_median", "centered_clip"])
 def test_iterative(impl, dtype, kind, name, oracle, hyper, gen):
     for n, d in shapes(impl):
         x = stack(n, d, dtype, gen, kind)
@@ -286,7 +390,7 @@ def test_iterative_edges(impl, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_weiszfeld_converges(dtype, gen):
+def test_geometric_median_converges(dtype, gen):
     """Many iterations: the C++ result is the fixed point of the fp64 Weiszfeld map."""
     x = torch.randn(9, 50, generator=gen).to(dtype)
     z0 = x.float().mean(0)
@@ -362,8 +466,11 @@ def test_clip_rows_paths(dtype, gen, blocking):
 
 
 def _all_outputs(impl, x, p0, mx):
+    n = x.shape[0]
+    nearest = torch.stack([torch.roll(torch.arange(n), -i)[: max(1, n - 2)] for i in range(n)])
     gm = run_iter(impl, "geometric_median", x, p0, 3, 1e-6)
-    return [gm, run_iter(impl, "centered_clip", x, p0, 3, 2.0), *run_clip(impl, x, mx)]
+    cc = run_iter(impl, "centered_clip", x, p0, 3, 2.0)
+    return [run_gather(impl, x, nearest), gm, cc, *run_clip(impl, x, mx)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -389,12 +496,12 @@ def test_cpu_blocks_and_isa(dtype, gen, blocking):
         for u, v in zip(_all_outputs("cpu", x, p0, mx), ref, strict=True):
             assert same(u, v), (grain, blocks)
     blocking(0, 0)
-    old = C._rowops_force_baseline(True)
+    old = C._force_baseline(True)
     try:
         for u, v in zip(_all_outputs("cpu", x, p0, mx), ref, strict=True):
             assert same(u, v)
     finally:
-        C._rowops_force_baseline(old)
+        C._force_baseline(old)
 
 
 _SCRIPT = r"""
@@ -411,6 +518,10 @@ for dt, t in ((torch.float32, 0), (torch.bfloat16, 1)):
         for name, hyper in (("geometric_median", 1e-6), ("centered_clip", 100.0)):
             getattr(_C, name)(x.data_ptr(), t, n, d, p0.data_ptr(), 3, hyper, out.data_ptr())
             h.update(out.view(torch.uint8).numpy().tobytes())
+        idx = torch.stack([torch.randperm(n, generator=g)[: max(1, n - 3)] for _ in range(n)])
+        mean = torch.empty(n, d, dtype=dt)
+        _C.gather_mean(x.data_ptr(), t, n, d, idx.data_ptr(), n, idx.shape[1], mean.data_ptr())
+        h.update(mean.view(torch.uint8).numpy().tobytes())
         mx = torch.full((n,), 0.5 * d ** 0.5, dtype=torch.float64)
         norms = torch.empty(n, dtype=torch.float64)
         _C.clip_rows(x.data_ptr(), t, n, d, mx.data_ptr(), norms.data_ptr())

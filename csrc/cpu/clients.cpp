@@ -57,14 +57,6 @@ constexpr int64_t kCacheFloats = int64_t{1} << 19;  // padded sample rows kept p
 constexpr int64_t kSlabBytes = 512 * 1024;          // sync / weighted sum: c * T elements
 constexpr int64_t kMinTile = 64, kMaxTile = 4096;
 
-bool use_avx2() {
-#if FEDKERN_CLIENTS_AVX2
-  return __builtin_cpu_supports("avx2") && !detail::clients_force_baseline();
-#else
-  return false;
-#endif
-}
-
 // ---- 8-lane fp32 vectors --------------------------------------------------------------------
 // GCC/Clang vector extensions: one ymm register in the AVX2 build, two xmm in the baseline one
 // (the compilers' own SLP vectorisation of lane arrays is poor here). Elsewhere (or with
@@ -575,7 +567,7 @@ void local_steps(float* X, int64_t c, int64_t d, const int64_t* clients, const f
         offsets, kind, mode, gamma, l2, mu, clip, H,          keys,    anchor};
   RowFn fn = row_base;
 #if FEDKERN_CLIENTS_AVX2
-  if (use_avx2()) fn = row_avx2;
+  if (detail::use_avx2()) fn = row_avx2;
 #endif
   const int nb = static_cast<int>(std::min<int64_t>(detail::num_blocks(work, kMinWork), c));
 #pragma omp parallel num_threads(nb)
@@ -599,7 +591,7 @@ void scaffnew_sync(float* X, float* H, int64_t c, int64_t p, float coef, float* 
   if (c <= 0 || p <= 0) return;
   SyncFn fn = sync_base;
 #if FEDKERN_CLIENTS_AVX2
-  if (use_avx2()) fn = sync_avx2;
+  if (detail::use_avx2()) fn = sync_avx2;
 #endif
   over_tiles<float>(c, p, [&](int64_t k0, int64_t len, float* acc) {
     fn(X, H, c, p, coef, xbar_out, k0, len, acc);
@@ -614,7 +606,7 @@ void weighted_sum(const float* X, const double* w, int64_t c, int64_t p, float* 
   }
   WsumFn fn = wsum_base;
 #if FEDKERN_CLIENTS_AVX2
-  if (use_avx2()) fn = wsum_avx2;
+  if (detail::use_avx2()) fn = wsum_avx2;
 #endif
   over_tiles<double>(
       c, p, [&](int64_t k0, int64_t len, double* acc) { fn(X, w, c, p, out, k0, len, acc); });

@@ -108,7 +108,7 @@ __attribute__((target("avx2"))) void scale_avx2(typename T::storage* v, int64_t 
 template <class T>
 ChunkOps<T> chunk_ops() {
 #if FEDKERN_DIFFCLIP_AVX2
-  if (__builtin_cpu_supports("avx2") && !detail::diffclip_force_baseline()) {
+  if (detail::use_avx2()) {
     return {diff_avx2<T>, sumsq_avx2<T>, scale_avx2<T>};
   }
 #endif

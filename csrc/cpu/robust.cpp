@@ -278,7 +278,7 @@ void run(const Job& job) {
   using Fn = void (*)(const Job&, int64_t, int64_t, int32_t*);
   Fn fn = run_tiles_base<T, kMedian>;
 #if FEDKERN_ROBUST_AVX2
-  if (__builtin_cpu_supports("avx2") && !detail::robust_force_baseline()) {
+  if (detail::use_avx2()) {
     fn = run_tiles_avx2<T, kMedian>;
   }
 #endif

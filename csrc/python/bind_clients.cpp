@@ -60,16 +60,6 @@ void bind_clients(py::module_& m) {
       "out (float32 [p]) = float(sum_r w[r] * double(X[r])) (X float32 [c, p], w float64 [c]; "
       "fp64, row order).");
   m.def(
-      "_clients_force_baseline",
-      [](bool force) {
-        const bool was = detail::clients_force_baseline();
-        detail::clients_force_baseline() = force;
-        return was;
-      },
-      arg("force"),
-      "Test hook: run the clients kernels' baseline-ISA build even with AVX2; returns the old "
-      "flag.");
-  m.def(
       "_clients_cache_floats",
       [](int64_t floats) {
         const int64_t was = detail::clients_cache_floats();

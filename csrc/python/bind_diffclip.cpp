@@ -51,11 +51,6 @@ void bind_diffclip(py::module_& m) {
       arg("out_ptr"), arg("norms_ptr"), nogil(),
       "out[i] = round(g_new[i] - g_old[i]) clipped to norm max_norm[i] ([n, d]); norms[i] = fp64 "
       "norm before clipping.");
-
-  m.def(
-      "_diffclip_force_baseline",
-      [](bool force) { fedkern::detail::diffclip_force_baseline() = force; }, arg("force"),
-      "Test hook: run the diffclip chunk loops in their baseline-ISA build (not AVX2).");
 }
 
 }  // namespace fedkern::py_bind

@@ -1,6 +1,6 @@
-// csrc/python/bind_rowops.cpp -- bindings of the rowops family (fedkern/rowops.h): geometric median
-// (smoothed Weiszfeld), centered clipping, in-place row clipping. nu, tau stay fp64 (the spec's
-// weights are fp64); the starting point z0 / v0 is a float32 [d] buffer.
+// csrc/python/bind_rowops.cpp -- bindings of the rowops family (fedkern/rowops.h): gather-mean,
+// geometric median (smoothed Weiszfeld), centered clipping, in-place row clipping. nu, tau stay
+// fp64 (the spec's weights are fp64); the starting point z0 / v0 is a float32 [d] buffer.
 #include "bindings.h"
 #include "fedkern/rowops.h"
 
@@ -8,6 +8,17 @@ namespace fedkern::py_bind {
 
 void bind_rowops(py::module_& m) {
   using py::arg;
+  m.def(
+      "gather_mean",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, uintptr_t idx, int64_t r, int64_t s,
+         uintptr_t out) {
+        fedkern::gather_mean(ptr<const void>(x), to_dtype(dtype), n, d, ptr<const int64_t>(idx), r,
+                             s, ptr<void>(out));
+      },
+      arg("x_ptr"), arg("dtype"), arg("n"), arg("d"), arg("idx_ptr"), arg("r"), arg("s"),
+      arg("out_ptr"), nogil(),
+      "out[q] = round(fp32 sum, in t order from the first valid term, of x[idx[q, t]] over "
+      "idx[q, t] >= 0, / count); idx: int64 [r, s] (-1 = trailing padding), out: [r, d].");
   m.def(
       "geometric_median",
       [](uintptr_t x, int dtype, int64_t n, int64_t d, uintptr_t z0, int64_t iters, double nu,
@@ -40,24 +51,6 @@ void bind_rowops(py::module_& m) {
       nogil(),
       "In place: rows of norm > max_norm[i] (float64 [n]) scaled by float(max_norm[i]/norm), rows "
       "with inf/NaN set to +0.0; norms_ptr (float64 [n]) <- pre-clip norms (inf for such rows).");
-  m.def(
-      "_rowops_force_baseline",
-      [](bool force) {
-        const bool was = detail::rowops_force_baseline();
-        detail::rowops_force_baseline() = force;
-        return was;
-      },
-      arg("force"),
-      "Test hook: run the rowops kernels' baseline-ISA build even with AVX2; returns the old "
-      "flag.");
-  m.def(
-      "_rowops_blocking",
-      [](int64_t grain, int max_blocks) {
-        detail::blocking_override() = detail::BlockingOverride{grain, max_blocks};
-      },
-      arg("grain"), arg("max_blocks"),
-      "Test hook (shared by every kernel of the core): minimum work per block and block limit; "
-      "(0, 0) restores the tuned values.");
 }
 
 }  // namespace fedkern::py_bind

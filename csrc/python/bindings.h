@@ -35,8 +35,8 @@ T* ptr(uintptr_t p) {
 // Pass as the extra argument of m.def: the kernel runs without the GIL.
 inline auto nogil() { return py::call_guard<py::gil_scoped_release>(); }
 
-void bind_pairwise(py::module_& m);  // bind_pairwise.cpp: Gram matrix, gather-mean
-void bind_rowops(py::module_& m);    // bind_rowops.cpp: Weiszfeld, centered clip, row clipping
+void bind_gram(py::module_& m);      // bind_gram.cpp: Gram matrix
+void bind_rowops(py::module_& m);    // bind_rowops.cpp: gather-mean, Weiszfeld, centered clip, ...
 void bind_diffclip(py::module_& m);  // bind_diffclip.cpp: difference -> compress -> clip
 void bind_clients(py::module_& m);   // bind_clients.cpp: batched local steps, server updates
 void bind_quartic(py::module_& m);   // bind_quartic.cpp: batched local steps on the quartic

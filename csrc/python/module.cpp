@@ -210,12 +210,32 @@ PYBIND11_MODULE(_C, m) {
       arg("x_ptr"), arg("dtype"), arg("n"), arg("d"), arg("f"), arg("out_ptr"), nogil,
       "out[j] = round(sum in row order of the values of ranks f..n-f-1 of column j / (n - 2f)).");
 
-  fedkern::py_bind::bind_pairwise(m);
+  fedkern::py_bind::bind_gram(m);
   fedkern::py_bind::bind_rowops(m);
   fedkern::py_bind::bind_diffclip(m);
   fedkern::py_bind::bind_clients(m);
   fedkern::py_bind::bind_quartic(m);
   fedkern::py_bind::bind_clipjump(m);
+
+  m.def(
+      "_force_baseline",
+      [](bool force) {
+        const bool was = fedkern::detail::force_baseline();
+        fedkern::detail::force_baseline() = force;
+        return was;
+      },
+      arg("force"),
+      "Test hook (every family): run the kernels' baseline-ISA builds even on a CPU with AVX2; "
+      "returns the old flag.");
+
+  m.def(
+      "_blocking",
+      [](int64_t grain, int max_blocks) {
+        fedkern::detail::blocking_override() = fedkern::detail::BlockingOverride{grain, max_blocks};
+      },
+      arg("grain"), arg("max_blocks"),
+      "Test hook (every family): minimum work per block and block limit of the core's parallel "
+      "loops; (0, 0) restores the tuned values.");
 
   m.def(
       "build_info",

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from fedkern import cuda as _cuda
+from fedkern.cuda import runtime as _cuda
 
 _BLOCK = 256  # threads per block (fktopk::kBlock)
 _TILES_PER_SM = 4  # blocks per SM in the tiled passes (launch bounds allow 4 resident blocks)

@@ -4,10 +4,12 @@ Importing this package registers the ops: ``torch.ops.fedkern.<name>``. The publ
 entry points are re-exported from ``fedkern``.
 """
 
-from fedkern.ops import (
-    microadam,  # noqa: F401  (registers fedkern::microadam_step_)
-    robust,  # noqa: F401  (registers coordinate_median, trimmed_mean)
-    robust_rows,  # noqa: F401  (registers the row kernels: pairwise_gram, gather_mean, ...)
+from fedkern.ops import (  # noqa: F401  (importing registers the ops)
+    diffclip,  # diff_topk_clip, diff_randk_clip, diff_clip
+    gram,  # gram
+    microadam,  # microadam_step_
+    robust,  # coordinate_median, trimmed_mean
+    rowops,  # gather_mean, geometric_median, centered_clip, clip_rows_
 )
 from fedkern.ops._dispatch import backend, backends, current_backend
 from fedkern.ops.randk import ef14_randk_, ef21_randk_, randk_compress

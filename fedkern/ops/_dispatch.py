@@ -66,9 +66,9 @@ def _probe(name: str) -> tuple[bool, str]:
     if name == "cuda":
         if not torch.cuda.is_available():
             return False, "no CUDA device"
-        from fedkern import cuda as _cuda
+        from fedkern.cuda import runtime
 
-        ok, why = _cuda.available()
+        ok, why = runtime.available()
         return ok, why or "CUDA C++ compiled at first use by CuPy (NVRTC)"
     raise AssertionError(name)
 

@@ -71,21 +71,8 @@ IMPLS = {
 }
 
 
-def check_stack(x, name: str = "X") -> Tensor:
-    """X: a [n, d] float32/bfloat16 tensor with n >= 1 and d >= 1."""
-    v.tensor(name, x)
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D stack of client vectors [n, d], got shape "
-                         f"{tuple(x.shape)}")  # fmt: skip
-    if x.shape[0] < 1:
-        raise ValueError(f"{name} must have at least one row (n >= 1), got shape {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError(f"{name}'s vectors must not be empty (d >= 1), got shape {tuple(x.shape)}")
-    return v.float_tensor(name, x)
-
-
 def check_trim(x, f) -> int:
-    n = check_stack(x).shape[0]
+    n = v.stack("X", x).shape[0]
     f = v.integer("f", f, 0)
     if 2 * f >= n:
         raise ValueError(f"f must satisfy 2*f < n (n = {n} rows), got f = {f}")
@@ -94,13 +81,13 @@ def check_trim(x, f) -> int:
 
 @torch.library.custom_op("fedkern::coordinate_median", mutates_args=())
 def coordinate_median_op(x: Tensor) -> Tensor:
-    check_stack(x)
+    v.stack("X", x)
     return _pick("coordinate_median", x)(x.contiguous())
 
 
 @coordinate_median_op.register_fake
 def _(x):
-    check_stack(x)
+    v.stack("X", x)
     return x.new_empty(x.shape[1])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedkern import validation as v
+from fedkern.robust import preaggregate, rules
 
 RULES = ("mean", "coordinate_median", "trimmed_mean", "krum", "geometric_median", "centered_clip")
 PRE = (None, "bucketing", "nnm")
@@ -65,28 +66,26 @@ class Aggregator:
         self._last: torch.Tensor | None = None
 
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
-        from fedkern import robust as R
-
-        X = R.as_stack(X)
+        X = rules.as_stack(X)
         if self.pre == "bucketing":
-            X = R.bucketing(X, self.bucket_size, seed=self.seed, step=self.step)
+            X = preaggregate.bucketing(X, self.bucket_size, seed=self.seed, step=self.step)
         elif self.pre == "nnm":
-            X = R.nnm(X, self.f)
+            X = preaggregate.nnm(X, self.f)
         self.step += 1
         rule, opts = self.rule, dict(self.options)
         if rule == "mean":
             return X.float().mean(0).to(X.dtype)
         if rule == "coordinate_median":
-            return R.coordinate_median(X)
+            return rules.coordinate_median(X)
         if rule == "trimmed_mean":
-            return R.trimmed_mean(X, self.f)
+            return rules.trimmed_mean(X, self.f)
         if rule == "krum":
-            return R.krum(X, self.f, **opts)
+            return rules.krum(X, self.f, **opts)
         if rule == "geometric_median":
-            return R.geometric_median(X, **opts)
+            return rules.geometric_median(X, **opts)
         if self.warm_start and self._last is not None and self._last.shape == X.shape[1:]:
             opts["center"] = self._last.to(X.device)
-        out = R.centered_clip(X, **opts)
+        out = rules.centered_clip(X, **opts)
         self._last = out.float()
         return out
 

@@ -20,7 +20,6 @@ from statistics import NormalDist
 import torch
 
 from fedkern import validation as v
-from fedkern.ops.robust import check_stack
 
 __all__ = ["alie", "alie_z", "bit_flip", "ipm", "shift_back"]
 
@@ -40,7 +39,7 @@ def bit_flip(own: torch.Tensor) -> torch.Tensor:
     """
     if own.dim() == 2 and own.shape[0] == 0:
         return own.clone()
-    return -check_stack(own, "own")
+    return -v.stack("own", own)
 
 
 def alie_z(n: int, f: int) -> float:
@@ -70,7 +69,7 @@ def alie(honest: torch.Tensor, f: int, z: float | None = None) -> torch.Tensor:
     Returns:
         [f, d] in honest's dtype (mean and std over rows in float64, std with Bessel's correction).
     """
-    check_stack(honest, "honest")
+    v.stack("honest", honest)
     f = _count(f)
     if honest.shape[0] < 2:
         raise ValueError(f"honest must have at least 2 rows for a std, got {honest.shape[0]}")
@@ -92,7 +91,7 @@ def ipm(honest: torch.Tensor, f: int, eps: float = 0.1) -> torch.Tensor:
     Returns:
         [f, d] in honest's dtype (mean in float64).
     """
-    check_stack(honest, "honest")
+    v.stack("honest", honest)
     f, eps = _count(f), v.fp32_scalar("eps", eps)
     row = -eps * honest.double().mean(0)
     return row.to(honest.dtype).expand(f, -1).clone()

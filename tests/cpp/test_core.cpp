@@ -623,7 +623,7 @@ static void check_robust(int64_t n, int64_t d, int mode) {
   for (int threads = 1; threads <= 2; ++threads) {
     for (bool baseline : {false, true}) {
       set_threads(threads);
-      detail::robust_force_baseline() = baseline;
+      detail::force_baseline() = baseline;
       std::vector<S> out(d);
       coordinate_median(x.data(), dt, n, d, out.data());
       CHECK(same_bits(out, want_med));
@@ -636,7 +636,7 @@ static void check_robust(int64_t n, int64_t d, int mode) {
       }
     }
   }
-  detail::robust_force_baseline() = false;
+  detail::force_baseline() = false;
 }
 
 static void run_robust() {

@@ -78,12 +78,6 @@ void scaffnew_sync(float* X, float* H, int64_t c, int64_t p, float coef, float* 
 void weighted_sum(const float* X, const double* w, int64_t c, int64_t p, float* out);
 
 namespace detail {
-// Test hook: when true the kernels run their baseline-ISA build even on a CPU with AVX2, so that
-// both builds can be compared bit for bit.
-inline bool& clients_force_baseline() {
-  static bool force = false;
-  return force;
-}
 // Test hook: when > 0, replaces the number of floats of padded sample rows a thread keeps in
 // cache (clients larger than that are packed panel by panel for every batch).
 inline int64_t& clients_cache_floats() {

@@ -89,6 +89,26 @@ inline void dispatch_dtype(DType dtype, Fn&& fn) {
 
 namespace detail {
 
+// Test hook (tests/cpp, fedkern._C._force_baseline): when true, every kernel that is compiled
+// both for AVX2 and for the baseline ISA runs its baseline build even on a CPU with AVX2, so that
+// the two builds can be compared bit for bit.
+inline bool& force_baseline() {
+  static bool force = false;
+  return force;
+}
+
+// Whether a kernel may run its AVX2 build (x86 GCC/Clang only): the CPU has AVX2, and FMA too when
+// `fma` is true, and the test hook force_baseline() is off.
+inline bool use_avx2(bool fma = false) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return !force_baseline() && __builtin_cpu_supports("avx2") &&
+         (!fma || __builtin_cpu_supports("fma"));
+#else
+  (void)fma;
+  return false;
+#endif
+}
+
 // Threads OpenMP would use for a parallel region (1 without OpenMP).
 inline int max_threads() {
 #ifdef _OPENMP

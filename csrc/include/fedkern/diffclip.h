@@ -46,13 +46,4 @@ void diff_randk_clip(const void* g_new, const void* g_old, DType dtype, int64_t 
 void diff_clip(const void* g_new, const void* g_old, DType dtype, int64_t n, int64_t d,
                const double* max_norm, void* out, double* norms_out);
 
-namespace detail {
-// Test hook: when true the chunk loops run their baseline-ISA build even on a CPU with AVX2, so
-// that both builds can be compared bit for bit.
-inline bool& diffclip_force_baseline() {
-  static bool force = false;
-  return force;
-}
-}  // namespace detail
-
 }  // namespace fedkern

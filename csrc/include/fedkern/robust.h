@@ -31,13 +31,4 @@ void coordinate_median(const void* x, DType dtype, int64_t n, int64_t d, void* o
 // out[j] = mean of the values of ranks f .. n-f-1 of column j, summed in row order (see above).
 void trimmed_mean(const void* x, DType dtype, int64_t n, int64_t d, int64_t f, void* out);
 
-namespace detail {
-// Test hook (tests/cpp): when true the kernels run their baseline-ISA build even on a CPU with
-// AVX2, so that both builds can be compared bit for bit.
-inline bool& robust_force_baseline() {
-  static bool force = false;
-  return force;
-}
-}  // namespace detail
-
 }  // namespace fedkern

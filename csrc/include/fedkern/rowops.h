@@ -1,8 +1,19 @@
-// fedkern/rowops.h -- row-wise robust aggregation and clipping (CPU, OpenMP): geometric median
-// (smoothed Weiszfeld), centered clipping, in-place clipping of rows to a maximal norm.
+// fedkern/rowops.h -- row-wise robust aggregation and clipping (CPU, OpenMP): the gather-mean of
+// index lists (NNM, Multi-Krum, bucketing), geometric median (smoothed Weiszfeld), centered
+// clipping, in-place clipping of rows to a maximal norm.
 //
-// X is an [n, d] row-major matrix (row i = client i) of float32 or bfloat16. Distance of row i to
-// a float32 point z:
+// X is an [n, d] row-major matrix (row i = client i) of float32 or bfloat16.
+//
+//   gather_mean:    out[q, :] = round( (sum over t = 0..s-1 with idx[q, t] >= 0, in t order, of
+//     fp32(X[idx[q, t], :])) / float(count_q) ),  out: [r, d] of X's dtype, idx: int64 [r, s].
+//     The fp32 sum starts from the first valid term (so one term is copied exactly, -0.0 kept);
+//     one IEEE fp32 division by count_q (skipped when count_q == 1, where it is exact anyway).
+//     Entries < 0 are padding (-1, trailing by contract); count_q == 0 (outside the contract)
+//     gives NaN. idx points to r*s int64 in [-1, n), out to r*d elements; r, s >= 1. Extra
+//     memory: r * s + r int64 (the valid indices and counts). The AVX2 and baseline builds give
+//     the same bits.
+//
+// Distance of row i to a float32 point z:
 //   r_i(z) = sqrt( sum_k double(fp32(X[i,k]) - z_k)^2 )   (difference rounded in fp32; square and
 //            sum in fp64, sqrt in fp64). Row i is "bad" when r_i is not finite (inf/NaN entry).
 // Summation order of r_i here: the columns are cut into tiles of T columns (T = a power of two in
@@ -46,6 +57,10 @@
 
 namespace fedkern {
 
+// out[q] = mean of the rows idx[q, t] >= 0 of X, summed in t order in fp32 (see above).
+void gather_mean(const void* x, DType dtype, int64_t n, int64_t d, const int64_t* idx, int64_t r,
+                 int64_t s, void* out);
+
 // Smoothed Weiszfeld iterations from z0 (see above). out: d elements of `dtype`.
 void geometric_median(const void* x, DType dtype, int64_t n, int64_t d, const float* z0,
                       int64_t iters, double nu, void* out);
@@ -57,14 +72,5 @@ void centered_clip(const void* x, DType dtype, int64_t n, int64_t d, const float
 // Clips every row of x in place to norm max_norm[i]; writes the pre-clip norms (see above).
 void clip_rows(void* x, DType dtype, int64_t n, int64_t d, const double* max_norm,
                double* norms_out);
-
-namespace detail {
-// Test hook: when true the kernels run their baseline-ISA build even on a CPU with AVX2, so that
-// both builds can be compared bit for bit.
-inline bool& rowops_force_baseline() {
-  static bool force = false;
-  return force;
-}
-}  // namespace detail
 
 }  // namespace fedkern

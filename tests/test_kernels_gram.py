@@ -1,13 +1,12 @@
-"""Kernel-level tests of the pairwise family: fp64 Gram matrix and gather-mean.
+"""Kernel-level tests of the gram family: the fp64 Gram matrix.
 
-The C++ core (fedkern._C) and the Triton kernels (fedkern.kernels.pairwise; the interpreter on CPU
+The C++ core (fedkern._C) and the Triton kernels (fedkern.kernels.gram; the interpreter on CPU
 tensors without a GPU) are called directly, below the op layer, against NumPy brute force:
 - Gram, C++: bit for bit against a NumPy transcription of the summation order stated in
-  fedkern/pairwise.h (column chunks, sequential fp64 sums via cumsum, chunks in order);
+  fedkern/gram.h (column chunks, sequential fp64 sums via cumsum, chunks in order);
   Triton: within the fp64 rounding bound d * 2^-53 * sum_k |x_ik x_jk| (its order is tl.dot's).
-- gather-mean: bit for bit against an fp32 NumPy loop in t order, on both backends.
 Plus symmetry, non-finite rows, -0.0, bf16, and determinism (two runs; 1 / 2 / 3 OpenMP threads
-in subprocesses).
+in subprocesses; the AVX2 and baseline-ISA builds).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import HAS_CUDA, same_bits
+from conftest import HAS_CUDA
 
 import fedkern
 
@@ -33,7 +32,7 @@ if _C is None:
         _C = None
 
 try:
-    from fedkern.kernels import pairwise as tk
+    from fedkern.kernels import gram as tk
 except Exception:  # noqa: BLE001 -- no triton: the Triton cases are skipped
     tk = None
 
@@ -45,7 +44,7 @@ BACKENDS = [
     pytest.param(
         "cpu",
         marks=pytest.mark.skipif(
-            _C is None or not hasattr(_C, "pairwise_gram"), reason="fedkern._C not built"
+            _C is None or not hasattr(_C, "gram"), reason="fedkern._C not built"
         ),
     ),
     pytest.param("triton", marks=pytest.mark.skipif(tk is None, reason="triton not available")),
@@ -62,21 +61,9 @@ def gram(backend, x):
     n, d = x.shape
     if backend == "cpu":
         g = torch.empty(n, n, dtype=torch.float64)
-        _C.pairwise_gram(x.data_ptr(), _tag(x), n, d, g.data_ptr())
+        _C.gram(x.data_ptr(), _tag(x), n, d, g.data_ptr())
         return g
     return tk.gram(x.to(DEV)).cpu()
-
-
-def gather_mean(backend, x, idx):
-    x, idx = x.contiguous(), idx.contiguous()
-    n, d = x.shape
-    r, s = idx.shape
-    if backend == "cpu":
-        out = torch.empty(r, d, dtype=x.dtype)
-        _C.gather_mean(x.data_ptr(), _tag(x), n, d, idx.data_ptr(), r, s, out.data_ptr())
-        return out
-    out = torch.empty(r, d, dtype=x.dtype, device=DEV)
-    return tk.gather_mean(x.to(DEV), idx.to(DEV), out).cpu()
 
 
 def same_bits64(a, b):
@@ -97,7 +84,7 @@ def small(backend):
 
 
 def gram_cpp_order(x):
-    """NumPy transcription of fedkern/pairwise.h's order: chunks of L columns, sequential fp64
+    """NumPy transcription of fedkern/gram.h's order: chunks of L columns, sequential fp64
     sums from +0.0 within a chunk (cumsum is sequential), chunk partials added in order."""
     xd = x.double().numpy()
     n, d = xd.shape
@@ -122,33 +109,6 @@ def gram_bound(x):
     exact = xd @ xd.T
     bound = x.shape[1] * 2.0**-53 * (np.abs(xd) @ np.abs(xd).T)
     return torch.from_numpy(exact), torch.from_numpy(bound)
-
-
-def gather_mean_ref(x, idx):
-    """fp32 NumPy loop in t order from the first valid term; one division by the count."""
-    xf = x.float().numpy()
-    rows = []
-    for row in idx.tolist():
-        valid = [i for i in row if i >= 0]
-        acc = xf[valid[0]].copy()
-        for i in valid[1:]:
-            acc = acc + xf[i]
-        if len(valid) > 1:
-            acc = acc / np.float32(len(valid))
-        rows.append(acc)
-    return torch.from_numpy(np.stack(rows)).to(x.dtype)
-
-
-def random_idx(gen, n, r, s, pad=True):
-    """idx [r, s]: distinct rows per output row when s <= n, counts in [1, s], -1 trailing."""
-    if s <= n:
-        idx = torch.stack([torch.randperm(n, generator=gen)[:s] for _ in range(r)])
-    else:
-        idx = torch.randint(0, n, (r, s), generator=gen)
-    if pad:
-        counts = torch.randint(1, s + 1, (r,), generator=gen)
-        idx[torch.arange(s)[None, :] >= counts[:, None]] = -1
-    return idx
 
 
 def special_rows(x, gen):
@@ -218,96 +178,32 @@ def test_gram_exact_small_integers(backend):
     assert torch.equal(gram(backend, x), x.double() @ x.double().T)
 
 
-# ---- gather-mean ------------------------------------------------------------------------------
-
-GM_CASES = [  # n, d, r, s
-    (1, 1, 1, 1), (3, 5, 2, 3), (5, 7, 3, 4), (10, 64, 1, 7), (10, 65, 10, 8), (16, 300, 16, 12),
-    (9, 130, 3, 3), (7, 33, 4, 20), (40, 5000, 40, 30), (64, 3001, 64, 48), (30, 20000, 1, 25),
-    (33, 1027, 9, 4),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,d,r,s", GM_CASES)
-def test_gather_mean(backend, dtype, n, d, r, s):
-    if small(backend) and (n > 16 or d > 300):
-        pytest.skip("interpreter: small sizes only")
-    gen = torch.Generator().manual_seed(7 * n + 3 * d + r + s)
-    x = torch.randn(n, d, generator=gen).to(dtype)
-    idx = random_idx(gen, n, r, s)
-    out = gather_mean(backend, x, idx)
-    assert out.dtype == dtype and out.shape == (r, d)
-    assert same_bits(out, gather_mean_ref(x, idx))
-    assert same_bits(out, gather_mean(backend, x, idx))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gather_mean_special(backend, dtype):
-    """inf / NaN / zero / -0.0 rows; count 1 copies -0.0; repeated indices; no padding."""
-    gen = torch.Generator().manual_seed(11)
-    n, d = (12, 150) if small(backend) else (30, 3000)
-    x = special_rows(torch.randn(n, d, generator=gen), gen).to(dtype)
-    x[1] = -0.0
-    m = n // 2
-    idx = torch.cat([
-        random_idx(gen, n, n, m),
-        torch.tensor([[1] + [-1] * (m - 1), [1, 1] + [-1] * (m - 2)]),
-        torch.randint(0, n, (3, m), generator=gen),
-    ])  # fmt: skip
-    out = gather_mean(backend, x, idx)
-    assert same_bits(out, gather_mean_ref(x, idx))
-    for q in (n, n + 1):  # -0.0 / 1 and (-0.0 + -0.0) / 2 keep the sign
-        assert bool(torch.signbit(out[q].float()).all()) and not out[q].float().any()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gather_mean_bucketing_and_krum_shapes(backend):
-    """Bucketing (r = ceil(n / s), disjoint rows, the last bucket padded) and Multi-Krum (r = 1)."""
-    gen = torch.Generator().manual_seed(5)
-    n, d = (10, 257) if small(backend) else (50, 40000)
-    s = 3
-    perm = torch.randperm(n, generator=gen)
-    pad = torch.full(((n + s - 1) // s * s - n,), -1, dtype=torch.int64)
-    buckets = torch.cat([perm, pad]).view(-1, s)
-    x = torch.randn(n, d, generator=gen)
-    assert same_bits(gather_mean(backend, x, buckets), gather_mean_ref(x, buckets))
-    krum = torch.randperm(n, generator=gen)[: n - 2].view(1, -1)
-    assert same_bits(gather_mean(backend, x, krum), gather_mean_ref(x, krum))
-
-
 # ---- determinism across thread counts (C++) ---------------------------------------------------
 
 _THREAD_SCRIPT = textwrap.dedent(
     """
-    import hashlib, torch, fedkern._C as C
+    import hashlib, os, torch, fedkern._C as C
+    C._force_baseline(os.environ.get("FEDKERN_TEST_BASELINE") == "1")
     h = hashlib.sha256()
     gen = torch.Generator().manual_seed(123)
     cases = [(40, 50000, torch.float32), (300, 5000, torch.bfloat16), (7, 9000, torch.float32)]
     for n, d, dt in cases:
         x = torch.randn(n, d, generator=gen).to(dt)
         g = torch.empty(n, n, dtype=torch.float64)
-        C.pairwise_gram(x.data_ptr(), int(dt == torch.bfloat16), n, d, g.data_ptr())
+        C.gram(x.data_ptr(), int(dt == torch.bfloat16), n, d, g.data_ptr())
         h.update(g.numpy().tobytes())
-    for n, d, r, s, dt in [(20, 30000, 20, 15, torch.float32), (64, 2000, 64, 48, torch.bfloat16),
-                           (9, 100000, 1, 9, torch.float32)]:
-        x = torch.randn(n, d, generator=gen).to(dt)
-        idx = torch.stack([torch.randperm(n, generator=gen)[:s] for _ in range(r)])
-        out = torch.empty(r, d, dtype=dt)
-        C.gather_mean(x.data_ptr(), int(dt == torch.bfloat16), n, d, idx.data_ptr(), r, s,
-                      out.data_ptr())
-        h.update(out.view(torch.uint8).numpy().tobytes())
     print(h.hexdigest())
     """
 )
 
 
-@pytest.mark.skipif(_C is None or not hasattr(_C, "pairwise_gram"), reason="fedkern._C not built")
-def test_cpu_thread_count_does_not_change_bytes():
+@pytest.mark.skipif(_C is None or not hasattr(_C, "gram"), reason="fedkern._C not built")
+def test_cpu_thread_count_and_isa_do_not_change_bytes():
+    """1 / 2 / 3 OpenMP threads, and the baseline-ISA build (fedkern._C._force_baseline) against the
+    AVX2 one: the same bytes."""
     digests = set()
-    for threads in ("1", "2", "3"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads)
+    for threads, baseline in (("1", "0"), ("2", "0"), ("3", "0"), ("2", "1")):
+        env = dict(os.environ, OMP_NUM_THREADS=threads, FEDKERN_TEST_BASELINE=baseline)
         res = subprocess.run(
             [sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True, text=True,
             check=True, timeout=300,

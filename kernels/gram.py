@@ -1,14 +1,9 @@
-"""Pairwise kernels over n client vectors (Triton): the fp64 Gram matrix and the gather-mean.
+"""The fp64 Gram matrix of n client vectors (Triton): the distances of Krum, Multi-Krum and NNM.
 
 X [n, d] is a stack of n client vectors (row-major, fp32 or bf16).
 
     gram:         G[i, j] = sum_k double(X[i, k]) * double(X[j, k]);  G [n, n] float64, symmetric
                   bit for bit (entries i <= j are computed, G[j, i] is a copy).
-    gather_mean:  out[q, :] = round( (sum over t = 0..s-1 with idx[q, t] >= 0, in t order, of
-                  fp32(X[idx[q, t], :])) / count_q );  idx int64 [r, s] (-1 = trailing padding),
-                  out [r, d] in X's dtype.  The fp32 sum starts from the first valid term (one
-                  term is copied exactly, -0.0 kept); one IEEE division (tl.math.div_rn), skipped
-                  for count_q == 1; count_q == 0 (outside the contract) gives NaN.
 
 Gram: the columns are split into S consecutive chunks of K_PER columns (S, K_PER functions of
 (n, d) only, never of the device).  One program per (tile ti <= tj of BLOCK_N x BLOCK_N rows,
@@ -20,18 +15,17 @@ is the tl.dot accumulation order (fixed for a given GPU and block shape), across
 chunk order.  Results are deterministic (no atomics) but may differ from the C++ core's in the last
 bits.  Non-finite inputs propagate (padding rows and columns load as 0.0 and are never stored).
 
-All launches use enable_fp_fusion=False; fp32 arithmetic without FMA; round() to bf16 is nearest
-even with NaN -> 0x7fc0 (round_to).
+All launches use enable_fp_fusion=False; bf16 is widened exactly (load_f32).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .topk import load_f32, round_to, store_f32
+from ._common import load_f32
 
 # GPU launch shapes (not yet timed on a GPU): Gram tiles of BLOCK_N rows (<= 64; at least 16,
-# the smallest tl.dot), BLOCK_K columns per tl.dot step; gather-mean BLOCK columns per program.
+# the smallest tl.dot), BLOCK_K columns per tl.dot step.
 TUNING = {
     "block_n": 64,
     "block_k": 32,
@@ -39,11 +33,8 @@ TUNING = {
     "min_chunk": 2048,  # columns per Gram chunk at least
     "max_chunks": 512,
     "partial_elems": 1 << 24,  # fp64 elements of all chunk partials together (128 MiB)
-    "gm_block": 1024,
-    "gm_warps": 4,
 }
 _INTERPRETED_BLOCK_K = 64
-_INTERPRETED_GM_BLOCK = 4096
 
 
 @triton.jit(do_not_specialize=["n", "d", "k_per"])
@@ -111,30 +102,6 @@ def _gram_reduce_kernel(part_ptr, g_ptr, n, chunks, N_PAD: tl.constexpr, BLOCK_N
         tl.store(g_ptr + rj.to(tl.int64)[None, :] * n + ri[:, None], acc, mask=m)
 
 
-@triton.jit(do_not_specialize=["n", "d", "r", "s"])
-def _gather_mean_kernel(
-    x_ptr, idx_ptr, out_ptr, n, d, r, s, IS_BF16: tl.constexpr, BLOCK: tl.constexpr
-):
-    # Output rows vary fastest, so the programs that read one column tile run together (L2).
-    pid = tl.program_id(0)
-    q = (pid % r).to(tl.int64)
-    cols = (pid // r).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cm = cols < d
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    cnt = s * 0
-    t = s * 0
-    while t < s:
-        i = tl.load(idx_ptr + q * s + t)
-        ok = (i >= 0) & (i < n)
-        v = load_f32(x_ptr, tl.where(ok, i, 0) * d + cols, cm & ok, IS_BF16)
-        acc = tl.where(ok, tl.where(cnt == 0, v, acc + v), acc)
-        cnt += ok.to(tl.int32)
-        t += 1
-    den = tl.full([BLOCK], 1.0, tl.float32) * cnt.to(tl.float32)
-    mean = tl.where(cnt == 1, acc, tl.math.div_rn(acc, den))  # cnt == 0: 0 / 0 = NaN
-    store_f32(out_ptr, q * d + cols, round_to(mean, IS_BF16), cm, IS_BF16)
-
-
 def _gram_plan(n, d, device):
     """(BLOCK_N, BLOCK_K, N_PAD, tiles, chunks, K_PER) for an [n, d] stack."""
     block_n = max(16, min(TUNING["block_n"], triton.next_power_of_2(n)))
@@ -164,21 +131,3 @@ def gram(x):
         part, g, n, chunks, n_pad, block_n, num_warps=TUNING["gram_warps"], enable_fp_fusion=False
     )
     return g
-
-
-def gather_mean(x, idx, out):
-    """out[q] = mean of the rows idx[q, t] >= 0 of x, summed in t order in fp32 (see above).
-
-    x: contiguous [n, d] fp32/bf16; idx: contiguous int64 [r, s] on x's device (-1 = padding);
-    out: [r, d], x's dtype, written in place and returned.  x and idx are not modified.
-    """
-    n, d = x.shape
-    r, s = idx.shape
-    block = _INTERPRETED_GM_BLOCK if x.device.type == "cpu" else TUNING["gm_block"]
-    block = min(block, triton.next_power_of_2(d))
-    grid = (r * triton.cdiv(d, block),)
-    _gather_mean_kernel[grid](
-        x, idx, out, n, d, r, s, x.dtype == torch.bfloat16, block,
-        num_warps=TUNING["gm_warps"], enable_fp_fusion=False, enable_reflect_ftz=False,
-    )  # fmt: skip
-    return out

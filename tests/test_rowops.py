@@ -1,5 +1,7 @@
-"""fedkern.robust row aggregators (Krum, NNM, bucketing, Weiszfeld, centered clipping) and clipping
-against independent float64 NumPy oracles, on every backend."""
+"""The rowops family through fedkern.robust (bucketing, geometric median, centered clipping,
+row clipping; gather-mean underneath) against independent float64 NumPy oracles, on every backend;
+also what fedkern.robust promises across rules (lists of rows, Aggregator arguments, nothing
+modified on error). Krum and NNM: test_gram.py; diff_compress_clip: test_diffclip.py."""
 
 from __future__ import annotations
 
@@ -8,13 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, EPS, backend_fixture, interpreted, oracle_topk, same_bits
+from conftest import DTYPES, EPS, backend_fixture, interpreted, same_bits
 
 import fedkern
 from fedkern import robust as R
-from fedkern.compress import RandK, TopK
-from fedkern.ops.robust_rows import IMPLS
-from fedkern.random import client_seed, permutation
+from fedkern.ops.rowops import IMPLS
+from fedkern.random import permutation
 
 backend = backend_fixture(IMPLS)
 
@@ -34,69 +35,13 @@ def np64(x):
     return x.double().cpu().numpy()
 
 
-def sqdist64(a):
-    return ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1)
-
-
 def assert_close(actual, expected, dtype, rtol_ulps=8, scale=1.0):
     eps = EPS[dtype]
     np.testing.assert_allclose(actual.double().cpu().numpy(), expected, equal_nan=True,
                                rtol=rtol_ulps * eps, atol=rtol_ulps * eps * scale)  # fmt: skip
 
 
-# ---- Krum ---------------------------------------------------------------------------------------
-
-
-def oracle_krum_order(a, f):
-    n = a.shape[0]
-    D = sqdist64(a)
-    np.fill_diagonal(D, np.inf)
-    scores = np.sort(D, axis=1)[:, : n - f - 2].sum(1)
-    return np.lexsort((np.arange(n), scores)), scores
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_krum(backend, dtype, gen):
-    for n, d in sizes(backend):
-        if n < 4:
-            continue
-        X = stack(n, d, dtype, gen)
-        for f in range(0, (n - 3) // 2 + 1):
-            order, scores = oracle_krum_order(np64(X), f)
-            got = R.krum(X, f)
-            margin = np.sort(scores)[1] - np.sort(scores)[0]
-            if margin > 1e-9 * scores.max():  # no near-tie: the same row, bit for bit
-                assert same_bits(got, X[order[0]])
-            m = n - f
-            assert_close(R.krum(X, f, m=m), np64(X)[np.sort(order[:m])].mean(0), dtype)
-
-
-def test_krum_honest_majority_wins(backend, gen):
-    n, f, d = 11, 4, 64 if interpreted(backend) else 3000
-    honest = torch.randn(d, generator=gen)
-    X = honest.expand(n, d).clone()
-    X[[1, 4, 7, 9]] = torch.randn(f, d, generator=gen) * 100  # arbitrary Byzantine rows
-    X[4, 3] = float("nan")
-    X[9] = float("inf")
-    assert same_bits(R.krum(X, f), honest)
-    # Multi-Krum averages the 7 honest copies: sum 7x / 7 is x up to float32 rounding
-    torch.testing.assert_close(R.krum(X, f, m=n - f), honest, rtol=4 * EPS[torch.float32], atol=0)
-
-
-# ---- NNM and bucketing --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_nnm(backend, dtype, gen):
-    for n, d in sizes(backend):
-        X = stack(n, d, dtype, gen)
-        a = np64(X)
-        for f in sorted({0, n // 3, n - 1}):
-            D = sqdist64(a)
-            np.fill_diagonal(D, -1.0)
-            near = np.argsort(D, axis=1, kind="stable")[:, : n - f]
-            want = np.stack([a[np.sort(r)].mean(0) for r in near])
-            assert_close(R.nnm(X, f), want, dtype)
+# ---- bucketing --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,7 +62,7 @@ def test_bucketing(backend, dtype, gen):
 # ---- geometric median and centered clipping ------------------------------------------------------
 
 
-def oracle_weiszfeld(a, z, iters, nu):
+def oracle_geometric_median(a, z, iters, nu):
     good = np.isfinite(a).all(1)
     for _ in range(iters):
         r = np.sqrt(((a[good] - z) ** 2).sum(1))
@@ -149,7 +94,7 @@ def test_geometric_median(backend, dtype, init, gen):
         if init == "tensor":
             z0 = start.double().numpy()
         for iters, nu in [(0, 0.1), (1, 0.1), (8, 0.1), (5, 1e-6)]:
-            want = oracle_weiszfeld(np64(X), z0, iters, nu)
+            want = oracle_geometric_median(np64(X), z0, iters, nu)
             got = R.geometric_median(X, iters=iters, nu=nu, init=start)
             # z is rounded to float32 after every step; the map is contractive near the median
             assert_close(got, want, dtype, rtol_ulps=64 if dtype == torch.float32 else 4, scale=3)
@@ -176,7 +121,7 @@ def test_iterative_aggregators_ignore_bad_rows_and_stay_bounded(backend, gen):
     good = X[[i for i in range(n) if i not in (2, 6)]]
     assert torch.isfinite(gm).all()
     assert bool((gm >= good.min(0).values - 1e-6).all() and (gm <= good.max(0).values + 1e-6).all())
-    want = oracle_weiszfeld(np64(X), np.zeros(d), 10, 0.1)
+    want = oracle_geometric_median(np64(X), np.zeros(d), 10, 0.1)
     assert_close(gm, want, torch.float32, rtol_ulps=64, scale=1)
     v0 = torch.randn(d, generator=gen)
     cc = R.centered_clip(X, tau=0.3, iters=4, center=v0)
@@ -231,68 +176,13 @@ def test_clip_rows_(backend, dtype, gen):
         assert_close(Y, oracle_clip(np64(before), np.ones(n))[0], dtype, rtol_ulps=4, scale=0)
 
 
-def diffs(n, d, dtype, gen):
-    g_new, g_old = stack(n, d, dtype, gen), stack(n, d, dtype, gen)
-    return g_new, g_old, (g_new.float() - g_old.float()).to(dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_diff_compress_clip_topk(backend, dtype, gen):
-    for n, d in sizes(backend):
-        g_new, g_old, diff = diffs(n, d, dtype, gen)
-        k = max(1, d // 10)
-        c = torch.rand(n, generator=gen, dtype=torch.float64) * math.sqrt(k) + 0.05
-        values, indices = R.diff_compress_clip(g_new, g_old, TopK(k), c)
-        assert values.shape == indices.shape == (n, k) and values.dtype == dtype
-        for i in range(n):
-            assert torch.equal(indices[i], oracle_topk(diff[i], k))
-        kept = np.take_along_axis(np64(diff), indices.numpy(), 1)
-        assert_close(values, oracle_clip(kept, c.numpy())[0], dtype, rtol_ulps=4, scale=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("unbiased", [True, False])
-def test_diff_compress_clip_randk(backend, dtype, unbiased, gen):
-    for n, d in sizes(backend):
-        g_new, g_old, diff = diffs(n, d, dtype, gen)
-        comp = RandK(ratio=0.3, seed=11, unbiased=unbiased)
-        k = comp.k_for(d)
-        clients = [5 * i + 2 for i in range(n)]
-        values, indices = R.diff_compress_clip(g_new, g_old, comp, 0.5, clients=clients, step=4)
-        assert comp.step == 0  # an explicit step does not advance the counter
-        scale = d / k if unbiased else 1.0
-        for i in range(n):
-            with fedkern.backend("reference"):
-                _, want_idx = fedkern.randk_compress(diff[i], k, seed=client_seed(11, clients[i]),
-                                                     step=4, unbiased=unbiased)  # fmt: skip
-            assert torch.equal(indices[i], want_idx)
-        kept = np.take_along_axis(np64(diff), indices.numpy(), 1) * np.float32(scale)
-        assert_close(values, oracle_clip(kept, np.full(n, 0.5))[0], dtype, rtol_ulps=6, scale=0)
-        R.diff_compress_clip(g_new, g_old, comp)
-        assert comp.step == 1
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_diff_compress_clip_dense(backend, dtype, gen):
-    for n, d in sizes(backend):
-        g_new, g_old, diff = diffs(n, d, dtype, gen)
-        out = R.diff_compress_clip(g_new, g_old, None, 1.5)
-        assert_close(out, oracle_clip(np64(diff), np.full(n, 1.5))[0], dtype, rtol_ulps=4, scale=0)
-        assert same_bits(R.diff_compress_clip(g_new, g_old), diff)  # no bound: the difference
-
-
 def test_backends_agree(backend, gen):
-    """Same input, this backend vs the reference: selections bit for bit, averages to rounding."""
+    """This backend vs the reference: averages to rounding; run to run: the same bytes."""
     n, d = (7, 150) if interpreted(backend) else (33, 3000)
     X = torch.randn(n, d, generator=gen)
-    g_old = torch.randn(n, d, generator=gen)
     with fedkern.backend("reference"):
-        ref = [R.krum(X, 2), R.diff_compress_clip(X, g_old, TopK(9), 1.0)[1]]
-        ref_avg = [R.nnm(X, 2), R.geometric_median(X), R.centered_clip(X, tau=1.0)]
-    assert same_bits(R.krum(X, 2), ref[0])
-    assert torch.equal(R.diff_compress_clip(X, g_old, TopK(9), 1.0)[1], ref[1])
-    for got, want in zip([R.nnm(X, 2), R.geometric_median(X), R.centered_clip(X, tau=1.0)],
-                         ref_avg, strict=True):  # fmt: skip
+        ref = [R.geometric_median(X), R.centered_clip(X, tau=1.0)]
+    for got, want in zip([R.geometric_median(X), R.centered_clip(X, tau=1.0)], ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     again = R.geometric_median(X)
     assert same_bits(again, R.geometric_median(X))  # run to run: the same bytes
@@ -306,12 +196,6 @@ X0 = torch.randn(6, 10)
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: R.krum(X0, 2), ValueError, "n > 2\\*f \\+ 2"),
-        (lambda: R.krum(X0, -1), ValueError, "f must be"),
-        (lambda: R.krum(X0, 1, m=7), ValueError, "m must be"),
-        (lambda: R.krum(torch.randn(0, 4), 0), ValueError, "at least one row"),
-        (lambda: R.krum(torch.randn(5, 0), 0), ValueError, "must not be empty"),
-        (lambda: R.nnm(X0, 6), ValueError, "f must be"),
         (lambda: R.bucketing(X0, 0, seed=1), ValueError, "s must be"),
         (lambda: R.bucketing(X0, 2, seed=-1), ValueError, "seed"),
         (lambda: R.geometric_median(X0, nu=0.0), ValueError, "nu must be > 0"),
@@ -325,11 +209,6 @@ X0 = torch.randn(6, 10)
         (lambda: R.clip_rows_(X0.clone(), torch.ones(5)), ValueError, "max_norm must be"),
         (lambda: R.clip_rows_(X0.clone(), 0.0), ValueError, "max_norm must be finite and > 0"),
         (lambda: R.clip_rows_(X0.double(), 1.0), TypeError, "float32 or bfloat16"),
-        (lambda: R.diff_compress_clip(X0, X0.bfloat16()), TypeError, "G_old must have"),
-        (lambda: R.diff_compress_clip(X0, X0[:5]), ValueError, "G_old must have"),
-        (lambda: R.diff_compress_clip(X0, X0, "topk"), TypeError, "compressor must be"),
-        (lambda: R.diff_compress_clip(X0, X0, TopK(3), math.nan), ValueError, "max_norm"),
-        (lambda: R.diff_compress_clip(X0, X0, RandK(2), clients=[1, 2]), ValueError, "clients"),
         (lambda: R.krum([], 0), ValueError, "at least one row"),
         (lambda: R.coordinate_median([X0[0], X0[1].double()]), TypeError, "X\\[1\\] must have"),
         (lambda: R.krum([X0[0], X0[1, :5]], 0), ValueError, "X\\[1\\] must have X\\[0\\]'s shape"),
@@ -371,10 +250,7 @@ def test_opcheck(gen):
     idx = torch.tensor([[0, 2, -1], [4, 1, 3]])
     mn = torch.full((5,), 1.0, dtype=torch.float64)
     ops = torch.ops.fedkern
-    torch.library.opcheck(ops.pairwise_gram.default, (X,))
     torch.library.opcheck(ops.gather_mean.default, (X, idx))
-    torch.library.opcheck(ops.weiszfeld.default, (X, torch.zeros(12), 3, 0.1))
+    torch.library.opcheck(ops.geometric_median.default, (X, torch.zeros(12), 3, 0.1))
     torch.library.opcheck(ops.centered_clip.default, (X, torch.zeros(12), 3, 0.5))
     torch.library.opcheck(ops.clip_rows_.default, (X.clone(), mn))
-    torch.library.opcheck(ops.diff_topk_clip.default, (X, X.flip(0), 3, mn))
-    torch.library.opcheck(ops.diff_clip.default, (X, X.flip(0), mn))

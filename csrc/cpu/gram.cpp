@@ -1,4 +1,4 @@
-// csrc/cpu/pairwise.cpp -- fp64 Gram matrix and gather-mean (fedkern/pairwise.h), OpenMP.
+// csrc/cpu/gram.cpp -- fp64 Gram matrix (fedkern/gram.h), OpenMP.
 //
 // Gram: a symmetric rank-d update, GEMM-style. The rows are grouped by 4 (the last group padded
 // with zero rows, n4 = 4 * groups). Per chunk of L columns (the summation order of the header)
@@ -13,16 +13,10 @@
 // split the work (so they may follow the thread count). The chunk partials are then summed in
 // chunk order and mirrored.
 //
-// Gather-mean: per work item a tile of columns (rows x columns ~ a quarter of L2) and a block of
-// output rows; when output rows share input rows (NNM) the tile is walked in sub-tiles that stay
-// in L1 while every output row of the block reads them (the next sub-tile prefetched). Per output
-// row the columns go 64 at a time through 8 registers, adding the listed rows in t order; large
-// outputs are written with streaming stores (they would evict the rows being reused).
-//
-// Both kernels are compiled twice, with AVX2 (+FMA) and for the baseline ISA; the FMA of two
+// The kernel is compiled twice, with AVX2 (+FMA) and for the baseline ISA; the FMA of two
 // fp32-valued doubles equals mul + add (the product is exact), so the two builds give the same
 // bits.
-#include "fedkern/pairwise.h"
+#include "fedkern/gram.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,11 +25,11 @@
 #include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define FEDKERN_PAIRWISE_AVX2 1
+#define FEDKERN_GRAM_AVX2 1
 #include <immintrin.h>
 #define FEDKERN_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define FEDKERN_PAIRWISE_AVX2 0
+#define FEDKERN_GRAM_AVX2 0
 #endif
 
 namespace fedkern {
@@ -107,7 +101,7 @@ void micro_base(const double* A, const double* B, int64_t bs, int64_t kl, double
   }
 }
 
-#if FEDKERN_PAIRWISE_AVX2
+#if FEDKERN_GRAM_AVX2
 FEDKERN_AVX2 inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
 FEDKERN_AVX2 inline __m128 load4(const uint16_t* p) {
   const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
@@ -226,9 +220,8 @@ void gram_run(const void* xv, const GramPlan& p, double* g) {
   const S* x = static_cast<const S*>(xv);
   PackFn<T> pack = pack_base<T>;
   MicroFn micro[3] = {micro_base<1>, micro_base<2>, micro_base<3>};
-#if FEDKERN_PAIRWISE_AVX2
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      !detail::pairwise_force_baseline()) {
+#if FEDKERN_GRAM_AVX2
+  if (detail::use_avx2(/*fma=*/true)) {
     pack = pack_avx2<T>;
     micro[0] = micro_avx2<1>;
     micro[1] = micro_avx2<2>;
@@ -286,208 +279,10 @@ void gram_run(const void* xv, const GramPlan& p, double* g) {
   }
 }
 
-// ---- gather-mean -------------------------------------------------------------------------------
-
-constexpr int64_t kTileBytes = 256 << 10;  // rows x columns of a tile: a quarter of L2
-constexpr int64_t kSubBytes = 16 << 10;    // rows x columns of a sub-tile: half of L1
-constexpr int64_t kStreamBytes = 8 << 20;  // outputs this large are written around the caches
-constexpr int kVec = 64;                   // columns per register block (8 AVX2 registers)
-
-struct GatherJob {
-  const void* x;
-  void* out;
-  int64_t d;
-  const int64_t* rows;    // [r, s]: the valid indices of row q first, in t order
-  const int64_t* counts;  // [r]
-  int64_t s;
-  bool stream;  // streaming (non-temporal) stores of the output
-};
-
-// Columns [j0, j1) of output row q, scalar (the baseline build; the tail of the AVX2 one).
-template <class T>
-void gather_cols_base(const GatherJob& job, int64_t q, int64_t j0, int64_t j1) {
-  using S = typename T::storage;
-  const S* x = static_cast<const S*>(job.x);
-  S* out = static_cast<S*>(job.out) + q * job.d;
-  const int64_t* rows = job.rows + q * job.s;
-  const int64_t cnt = job.counts[q];
-  if (cnt == 0) {
-    const float nan = std::nanf("");
-    for (int64_t j = j0; j < j1; ++j) T::store(out, j, nan);
-    return;
-  }
-  const float div = static_cast<float>(cnt);
-  for (int64_t jb = j0; jb < j1; jb += kVec) {
-    const int w = static_cast<int>(std::min<int64_t>(kVec, j1 - jb));
-    float acc[kVec];
-    const S* x0 = x + rows[0] * job.d + jb;
-    for (int l = 0; l < w; ++l) acc[l] = T::load(x0, l);
-    for (int64_t t = 1; t < cnt; ++t) {
-      const S* xt = x + rows[t] * job.d + jb;
-      for (int l = 0; l < w; ++l) acc[l] = acc[l] + T::load(xt, l);
-    }
-    if (cnt > 1) {
-      for (int l = 0; l < w; ++l) acc[l] = acc[l] / div;
-    }
-    for (int l = 0; l < w; ++l) T::store(out, jb + l, acc[l]);
-  }
-}
-
-#if FEDKERN_PAIRWISE_AVX2
-FEDKERN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-FEDKERN_AVX2 inline __m256 load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-FEDKERN_AVX2 inline void store8(float* p, __m256 v, bool nt) {
-  if (nt) {
-    _mm256_stream_ps(p, v);
-  } else {
-    _mm256_storeu_ps(p, v);
-  }
-}
-// round to bf16 (nearest even, NaN -> 0x7fc0) and store 8 halves.
-FEDKERN_AVX2 inline void store8(uint16_t* p, __m256 v, bool nt) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i h =
-      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  h = _mm256_blendv_epi8(h, _mm256_set1_epi32(0x7fc0), nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
-  if (nt) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  } else {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
-}
-
-template <class T>
-FEDKERN_AVX2 void gather_cols_avx2(const GatherJob& job, int64_t q, int64_t j0, int64_t j1) {
-  using S = typename T::storage;
-  const S* x = static_cast<const S*>(job.x);
-  S* out = static_cast<S*>(job.out) + q * job.d;
-  const int64_t* rows = job.rows + q * job.s;
-  const int64_t cnt = job.counts[q];
-  if (cnt == 0) {
-    gather_cols_base<T>(job, q, j0, j1);
-    return;
-  }
-  const __m256 div = _mm256_set1_ps(static_cast<float>(cnt));
-  int64_t jb = j0;
-  for (; jb + kVec <= j1; jb += kVec) {
-    __m256 acc[kVec / 8];
-    const S* x0 = x + rows[0] * job.d + jb;
-    for (int v = 0; v < kVec / 8; ++v) acc[v] = load8(x0 + 8 * v);
-    for (int64_t t = 1; t < cnt; ++t) {
-      const S* xt = x + rows[t] * job.d + jb;
-      for (int v = 0; v < kVec / 8; ++v) acc[v] = _mm256_add_ps(acc[v], load8(xt + 8 * v));
-    }
-    if (cnt > 1) {
-      for (int v = 0; v < kVec / 8; ++v) acc[v] = _mm256_div_ps(acc[v], div);
-    }
-    // Streaming stores for large outputs (no read for ownership, X stays in L1); they need
-    // 16-byte (bf16) / 32-byte (fp32) alignment.
-    const bool nt = job.stream && reinterpret_cast<uintptr_t>(out + jb) % (16 * sizeof(S)) == 0;
-    for (int v = 0; v < kVec / 8; ++v) store8(out + jb + 8 * v, acc[v], nt);
-  }
-  for (; jb + 8 <= j1; jb += 8) {
-    __m256 acc = load8(x + rows[0] * job.d + jb);
-    for (int64_t t = 1; t < cnt; ++t) acc = _mm256_add_ps(acc, load8(x + rows[t] * job.d + jb));
-    if (cnt > 1) acc = _mm256_div_ps(acc, div);
-    store8(out + jb, acc, false);
-  }
-  if (jb < j1) gather_cols_base<T>(job, q, jb, j1);
-}
-#endif
-
-template <class T>
-void gather_run(const GatherJob& job, int64_t n, int64_t r) {
-  using Fn = void (*)(const GatherJob&, int64_t, int64_t, int64_t);
-  Fn fn = gather_cols_base<T>;
-#if FEDKERN_PAIRWISE_AVX2
-  if (__builtin_cpu_supports("avx2") && !detail::pairwise_force_baseline()) {
-    fn = gather_cols_avx2<T>;
-  }
-#endif
-  const int64_t d = job.d;
-  const int64_t esize = static_cast<int64_t>(sizeof(typename T::storage));
-  // The distinct rows read (prefetched ahead of each sub-tile).
-  std::vector<char> seen(static_cast<size_t>(n), 0);
-  std::vector<int64_t> used;
-  for (int64_t q = 0; q < r; ++q) {
-    for (int64_t t = 0; t < job.counts[q]; ++t) {
-      const int64_t i = job.rows[q * job.s + t];
-      if (!seen[i]) {
-        seen[i] = 1;
-        used.push_back(i);
-      }
-    }
-  }
-  std::sort(used.begin(), used.end());
-  const int64_t rows_used = std::max<int64_t>(1, static_cast<int64_t>(used.size()));
-  const int64_t tw = std::max<int64_t>(kVec, kTileBytes / (rows_used * esize) / kVec * kVec);
-  const int64_t tiles = (d + tw - 1) / tw;
-  // Sub-tiles pay off when output rows share input rows (NNM); without reuse, long runs per row.
-  int64_t entries = 0;
-  for (int64_t q = 0; q < r; ++q) entries += job.counts[q];
-  const int64_t sw =
-      entries >= 2 * rows_used
-          ? std::clamp<int64_t>(kSubBytes / (rows_used * esize) / kVec * kVec, kVec, tw)
-          : tw;
-  const int threads = detail::max_threads();
-  // Output rows per item: all of them when there are enough column tiles for the threads.
-  const int64_t qblocks = std::clamp<int64_t>((4 * threads + tiles - 1) / tiles, 1, r);
-  // Work ~ r * s * d adds: no threads for tiny jobs.
-  const int64_t work = r * job.s * d;
-  const int64_t items = tiles * qblocks;
-  const int nt = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(work >> 16, threads), 1,
-                                                      std::min<int64_t>(items, threads)));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t tt = it / qblocks, qb = it % qblocks;
-    int64_t q0, q1;
-    detail::block_range(r, static_cast<int>(qblocks), static_cast<int>(qb), &q0, &q1);
-    const int64_t j0 = tt * tw, j1 = std::min(d, j0 + tw);
-    // Sub-tiles that stay in L1 while every output row of the block reads them.
-    for (int64_t s0 = j0; s0 < j1; s0 += sw) {
-      const int64_t s1 = std::min(j1, s0 + sw);
-      // Prefetch the next sub-tile: its rows are too many streams for the hardware prefetcher.
-      const int64_t p1 = sw < tw ? std::min(d, s1 + sw) : s1;
-      for (const int64_t i : used) {
-        const char* row = static_cast<const char*>(job.x) + (i * d) * esize;
-        for (int64_t b = s1 * esize; b < p1 * esize; b += 64) __builtin_prefetch(row + b);
-      }
-      for (int64_t q = q0; q < q1; ++q) fn(job, q, s0, s1);
-    }
-#if FEDKERN_PAIRWISE_AVX2
-    _mm_sfence();  // order the streaming stores before the end of the parallel region
-#endif
-  }
-}
-
 }  // namespace
 
-void pairwise_gram(const void* x, DType dtype, int64_t n, int64_t d, double* g) {
+void gram(const void* x, DType dtype, int64_t n, int64_t d, double* g) {
   const GramPlan p = gram_plan(n, d);
   dispatch_dtype(dtype, [&](auto tag) { gram_run<decltype(tag)>(x, p, g); });
 }
-
-void gather_mean(const void* x, DType dtype, int64_t n, int64_t d, const int64_t* idx, int64_t r,
-                 int64_t s, void* out) {
-  // The valid entries of each index row, in t order (padding need not trail here).
-  std::vector<int64_t> rows(static_cast<size_t>(r * s)), counts(static_cast<size_t>(r));
-  for (int64_t q = 0; q < r; ++q) {
-    int64_t c = 0;
-    for (int64_t t = 0; t < s; ++t) {
-      const int64_t i = idx[q * s + t];
-      if (i >= 0 && i < n) rows[q * s + c++] = i;
-    }
-    counts[q] = c;
-  }
-  const int64_t out_bytes = r * d * (dtype == DType::kBFloat16 ? 2 : 4);
-  const GatherJob job{x, out, d, rows.data(), counts.data(), s, out_bytes >= kStreamBytes};
-  dispatch_dtype(dtype, [&](auto tag) { gather_run<decltype(tag)>(job, n, r); });
-}
-
 }  // namespace fedkern
