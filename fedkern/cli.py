@@ -1,9 +1,10 @@
 """The ``fedkern`` command line.
 
-fedkern bench [--full] [--device cpu|cuda] [--backend auto|cpu|triton|cuda|reference]
+fedkern bench [--full | --peers] [--device cpu|cuda] [--backend auto|cpu|triton|cuda|reference]
               [--out DIR] [--filter SUBSTR[,SUBSTR...]]
-    time every benchmark case (fedkern.benchmarks) against its eager-PyTorch baseline, print a
-    markdown table and write it, with the raw numbers as JSON, to DIR
+    time every benchmark case (fedkern.benchmarks) against its eager-PyTorch baseline (--peers:
+    against the peer libraries installed), print a markdown table and write it, with the raw
+    numbers as JSON and a speed-up PNG, to DIR
 fedkern run ALGORITHM [ALGORITHM...] [--dataset D] [--clients N] [--rounds R] ...
     run federated methods on real data (fedkern.run): progress, summary, metrics JSON/CSV, plot
 fedkern backends     print which backends this process can use
@@ -137,7 +138,12 @@ def markdown(meta: dict, results: list[dict]) -> str:
             for name, b in meta["backends"].items()
         ),
         "",
-        "ratio = eager ms / fedkern ms (> 1: fedkern faster); GB/s = bytes the op must move / "
+        (
+            "peers suite: the eager column is the peer library's call (the list at the end). "
+            if meta["suite"] == "peers"
+            else ""
+        )
+        + "ratio = eager ms / fedkern ms (> 1: fedkern faster); GB/s = bytes the op must move / "
         "fedkern time; x read = fedkern time / one read of the input at copy bandwidth; "
         "peak = memory one call adds at its peak ("
         + ("torch.cuda.max_memory_allocated" if meta["device"] == "cuda" else "process peak RSS")
@@ -187,18 +193,68 @@ def markdown(meta: dict, results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def picture(results: list[dict], path: Path, title: str) -> bool:
+    """A PNG of the speed-ups: one horizontal bar per case (ratio eager / fedkern, log scale,
+    coloured by family, the parity line at 1). False when matplotlib is missing (nothing
+    written)."""
+    import warnings
+
+    ok = [r for r in results if r["status"] == "ok"]
+    if not ok:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+    families = sorted({B.spec(r["case"]).family for r in ok})
+    colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
+    labels = []
+    for r in ok:
+        n = B.fmt_n(r["n"]) + (f" m={r['m']}" if r["case"] in B.STACKED else "")
+        labels.append(f"{r['case']} {n} {r['dtype']}")
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(ok) + 1.5))
+    y = range(len(ok))
+    ax.barh(list(y), [r["ratio"] for r in ok],
+            color=[colors[B.spec(r["case"]).family] for r in ok])  # fmt: skip
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(list(y), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up: baseline time / fedkern time (log scale; > 1: fedkern faster)")
+    ax.set_title(title, fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[f]) for f in families]
+    ax.legend(handles, families, fontsize=7, loc="lower right")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_results(out_dir: Path, meta: dict, results: list[dict], md: str) -> list[Path]:
+    """JSON, markdown and (with matplotlib) the speed-up PNG, stamped and as latest-*."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = meta["timestamp"].replace(":", "").replace("-", "")
     doc = json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n"
+    kind = f"peers-{meta['device']}" if meta.get("suite") == "peers" else meta["device"]
     written = []
-    for stem in (f"{meta['device']}-{stamp}", f"latest-{meta['device']}"):
+    for stem in (f"{kind}-{stamp}", f"latest-{kind}"):
         for ext, text in ((".json", doc), (".md", md)):
             path = out_dir / (stem + ext)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(path)
             written.append(path)
+        png = out_dir / (stem + ".png")
+        title = (f"fedkern bench ({meta.get('suite')} suite, {meta.get('device_name')}, "
+                 f"{meta.get('git_commit', '')[:12]})")  # fmt: skip
+        if picture(results, png, title):
+            written.append(png)
     return written
 
 
@@ -237,7 +293,12 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--backend {args.backend}: not usable here ({status['reason']})")
         if args.backend == "cuda" and device.type != "cuda":
             parser.error("--backend cuda needs --device cuda")
-    cases = B.suite(full=args.full, device=args.device, sizes=args.sizes)
+    if args.peers and (args.full or args.sizes):
+        parser.error("--peers runs its own cases: it does not combine with --full or --sizes")
+    cases = B.suite(full=args.full, device=args.device, sizes=args.sizes, peers=args.peers)
+    if args.peers and not cases:
+        parser.error("--peers: no peer library is installed (pip install byzfl torchao "
+                     "bitsandbytes flwr); see fedkern.benchmarks.peers")  # fmt: skip
     if args.filter:
         wanted = [f for f in args.filter.split(",") if f]
         cases = [c for c in cases if any(f in c.id for f in wanted)]
@@ -252,7 +313,9 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
 
     meta = environment(device)
     meta.update(
-        suite="full" if args.full else ("custom" if args.sizes else "quick"),
+        suite="peers"
+        if args.peers
+        else ("full" if args.full else ("custom" if args.sizes else "quick")),
         backend_choice=args.backend,
         filter=args.filter,
         timestamp=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -335,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="only the cases whose id contains one of the comma-separated SUBSTRs "
         "(e.g. topk_compress-n1e7 or krum-,nnm-)",
+    )
+    bench.add_argument(
+        "--peers",
+        action="store_true",
+        help="time fedkern against the peer libraries installed here (ByzFL, Flower's "
+        "aggregation functions, torchao and bitsandbytes low-bit AdamW) instead of eager PyTorch",
     )
     # Undocumented knobs for smoke tests and time-boxed runs.
     bench.add_argument("--sizes", type=_sizes, default=None, help=argparse.SUPPRESS)

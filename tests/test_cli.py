@@ -309,3 +309,32 @@ def test_a_family_registers_its_cases(monkeypatch):
         B.register("other", family="x", setup=setup, eager="", nbytes=len, position=105)
     with pytest.raises(ValueError, match="registers its cases twice"):
         B.cases("myfamily")(_cases)
+
+
+def test_bench_peers_against_flowers_aggregation(tmp_path, capsys):
+    """``fedkern bench --peers`` times fedkern against the installed peers (Flower is a test
+    requirement): one case, its record, the peers header, the files and the picture."""
+    pytest.importorskip("flwr")
+    argv = ["bench", "--peers", "--device", "cpu", "--filter", "median_vs_flower-n1e5-m16",
+            "--reps", "2", "--out", str(tmp_path)]  # fmt: skip
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert "peers suite: the eager column is the peer library's call" in out
+    assert "| median_vs_flower | 1e5 (m=16) | 4 | fp32 | cpu |" in out
+    assert "flwr aggregate_median(results)" in out
+    doc = json.loads((tmp_path / "latest-peers-cpu.json").read_text())
+    assert doc["meta"]["suite"] == "peers" and [r["case"] for r in doc["results"]] == [
+        "median_vs_flower"
+    ]
+    assert (tmp_path / "latest-peers-cpu.png").read_bytes()[:4] == b"\x89PNG"
+    rc, _, err = run_cli(["bench", "--peers", "--full"], capsys)
+    assert rc == 2 and "does not combine" in err
+
+
+def test_peer_cases_only_for_installed_peers(monkeypatch):
+    from fedkern.benchmarks import peers
+
+    monkeypatch.setattr(peers, "available", lambda module: module == "flwr")
+    got = {c.op for c in B.suite(peers=True)}
+    assert got == {"median_vs_flower", "trimmed_mean_vs_flower", "krum_vs_flower"}
+    assert not any(c.op in peers.ROBUST or c.op in peers.OPTIMIZERS for c in B.suite())

@@ -41,7 +41,7 @@ SEED = 1234
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
-SUITES = ("quick", "full", "custom")
+SUITES = ("quick", "full", "custom", "peers")
 
 
 # --------------------------------------------------------------------------- cases
@@ -293,17 +293,21 @@ def _order(case: Case) -> tuple:
     return (1, b.position)
 
 
-def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | None = None):
+def suite(*, full: bool = False, device: str = "cpu", sizes: Iterable[int] | None = None,
+          peers: bool = False):  # fmt: skip
     """The benchmark cases, in the order they run.
 
     Quick: every family's quick cases (see the package docstring for the current ones). ``full``
     runs the quick suite first, then every family's further cases (bf16 everywhere; on CUDA the
     sizes 1e8 and 1e9). ``sizes`` replaces the quick suite by the families' "custom" cases at those
-    sizes (k = 1%), for smoke tests. Order: :func:`_order`, within the quick part and within the
-    part that ``full`` adds.
+    sizes (k = 1%), for smoke tests. ``peers`` gives only the cases against the installed peer
+    libraries (``fedkern.benchmarks.peers``). Order: :func:`_order`, within the quick part and
+    within the part that ``full`` adds.
     """
     dev = torch.device(device)
-    families = sorted(_CASES)
+    if peers:  # fedkern against the peer libraries that are installed (benchmarks/peers.py)
+        return sorted(_CASES["peers"]("peers", dev, None), key=_order)
+    families = sorted(f for f in _CASES if f != "peers")
     if sizes is not None:
         sizes = [int(s) for s in sizes]
         return sorted((c for f in families for c in _CASES[f]("custom", dev, sizes)), key=_order)
