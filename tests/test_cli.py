@@ -73,7 +73,7 @@ def test_bench_small(tmp_path, capsys):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "latest-cpu.json" in names and "latest-cpu.md" in names
     stamped = [n for n in names if n.startswith("cpu-")]
-    assert sorted(n.rsplit(".", 1)[1] for n in stamped) == ["json", "md"]
+    assert sorted(n.rsplit(".", 1)[1] for n in stamped) == ["json", "md", "png"]
     doc = json.loads((tmp_path / "latest-cpu.json").read_text())
     assert META_KEYS <= set(doc["meta"])
     assert doc["meta"]["device"] == "cpu" and doc["meta"]["filter"] == "topk_compress"
@@ -126,7 +126,11 @@ def test_suites():
     quick = B.suite()
     ids = [c.id for c in quick]
     assert len(ids) == len(set(ids))
-    assert {c.op for c in quick} == set(B.OPS)
+    from fedkern.benchmarks import peers
+
+    peer_ops = set(peers.ROBUST) | set(peers.OPTIMIZERS)
+    assert peer_ops <= set(B.OPS)
+    assert {c.op for c in quick} == set(B.OPS) - peer_ops  # the peers run only with --peers
     assert "topk_compress-n1e7-k1e5-bf16" in ids
     assert "sparse_add_batched_-n1e7-m16-k1e5-fp32" in ids
     sized = [c for c in quick if c.family != "clients" and c.op != "sparse_add_batched_"]
