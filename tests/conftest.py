@@ -30,7 +30,8 @@ EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
 def _backend_param(name: str):
     ok, why = fedkern.ops._dispatch.backend_status(name)
     required = os.environ.get("CI") == "true" and name in ("cpu", "triton")
-    if ok or required:
+    # a backend that is installed but fails to load is a failure, never a skip
+    if ok or required or fedkern.ops._dispatch.backend_broken(name):
         return pytest.param(name, id=name)
     return pytest.param(name, id=name, marks=pytest.mark.skip(reason=why))
 
@@ -139,3 +140,24 @@ def assert_matches_reference(backend: str, run) -> None:
             results[name] = run()
     for got, want in zip(results[backend], results["reference"], strict=True):
         assert same_bits(got, want) if got.is_floating_point() else torch.equal(got, want)
+
+
+def require(module: str, *, in_ci: bool = False):
+    """Import ``module`` for a test, skipping only when it is not installed.
+
+    An import that fails for another reason (a broken build, a missing dependency of an installed
+    package: any error but ModuleNotFoundError for ``module`` itself or a parent package) fails
+    the test instead of hiding behind a skip; with ``in_ci=True`` a missing module is a failure
+    too under CI=true (the C++ core and Triton must exist there).
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if not (module == missing or module.startswith(missing + ".")):
+            raise  # the module exists, one of its own imports is missing: a real failure
+        if in_ci and os.environ.get("CI") == "true":
+            pytest.fail(f"{module} must be importable in CI: {exc}", pytrace=False)
+        pytest.skip(f"{module} is not installed ({exc})", allow_module_level=True)

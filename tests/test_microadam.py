@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import EPS, backend_fixture, close64, device_for, interpreted
+from conftest import EPS, backend_fixture, close64, device_for, interpreted, require
 
 import fedkern
 from fedkern.ops.microadam import IMPLS, constants
@@ -502,7 +502,7 @@ def test_triton_launch_variants(tuning, gen, monkeypatch):
     """Every launch choice of the Triton kernels (kernels/microadam.py TUNING) gives the
     reference's state bit for bit and its parameters to rounding: several tensors of both dtypes,
     blocks of several tensors per persistent program, decay < 1, 5 steps."""
-    pytest.importorskip("triton")
+    require("triton", in_ci=True)
     from fedkern.kernels import microadam as tk
 
     monkeypatch.setattr(tk, "TUNING", {**tk.TUNING, **tuning})

@@ -22,7 +22,9 @@ from fedkern.algorithms.federated import (
     Scaffold,
 )
 
-REGISTRY = {cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew)}
+REGISTRY = {
+    cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew, ByzVRMarinaPP)
+}
 
 __all__ = [
     "GD",

@@ -64,14 +64,17 @@ class Aggregator:
         self.step = 0
         self._last: torch.Tensor | None = None
 
-    def __call__(self, X: torch.Tensor) -> torch.Tensor:
+    def __call__(self, X: torch.Tensor, *, f: int | None = None) -> torch.Tensor:
+        """Aggregate X [n, d]; ``f`` overrides the Byzantine count for this call only (default
+        ``self.f``; a method that samples cohorts passes the count valid for the cohort)."""
         from fedkern import robust as R
 
+        f = self.f if f is None else v.integer("f", f, 0)
         X = R.as_stack(X)
         if self.pre == "bucketing":
             X = R.bucketing(X, self.bucket_size, seed=self.seed, step=self.step)
         elif self.pre == "nnm":
-            X = R.nnm(X, self.f)
+            X = R.nnm(X, f)
         self.step += 1
         rule, opts = self.rule, dict(self.options)
         if rule == "mean":
@@ -79,9 +82,9 @@ class Aggregator:
         if rule == "coordinate_median":
             return R.coordinate_median(X)
         if rule == "trimmed_mean":
-            return R.trimmed_mean(X, self.f)
+            return R.trimmed_mean(X, f)
         if rule == "krum":
-            return R.krum(X, self.f, **opts)
+            return R.krum(X, f, **opts)
         if rule == "geometric_median":
             return R.geometric_median(X, **opts)
         if self.warm_start and self._last is not None and self._last.shape == X.shape[1:]:
