@@ -82,14 +82,15 @@ def test_single_byzantine_run_from_the_command_line(tmp_path, capsys):
         (["--byzantine", "20"], r"--byzantine must be in \[0, --clients=20\)"),
         (["--matrix", "--attacks", "flood"], "--attacks must be a comma-separated list"),
         (["--matrix", "--aggregators", "median"], "--aggregators must be a comma-separated"),
-        (["--aggregator", "krum", "--byzantine", "1"], "krum needs at least 3 rows"),
+        (["--aggregator", "krum", "--byzantine", "1", "--cohort", "2"], "krum needs at least 3"),
+        (["--matrix", "--aggregators", "krum", "--cohort", "2"], "krum needs at least 3 rows"),
     ],
 )
-def test_byzantine_command_bad_input(argv, match, capsys):
+def test_byzantine_command_bad_input(argv, match, capsys, tmp_path):
     import re
 
     with pytest.raises(SystemExit):
-        cli.main(["run", "byzantine", "--rounds", "2", *argv])
+        cli.main(["run", "byzantine", "--rounds", "2", "--out", str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert re.search(match, err), err
 

@@ -112,14 +112,19 @@ with fedkern.backend("cpu"):
 
 
 def test_openmp_thread_counts_give_the_same_bits():
-    got = {}
+    """OMP_NUM_THREADS 1, 2 and 3 (the OpenMP team the core sees may be capped at the machine's
+    core count once torch has set its own thread pool: the test records what it got and needs
+    at least a single-thread and a multi-thread run)."""
+    got, teams = {}, set()
     for threads in (1, 2, 3):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                              text=True)  # fmt: skip
         assert out.returncode == 0, out.stderr
         max_threads, dig = out.stdout.split()
-        assert int(max_threads) == threads
+        assert 1 <= int(max_threads) <= threads
+        teams.add(int(max_threads))
         got[threads] = dig
+    assert 1 in teams and max(teams) >= 2, teams
     assert len(set(got.values())) == 1, got
     assert got[1] == digest(workload(inputs()))  # and this process's bits

@@ -19,7 +19,8 @@ from conftest import DTYPES, backend_fixture, device_for, interpreted, oracle_to
 
 import fedkern
 from fedkern import data
-from fedkern.algorithms import ByzVRMarinaPP, FedAvg, Scaffold
+from fedkern import robust as R
+from fedkern.algorithms import ByzVRMarinaPP, FedAvg, FedProx, Scaffnew, Scaffold
 from fedkern.clients import ClientBatch
 from fedkern.ops.microadam import IMPLS as MICROADAM_IMPLS
 from fedkern.problems import LogisticRegression, Problem
@@ -190,3 +191,122 @@ def test_alpha_changes_the_trajectory():
     kw = {"byzantine": [9], "cohort": 4, "batch_size": 4, "p": 0.3, "attack": "bit_flip"}
     runs = [ByzVRMarinaPP(problem, alpha=a, seed=2, **kw).run(15)["gap"] for a in (0.1, 1.0)]
     assert runs[0][0] == runs[1][0] and not np.allclose(runs[0][5:], runs[1][5:], rtol=1e-6)
+
+
+# ---- federated update rules against float64 oracles written from their definitions ------------
+
+
+def local_gd(problem, X, S, K, gamma, H=None, mu=0.0, anchor=None):
+    """K full-batch float64 GD steps: x_i <- x_i - gamma (g_i(x_i) - h_i + mu (x_i - a_i))."""
+    X = X.double().clone()
+    for _ in range(K):
+        G = problem.grads(X, S)
+        if H is not None:
+            G = G - H.double()
+        if mu:
+            G = G + mu * (X - anchor.double())
+        X = X - gamma * G
+    return X
+
+
+def test_scaffold_round_against_its_definition(cancer_batch):
+    """Two Scaffold rounds (option II) with a cohort of 5 of 8: y_i by K local steps with the
+    correction c - c_i, c_i+ = c_i - c + (x - y_i) / (K gamma), x += eta mean(y_i - x),
+    c += (|S| / n) mean(c_i+ - c_i)."""
+    B, P = cancer_batch, cancer_batch.problem
+    m = Scaffold(B, local_steps=3, cohort=5, server_lr=0.8, seed=7)
+    x = m.x.double().clone()
+    c, C = torch.zeros(B.p, dtype=torch.float64), torch.zeros(B.n, B.p, dtype=torch.float64)
+    for _ in range(2):
+        S = m._cohort(5)  # this round's cohort (a pure function of the round)
+        m.step()
+        H = C[S] - c
+        Y = local_gd(P, x.expand(5, -1), S.tolist(), 3, m.gamma, H=H)
+        c_new = H + (x - Y) / (3 * m.gamma)
+        dc = c_new - C[S]
+        C[S] = c_new
+        x = x + 0.8 * (Y.mean(0) - x)
+        c = c + (5 / B.n) * dc.mean(0)
+        torch.testing.assert_close(m.x.double(), x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.c.double(), c, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.C.double(), C, rtol=1e-4, atol=1e-6)
+        x, c, C = m.x.double(), m.c.double(), m.C.double()
+
+
+def test_fedprox_round_against_its_definition(cancer_batch):
+    B, P = cancer_batch, cancer_batch.problem
+    x0 = torch.full((B.p,), 0.2)
+    m = FedProx(B, local_steps=4, mu=0.5, x0=x0, seed=1)
+    m.step()
+    Y = local_gd(P, x0.expand(B.n, -1), list(range(B.n)), 4, m.gamma, mu=0.5,
+                 anchor=x0.expand(B.n, -1))  # fmt: skip
+    torch.testing.assert_close(m.x.double(), Y.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_proxskip_l1_rounds_against_their_definition(cancer_batch, monkeypatch):
+    """ProxSkip with the L1 prox, partial participation: K local steps with h_i, then
+    x = soft(mean_S(x_i - (gamma/p) h_i), gamma lam / p), h_i += (p / gamma)(x - x_i)."""
+    from fedkern.algorithms import ProxSkip, federated
+
+    monkeypatch.setattr(federated, "l1_optimum", lambda problem, lam: (torch.zeros(problem.p,
+                        dtype=torch.float64), 0.0))  # fmt: skip
+    B, P = cancer_batch, cancer_batch.problem
+    m = ProxSkip(B, prox="l1", lam=0.05, p=0.5, cohort=6, seed=3)
+    g, p, lam = m.gamma, 0.5, 0.05
+    x, H = m.x.double().clone(), torch.zeros(B.n, B.p, dtype=torch.float64)
+    for _ in range(3):
+        S = m._cohort(6)
+        m.step()
+        K = m.history["local_steps"][-1]
+        X = local_gd(P, x.expand(6, -1), S.tolist(), K, g, H=H[S])
+        z = (X - (g / p) * H[S]).mean(0)
+        x = torch.sign(z) * (z.abs() - g * lam / p).clamp_min(0)
+        H[S] = H[S] + (p / g) * (x - X)
+        torch.testing.assert_close(m.x.double(), x, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.H.double(), H, rtol=1e-4, atol=1e-5)
+        x, H = m.x.double(), m.H.double()
+
+
+def test_draws_follow_the_slot_convention(cancer_batch):
+    """Round r draws its local-step count from sampling.geometric at key (r + 1) * 16 + 0 (slot 0)
+    and its cohort at key (r + 1) * 16 + 1: the convention that lets two methods agree draw for
+    draw (TAMUNA with s = c and Scaffnew) and a remote client be told (seed, key)."""
+    from fedkern import sampling
+
+    m = Scaffnew(cancer_batch, p=0.3, cohort=5, seed=11)
+    for r in range(6):
+        want_S = sampling.uniform(cancer_batch.n, 5, seed=11, step=(r + 1) * 16 + 1)
+        assert torch.equal(m._cohort(5).cpu(), want_S)
+        m.step()
+        assert m.history["local_steps"][-1] == sampling.geometric(0.3, seed=11,
+                                                                  step=(r + 1) * 16)  # fmt: skip
+
+
+def test_shift_back_sends_the_model_back_to_x0():
+    """Unclipped, one client per round, 8 of 10 Byzantine: after a compressed round whose client is
+    Byzantine, the next round's iterate is x0 (the attack's definition: the aggregate that moves
+    the server back), up to the float32 rounding of the message."""
+    A, y = data.load("breast_cancer")
+    problem = LogisticRegression(A, y, data.split(y, 10, "iid", seed=0), l2=0.1)
+    m = ByzVRMarinaPP(problem, byzantine=range(2, 10), cohort=1, full_cohort=10, p=0.2, clip=False,
+                      aggregator=R.Aggregator("coordinate_median"), x0=torch.full((problem.d,),
+                      0.3, dtype=torch.float64), seed=5)  # fmt: skip
+    hits = 0
+    for _ in range(30):
+        m.step()
+        if not m.history["full"][-1] and m.history["byzantine_majority"][-1]:
+            x_next = m.x - m.gamma * m.g  # the next round's x+
+            err = float((x_next - m.x0).norm())
+            assert err <= 1e-5 * (1 + float(m.x.norm())), err
+            hits += 1
+    assert hits >= 5
+
+
+def test_aggregator_f_override(gen):
+    """Aggregator(rule, f)(X, f=g) is the rule with g for that call only."""
+    X = torch.randn(11, 30, generator=gen)
+    agg = R.Aggregator("trimmed_mean", 5)
+    assert torch.equal(agg(X, f=1), R.trimmed_mean(X, 1))
+    assert torch.equal(agg(X), R.trimmed_mean(X, 5))
+    k = R.Aggregator("krum", 4)
+    assert torch.equal(k(X, f=2), R.krum(X, 2))
