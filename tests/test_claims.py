@@ -5,8 +5,8 @@ the same assertion, on real bundled data with fixed seeds.
   breaks and the robust rules hold;
 - Byz-VR-MARINA-PP+ under the shift-back attack: with clipping it converges, without (the
   control) the Byzantine-majority rounds throw it back;
-- MicroAdam on a task where a linear model and an MLP differ: MicroAdam is near AdamW, top-k of
-  the same density without error feedback (the control) is clearly worse.
+- MicroAdam on a task where a linear model and an MLP differ (nested shells): MicroAdam is near
+  AdamW, top-k of the same density without error feedback (the control) is clearly worse.
 """
 
 from __future__ import annotations
@@ -123,14 +123,15 @@ def test_claim_plus_variant_with_clipping_defeats_shift_back(homogeneous, seed):
 # ---- MicroAdam against its control on a task a linear model cannot solve -------------------------
 
 
-def teacher_task(seed=0, n_train=3000, n_test=2000, d=24, classes=4):
-    """Gaussian inputs labelled by a fixed random tanh network: a linear classifier cannot
-    represent the labels, an MLP can learn most of them."""
+def radial_task(seed=0, n_train=3000, n_test=2000, d=16, classes=4):
+    """Gaussian inputs in 16 dimensions labelled by the quartile of ||x[:4]||^2: the classes are
+    nested shells, which no linear classifier separates (it stays near chance, 25%) and an MLP
+    learns."""
     g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(d, 48, generator=g) / d**0.5
-    w2 = torch.randn(48, classes, generator=g) / 48**0.5 * 3
     x = torch.randn(n_train + n_test, d, generator=g)
-    y = (torch.tanh(x @ w1 * 2) @ w2).argmax(1)
+    r = (x[:, :4] ** 2).sum(1)
+    cuts = torch.quantile(r[:n_train], torch.tensor([0.25, 0.5, 0.75]))
+    y = torch.bucketize(r, cuts)
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
@@ -151,11 +152,13 @@ class TopKWithoutFeedback(MicroAdam):
 
 
 def test_microadam_beats_topk_without_error_feedback():
-    """Teacher-network task (3000 training samples, 24 features, 4 classes), MLP 24-256-4, 15
-    epochs of batches of 32 at lr 1e-3, two seeds: AdamW's test accuracy is well above a linear
-    model's (the task needs the MLP), MicroAdam (density 1%) is within 3 points of AdamW, and the
-    same top-k window without error feedback is at least 5 points below MicroAdam."""
-    xtr, ytr, xte, yte = teacher_task()
+    """Nested-shells task (3000 training samples, 16 features, 4 classes), MLP 16-256-4, 10
+    epochs of batches of 32 at lr 1e-3, mean of two seeds: AdamW's test accuracy is far above a
+    linear model's (the task needs the MLP; digits does not tell them apart), MicroAdam (density
+    1%, its default) is within 3 points of AdamW, and the same top-k window without error
+    feedback (the control) is at least 5 points below MicroAdam. Measured: AdamW 76.8%, linear
+    25.1%, MicroAdam 76.0%, top-k without error feedback 68.9%."""
+    xtr, ytr, xte, yte = radial_task()
 
     def accuracy(make, seed, linear=False):
         torch.manual_seed(seed)
@@ -165,7 +168,7 @@ def test_microadam_beats_topk_without_error_feedback():
                                    torch.nn.Linear(256, 4)))  # fmt: skip
         opt = make(net.parameters())
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(15):
+        for _ in range(10):
             order = torch.randperm(len(xtr), generator=gen)
             for i in range(0, len(order), 32):
                 b = order[i : i + 32]

@@ -24,7 +24,7 @@ import fedkern
 from fedkern import robust as R
 from fedkern.reference.microadam import new_state
 
-N = 1 << 21
+N = 3 << 19  # three top-k blocks of 2**19: one per thread with 3 threads
 
 
 def inputs(seed: int = 0) -> dict:
