@@ -131,8 +131,10 @@ def add_parser(sub) -> None:
         description=__doc__.split("\n\n")[0] + " Algorithms: " + ", ".join(REGISTRY) + ".",
     )
     p.add_argument(
-        "algorithms", nargs="+", metavar="ALGORITHM", help=f"one or more of: {', '.join(REGISTRY)}"
-    )
+        "algorithms", nargs="+", metavar="ALGORITHM",
+        help=f"one or more of: {', '.join(REGISTRY)}; or byzantine (byz_vr_marina_pp on "
+             "--problem byzantine)",
+    )  # fmt: skip
     p.add_argument(
         "--problem",
         default="convex",

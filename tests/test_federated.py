@@ -76,7 +76,8 @@ def test_claim_rounds_grow_like_sqrt_kappa(cancer):
     """Rounds to reach 1e-9 of the initial gap at three condition numbers (l2 = 0.3, 0.1, 0.03:
     kappa 26, 77, 254): the exponent of a least-squares fit rounds ~ kappa^e is near 1/2 for
     Scaffnew (mean over three seeds of its random local-step counts) and near 1 for GD, the
-    control, which must fail Scaffnew's bound. Measured: Scaffnew 0.46, GD 0.97."""
+    control, which must fail Scaffnew's bound. Measured: Scaffnew 32.3, 54, 99 rounds (exponent
+    0.49), GD 170, 488, 1554 (exponent 0.98)."""
     need_s, need_g, kappas = [], [], []
     for l2 in (0.3, 0.1, 0.03):
         B = batch(cancer, l2)
