@@ -7,8 +7,9 @@ or the algorithm layer, runs its test selection with ``pytest -x -q`` and revert
 mutant is killed when the tests fail (a crash or an abort counts: it is a failure too, though a
 clearer one is an assertion). C++ mutants rebuild fedkern._C incrementally with CMake in
 ``$FEDKERN_MUTATION_BUILD`` (default /tmp/fedkern-mutation-build; the module is written straight
-into fedkern/), and the clean module is rebuilt at the end. Not collected by pytest (no test_
-prefix); docs/testing.md records the last campaign's results.
+into fedkern/; FEDKERN_MUTATION_CMAKE_ARGS adds configure arguments, e.g.
+-DCMAKE_CXX_FLAGS_RELEASE=-O1 for faster rebuilds), and the clean module is rebuilt at the end.
+Not collected by pytest (no test_ prefix); docs/testing.md records the last campaign's results.
 """
 
 from __future__ import annotations
@@ -280,7 +281,8 @@ def rebuild() -> None:
                         "-DCMAKE_BUILD_TYPE=Release", "-DFEDKERN_CUDA_CHECK=OFF",
                         f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ROOT / 'fedkern'}",
                         f"-DPython_EXECUTABLE={sys.executable}",
-                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"],
+                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                        *os.environ.get("FEDKERN_MUTATION_CMAKE_ARGS", "").split()],
                        check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     subprocess.run(["cmake", "--build", str(b), "--target", "_C", "-j", "2"], check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
