@@ -15,7 +15,7 @@ import torch
 from fedkern import validation as v
 from fedkern.random import permutation
 
-__all__ = ["DATASETS", "SPLITS", "flip_labels", "load", "load_libsvm", "split"]
+__all__ = ["BINARY_LABELS", "DATASETS", "SPLITS", "flip_labels", "load", "load_libsvm", "split"]
 
 DATASETS = ("breast_cancer", "digits")
 SPLITS = ("iid", "label_sorted", "dirichlet")
@@ -48,12 +48,17 @@ def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(a), torch.from_numpy(np.asarray(raw.target, dtype=np.int64))
 
 
-def load_libsvm(path, n_features: int | None = None, *, standardize: bool = True,
-                bias: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+#: The label sets a binary LibSVM file may use (each maps to 0/1 in sorted order).
+BINARY_LABELS = ({-1.0, 1.0}, {0.0, 1.0}, {1.0, 2.0})
+
+
+def load_libsvm(path, n_features: int | None = None, *, standardize: bool = True, bias: bool = True,
+                binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """A LibSVM-format file (a9a, w8a, ... downloaded by the user) as dense (A, y).
 
-    Each line is ``label index:value index:value ...`` with 1-based indices. Binary labels
-    (-1/+1, 0/1 or 1/2) become 0/1; other label sets map to 0..C-1 in sorted order.
+    Each line is ``label index:value index:value ...`` with 1-based indices (``#`` starts a
+    comment). Binary labels (-1/+1, 0/1 or 1/2) become 0/1; other label sets map to 0..C-1 in
+    sorted order.
 
     Args:
         path: the file.
@@ -61,22 +66,39 @@ def load_libsvm(path, n_features: int | None = None, *, standardize: bool = True
         standardize: scale every feature to mean 0, std 1 (as ``load``); with False the raw
             values are kept.
         bias: append a constant column of ones.
+        binary: the labels must form one of the binary sets -1/+1, 0/1 or 1/2 (for logistic
+            regression); a label outside it is an error naming its line.
 
     Returns:
         A: [N, d (+1)] float64; y: [N] int64.
+
+    Raises:
+        ValueError naming ``path:line`` for a malformed line, a label or feature value that is
+        not a finite number (NaN, inf), an index below 1, a duplicate index on one line, or (with
+        ``binary``) a label outside the binary sets; ``path: no samples`` for an empty file.
+        OSError when the file cannot be read.
     """
-    labels, rows = [], []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
+    labels, rows, seen = [], [], set()
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a text file ({exc.reason})") from exc
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             head, *feats = line.split()
-            try:
-                labels.append(float(head))
-                rows.append([(int(i) - 1, float(x)) for i, x in (f.split(":") for f in feats)])
-            except ValueError as exc:
-                raise ValueError(f"{path}:{lineno}: not LibSVM format ({exc})") from exc
+            labels.append(_libsvm_label(path, lineno, head))
+            if binary:
+                seen.add(labels[-1])
+                if not any(seen <= allowed for allowed in BINARY_LABELS):
+                    raise ValueError(
+                        f"{path}:{lineno}: label {head} is outside the binary label sets "
+                        f"-1/+1, 0/1 and 1/2 (labels so far: {sorted(seen)}); logistic "
+                        f"regression needs two classes"
+                    )
+            rows.append(_libsvm_features(path, lineno, feats))
     if not rows:
         raise ValueError(f"{path}: no samples")
     top = max((i for r in rows for i, _ in r), default=-1) + 1
@@ -84,8 +106,6 @@ def load_libsvm(path, n_features: int | None = None, *, standardize: bool = True
     a = np.zeros((len(rows), d))
     for k, r in enumerate(rows):
         for i, x in r:
-            if i < 0:
-                raise ValueError(f"{path}: feature indices are 1-based, got {i + 1}")
             a[k, i] = x
     if standardize:
         std = a.std(0)
@@ -95,6 +115,37 @@ def load_libsvm(path, n_features: int | None = None, *, standardize: bool = True
     values = sorted(set(labels))
     y = np.searchsorted(np.asarray(values), np.asarray(labels)).astype(np.int64)
     return torch.from_numpy(a), torch.from_numpy(y)
+
+
+def _libsvm_label(path, lineno: int, head: str) -> float:
+    try:
+        label = float(head)
+    except ValueError as exc:
+        raise ValueError(f"{path}:{lineno}: not LibSVM format (label {head!r} is not a "
+                         f"number)") from exc  # fmt: skip
+    if not np.isfinite(label):
+        raise ValueError(f"{path}:{lineno}: label {head!r} is not a finite number")
+    return label
+
+
+def _libsvm_features(path, lineno: int, feats) -> list[tuple[int, float]]:
+    out, used = [], set()
+    for item in feats:
+        try:
+            i, x = item.split(":")
+            i, x = int(i), float(x)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: not LibSVM format ({item!r} is not "
+                             f"index:value; {exc})") from exc  # fmt: skip
+        if i < 1:
+            raise ValueError(f"{path}:{lineno}: feature indices are 1-based, got {i}")
+        if not np.isfinite(x):
+            raise ValueError(f"{path}:{lineno}: feature {i} is {x}; features must be finite")
+        if i in used:
+            raise ValueError(f"{path}:{lineno}: feature {i} appears twice on the line")
+        used.add(i)
+        out.append((i - 1, x))
+    return out
 
 
 def split(y: torch.Tensor, clients: int, how: str = "iid", *, seed: int = 0,

@@ -54,6 +54,10 @@ class ProblemSpec:
         title: the metric's column title in the summary.
         axes: history keys of per-round costs whose running sums are further x-axes of the plot.
         options: extra argparse options of the family: dest -> argparse keywords with "flag".
+        defaults: the family's values of the shared options the user did not give (dest ->
+            value; "split" and "l2" have no global default).
+        run: optional ``run(args, parser, problem, meta) -> int`` that replaces the usual loop
+            over the algorithms when ``wants_run(args)`` is true (the Byzantine matrix).
     """
 
     name: str
@@ -64,6 +68,9 @@ class ProblemSpec:
     title: str = "f - f*"
     axes: tuple[str, ...] = ("floats_up",)
     options: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+    run: Callable | None = None
+    wants_run: Callable = lambda args: False  # noqa: E731
 
 
 PROBLEMS: dict[str, ProblemSpec] = {}
@@ -99,7 +106,7 @@ def _build_convex(args, parser):
 register_problem(ProblemSpec(
     "convex", "a bundled dataset (or libsvm:PATH) split over clients: L2-regularized logistic "
     "(breast_cancer, LibSVM) or multinomial (digits) regression, with its exact optimum",
-    _build_convex,
+    _build_convex, defaults={"split": "label_sorted", "l2": 0.01},
 ))  # fmt: skip
 
 
@@ -176,8 +183,10 @@ def add_parser(sub) -> None:
         description=__doc__.split("\n\n")[0] + " Algorithms: " + ", ".join(REGISTRY) + ".",
     )
     p.add_argument(
-        "algorithms", nargs="+", metavar="ALGORITHM", help=f"one or more of: {', '.join(REGISTRY)}"
-    )
+        "algorithms", nargs="+", metavar="ALGORITHM",
+        help=f"one or more of: {', '.join(REGISTRY)}; or byzantine (byz_vr_marina_pp on "
+             "--problem byzantine)",
+    )  # fmt: skip
     p.add_argument(
         "--problem",
         default="convex",
@@ -191,14 +200,15 @@ def add_parser(sub) -> None:
     p.add_argument("--clients", type=int, default=20, help="number of clients (default 20)")
     p.add_argument(
         "--split",
-        default="label_sorted",
-        help=f"{', '.join(data.SPLITS)} (default label_sorted: heterogeneous)",
+        default=None,
+        help=f"{', '.join(data.SPLITS)} (default label_sorted: heterogeneous; byzantine: iid)",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (default 0.5)")
-    p.add_argument("--l2", type=float, default=0.01, help="L2 regularization (default 0.01)")
+    p.add_argument("--l2", type=float, default=None,
+                   help="L2 regularization (default 0.01; byzantine: 0.1)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=300, help="communication rounds (default 300)")
     for dest, spec in _method_options().items():
-        kw = {k: val for k, val in spec.items() if k != "flag"}
+        kw = {k: val for k, val in spec.items() if k not in ("flag", "keyword")}
         kw.setdefault("default", None)
         p.add_argument(spec["flag"], dest=dest, **kw)
     p.add_argument("--seed", type=int, default=0, help="seed of splits, coins and batches")
@@ -215,17 +225,26 @@ def _fail(parser, msg: str):
 def _options(args, name: str) -> dict:
     """The constructor keywords of algorithm ``name``: the seed and its own options when given."""
     kw = {"seed": args.seed}
-    for dest in REGISTRY[name].cli_options:
+    for dest, spec in REGISTRY[name].cli_options.items():
         val = getattr(args, dest, None)
         if val is not None:
-            kw[dest] = val
+            kw[spec.get("keyword", dest)] = val
     return kw
 
 
 def _load(args, parser):
     if args.dataset.startswith("libsvm:"):
         path = args.dataset.split(":", 1)[1]
-        A, y = data.load_libsvm(path)
+        if not path:
+            _fail(parser, "--dataset libsvm:PATH needs a file path")
+        try:
+            A, y = data.load_libsvm(path, binary=True)
+        except OSError as exc:
+            _fail(parser, f"--dataset: cannot read {path}: {exc.strerror or exc}")
+        except ValueError as exc:  # names the file and the line
+            _fail(parser, f"--dataset: {exc}")
+        if len(set(y.tolist())) < 2:
+            _fail(parser, f"--dataset: {path} has a single label; logistic regression needs two")
         return A, y, "logistic"
     if args.dataset not in data.DATASETS:
         _fail(
@@ -234,6 +253,23 @@ def _load(args, parser):
         )
     A, y = data.load(args.dataset)
     return A, y, KIND[args.dataset]
+
+
+#: Algorithm words that stand for a method on its own problem family.
+ALIASES = {"byzantine": ("byz_vr_marina_pp", "byzantine")}
+
+
+def _resolve(args) -> None:
+    """Expand ALIASES and apply the problem family's defaults to the options left unset."""
+    for i, name in enumerate(args.algorithms):
+        if name in ALIASES:
+            args.algorithms[i], args.problem = ALIASES[name]
+    spec = PROBLEMS.get(args.problem)
+    for dest, val in (spec.defaults if spec else {}).items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, val)
+    args.split = args.split or "label_sorted"
+    args.l2 = 0.01 if args.l2 is None else args.l2
 
 
 def _check(args, parser) -> None:
@@ -342,9 +378,12 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def cmd_run(args, parser) -> int:
+    _resolve(args)
     _check(args, parser)
     spec = PROBLEMS[args.problem]
     problem, meta = spec.build(args, parser)
+    if spec.run is not None and spec.wants_run(args):
+        return spec.run(args, parser, problem, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"problem {spec.name}; backend {fedkern.current_backend()}")
@@ -405,3 +444,7 @@ def cmd_run(args, parser) -> int:
         + (f", {png_path}" if png else f" (no plot: pip install matplotlib for {png_path.name})")
     )
     return 0
+
+
+# the "byzantine" problem family (Byz-VR-MARINA-PP and its attack matrix) registers itself
+import fedkern.run_byzantine  # noqa: E402, F401

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import require
 
 import fedkern
 from fedkern.ops import _dispatch
@@ -48,8 +49,7 @@ def test_backend_errors():
 
 
 def test_auto_uses_the_cpu_core_on_cpu():
-    if not fedkern.backends()["cpu"]["available"]:
-        pytest.skip("C++ core not built")
+    require("fedkern._C", in_ci=True)
     impl = _dispatch.pick("topk_compress", fedkern.ops.topk.IMPLS["topk_compress"],
                           torch.device("cpu"))  # fmt: skip
     assert impl is fedkern.ops.topk.IMPLS["topk_compress"]["cpu"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import fresh_seed
 
 import fedkern
 from fedkern import interop
@@ -17,7 +18,7 @@ def arr(rng, *shape):
 
 
 def test_ops_take_numpy_and_match_torch():
-    rng = np.random.default_rng(int.from_bytes(__import__("os").urandom(4), "little"))
+    rng = np.random.default_rng(fresh_seed("np.random.default_rng"))
     x = arr(rng, 1000)
     t = torch.from_numpy(x.copy())
     for got, want in [

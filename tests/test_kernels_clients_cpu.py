@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fresh_seed
+from conftest import fresh_seed, require
 
-C = pytest.importorskip("fedkern._C")
+C = require("fedkern._C", in_ci=True)
 
 LOGISTIC, MULTINOMIAL, LEAST_SQUARES = 0, 1, 2
 GD, SGD, RR = 0, 1, 2

@@ -381,7 +381,10 @@ def test_iterative_edges(impl, dtype, gen):
     x = x.to(dtype)
     want = oracle_cc(x, p0, 2, 0.5, tile=cpp_tile(5, dtype) if impl == "cpu" else None)
     got = run_iter(impl, "centered_clip", x, p0, 2, 0.5)
-    assert same_bits(got, want) if impl == "cpu" else torch.allclose(got, want, rtol=1e-2)
+    if impl == "cpu":
+        assert same_bits(got, want)
+    else:  # Triton sums in its own tile order: a few rounding steps of the dtype
+        torch.testing.assert_close(got, want, rtol=8 * EPS[dtype], atol=8 * EPS[dtype])
     assert same_bits(run_iter(impl, "centered_clip", x, p0, 0, 0.5), p0.to(dtype))
     # z0 is not modified
     keep = p0.clone()

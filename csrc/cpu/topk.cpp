@@ -134,6 +134,9 @@ void select_from_candidates(const int64_t* cidx, const uint32_t* ckey, int64_t t
   for (int64_t i = 0; i < total; ++i) {
     if (ckey[i] - lo_key < width) bin.push_back(ckey[i]);
   }
+  FEDKERN_DCHECK(static_cast<int64_t>(bin.size()) == in_bin, "candidates of the threshold bin");
+  FEDKERN_DCHECK(need >= 1 && need <= static_cast<int64_t>(bin.size()),
+                 "top-k threshold rank outside its bin");
   std::nth_element(bin.begin(), bin.begin() + (need - 1), bin.end(), std::greater<uint32_t>());
   const uint32_t thr = bin[need - 1];
   std::vector<uint32_t>().swap(bin);
@@ -153,6 +156,7 @@ void select_from_candidates(const int64_t* cidx, const uint32_t* ckey, int64_t t
   }
   int64_t above = 0;
   for (int b = 0; b < nb; ++b) above += gt[b];
+  FEDKERN_DCHECK(above < k, "top-k: more keys above the threshold than k");
   place_blocks(gt, eq, k - above, &off, &take);
 #pragma omp parallel for schedule(static, 1) num_threads(nb)
   for (int b = 0; b < nb; ++b) {
@@ -163,9 +167,11 @@ void select_from_candidates(const int64_t* cidx, const uint32_t* ckey, int64_t t
       const uint32_t key = ckey[i];
       if (key > thr || (key == thr && t > 0)) {
         t -= key == thr;
+        FEDKERN_DCHECK(off[b] + o < k, "top-k emits past its k outputs");
         out[o++] = cidx[i];
       }
     }
+    FEDKERN_DCHECK(o == gt[b] + take[b], "top-k block emitted a wrong count");
   }
 }
 
@@ -225,6 +231,7 @@ void topk_select(Src& src, int64_t n, int64_t k, int64_t* idx) {
       above += in_bin;
     }
     need -= above;
+    FEDKERN_DCHECK(need >= 1 && need <= in_bin, "top-k: the k-th key is not in the chosen bin");
     for (int b = 0; b < nb; ++b) {
       const int64_t* h = &hist[static_cast<size_t>(b) * kBins];
       for (int j = bin + 1; j < nbins; ++j) gt[b] += h[j];
@@ -243,7 +250,9 @@ void topk_select(Src& src, int64_t n, int64_t k, int64_t* idx) {
         int64_t* out = idx + off[b];
         scan_tiles(src, lo, hi, false, [&](int64_t t0, int64_t cnt, const uint32_t* keys) {
           emit_tile(t0, cnt, keys, lo_key, &t, out, &o);
+          FEDKERN_DCHECK(off[b] + o <= k, "top-k emits past its k outputs");
         });
+        FEDKERN_DCHECK(o == gt[b] + take[b], "top-k block emitted a wrong count");
       }
       return;
     }

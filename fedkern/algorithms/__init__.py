@@ -38,7 +38,9 @@ from fedkern.algorithms.generalized import (
     LocalGD,
 )
 
-REGISTRY = {cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew)}
+REGISTRY = {
+    cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew, ByzVRMarinaPP)
+}
 REGISTRY.update({cls.name: cls for cls in (ClipLocalGDJ, ClippedGD, CLERR, NASTYA, ClippedRRCLI,
                                            LocalClippedSGD, ClippedFedAvg, LocalGD,
                                            BiasedSGD)})  # fmt: skip

@@ -50,8 +50,10 @@ class Method(abc.ABC):
         config_attrs: names of hyperparameters stored in the checkpoint and checked on load, so
             a state is never resumed under other settings.
         problems: the ``fedkern run --problem`` families the method accepts.
-        cli_options: ``fedkern run`` options of the method: constructor keyword -> argparse
-            keywords (with "flag", e.g. "--local-steps").
+        cli_options: ``fedkern run`` options of the method: argparse destination -> argparse
+            keywords (with "flag", e.g. "--local-steps"; and "keyword", the constructor keyword,
+            where it differs from the destination because another method's option of that name
+            means something else).
     """
 
     name = "method"

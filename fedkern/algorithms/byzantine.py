@@ -7,6 +7,7 @@ gradient differences bounds what a Byzantine majority of a small sampled cohort 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -14,12 +15,25 @@ from fedkern import robust as R
 from fedkern import sampling
 from fedkern import validation as v
 from fedkern.algorithms.base import Method
+from fedkern.algorithms.federated import OPT_BATCH, OPT_COHORT, OPT_GAMMA, OPT_P
 from fedkern.random import client_seed
 from fedkern.robust import attacks
+from fedkern.robust.aggregator import RULES
 
-__all__ = ["ATTACKS", "ByzVRMarinaPP"]
+__all__ = ["ATTACKS", "STRONG", "ByzVRMarinaPP"]
 
 ATTACKS = ("shift_back", "bit_flip", "alie", "ipm", "none")
+
+#: The standard strong settings of the attacks (constructor keywords), strong enough to break the
+#: plain mean with 5 Byzantine clients of 20 (``fedkern run byzantine --matrix`` uses them):
+#: IPM with eps = 10 > (n - f) / f = 3 reverses the mean's direction (the mean becomes
+#: (n - f - f eps) / n = -1.75 times the honest mean); bit flip scaled by 10 likewise; ALIE with
+#: z = 10 standard deviations on heterogeneous honest messages moves the mean by f z / n = 2.5
+#: honest standard deviations per coordinate. (Baruch et al.'s z_max for n = 20, f = 5 is 0.52:
+#: a subtle attack aimed at median-type rules, which the mean shrugs off: measured on breast
+#: cancer over 20 iid clients, 80 rounds, the mean ends at 0.14 of the start gap with z = 5 and
+#: above it with z = 10.)
+STRONG = {"ipm_eps": 10.0, "alie_z": 10.0, "bit_flip_scale": 10.0}
 
 
 class ByzVRMarinaPP(Method):
@@ -51,12 +65,33 @@ class ByzVRMarinaPP(Method):
         full_cohort: C_hat, clients sampled in full rounds (default n: every client).
         alpha: the clipping multiplier (> 0).
         clip: clip the differences (True) or not (the unclipped baseline).
-        aggregator: a ``fedkern.robust.Aggregator`` (default coordinate median with bucketing 2)
-            or any callable [c, d] -> [d].
+        aggregator: a ``fedkern.robust.Aggregator`` (default coordinate median with bucketing 2),
+            any callable [c, d] -> [d], or a rule name of ``fedkern.robust.Aggregator`` ("mean",
+            "coordinate_median", "trimmed_mean", "krum", "geometric_median", "centered_clip"):
+            then the method builds ``Aggregator(rule, f, pre="bucketing" if bucketing else None,
+            bucket_size=bucketing, seed=seed, **aggregator_options)`` with f the number of
+            Byzantine clients, and every call uses the true count f capped to what the rule
+            accepts for that round's stack (trimmed mean 2f < rows, Krum rows > 2f + 2), so a
+            small cohort never makes the rule invalid. centered_clip defaults to tau = 0.2 with
+            a warm start (suited to gradients of norm about 1, as on the bundled logistic
+            problems; pass ``aggregator_options={"tau": ...}`` otherwise).
+        aggregator_options: keywords for a rule name's Aggregator (``tau``, ``iters``, ...).
+        bucketing: bucket size of a rule name's pre-aggregation (None or 1: none).
         compressor: None (dense differences), ``fedkern.compress.TopK`` or ``RandK`` (unbiased
             rand-k is the paper's Q; each client's mask is keyed by its id).
         attack: "shift_back" (when the Byzantine clients are a majority of S they send what moves
-            the model back to x0, else they behave honestly), "bit_flip", "alie", "ipm" or "none".
+            the model back to x0, else they behave honestly), "bit_flip" (each sends -scale times
+            its own honest message), "alie" (A Little Is Enough: every Byzantine client sends
+            mean - z * std of the round's honest messages, per coordinate), "ipm" (Inner Product
+            Manipulation: -eps times the honest messages' mean) or "none". ALIE and IPM are
+            omniscient: they see the honest messages of the sampled cohort in that round (the
+            honest clients' gradients in full rounds, their compressed and clipped differences
+            in the others); with fewer honest messages than they need (ALIE 2, IPM 1) the
+            Byzantine clients send their own honest messages.
+        ipm_eps: IPM's eps (default 0.1, the small-eps setting; ``STRONG`` has 10).
+        alie_z: ALIE's z; default None: Baruch et al.'s z_max for the cohort (``attacks.alie_z``
+            of the number of sampled clients and of sampled Byzantine ones).
+        bit_flip_scale: bit flip's scale (default 1: plain sign flip).
         plus: Byz-VR-MARINA-PP+ (mean of the clipped differences on c = 0 rounds).
         seed: keys the coins (``key(0)``), cohorts (``key(1)``) and each client's minibatches
             (``fedkern.sampling.uniform`` under ``client_seed(seed, i)`` at ``key(2)``), and the
@@ -72,16 +107,49 @@ class ByzVRMarinaPP(Method):
     name = "byz_vr_marina_pp"
     state_attrs = ("x", "g", "aggregator", "_lam")
     config_attrs = ("gamma", "p", "batch_size", "cohort_size", "full_cohort", "alpha", "clip",
-                    "plus", "attack", "byzantine")  # fmt: skip
+                    "plus", "attack", "byzantine", "ipm_eps", "alie_z",
+                    "bit_flip_scale")  # fmt: skip
     problems = ("byzantine",)
+    cli_options = {
+        "byzantine": {"flag": "--byzantine", "type": int,
+                      "help": "Byzantine clients: the last F of --clients (default 0)"},
+        "attack": {"flag": "--attack", "choices": ATTACKS,
+                   "help": "the Byzantine clients' attack (default shift_back)"},
+        "aggregator": {"flag": "--aggregator", "choices": RULES,
+                       "help": "robust aggregation rule, f = the Byzantine count (default "
+                               "coordinate_median with bucketing 2)"},
+        "bucketing": {"flag": "--bucketing", "type": int,
+                      "help": "bucket size of --aggregator's pre-aggregation (default none)"},
+        "ipm_eps": {"flag": "--ipm-eps", "type": float, "help": "IPM's eps (default 0.1)"},
+        "alie_z": {"flag": "--alie-z", "type": float,
+                   "help": "ALIE's z (default Baruch et al.'s z_max)"},
+        "bit_flip_scale": {"flag": "--bit-flip-scale", "type": float,
+                           "help": "bit flip's scale (default 1)"},
+        "cohort": {**OPT_COHORT, "help": "clients per compressed round (default 20%%)"},
+        "full_cohort": {"flag": "--full-cohort", "type": int,
+                        "help": "clients per full round (default all)"},
+        "gamma": OPT_GAMMA,
+        "p": OPT_P,
+        "batch_size": OPT_BATCH,
+        "byz_clip": {"flag": "--no-clip", "action": "store_false", "keyword": "clip",
+                 "help": "Byz-VR-MARINA-PP: do not clip the differences (the unclipped baseline)"},
+        "plus": {"flag": "--plus", "action": "store_true",
+                 "help": "Byz-VR-MARINA-PP+: average the clipped differences"},
+    }  # fmt: skip
 
     def __init__(self, problem, *, byzantine=(), gamma=None, p=None, batch_size=1, cohort=None,
                  full_cohort=None, alpha=1.0, clip=True, aggregator=None, compressor=None,
                  attack="shift_back", plus=False, seed=0, x0=None,
-                 dtype=torch.float32, diverge_factor: float = 1e8):  # fmt: skip
+                 dtype=torch.float32, diverge_factor: float = 1e8, ipm_eps: float = 0.1,
+                 alie_z: float | None = None, bit_flip_scale: float = 1.0,
+                 aggregator_options: dict | None = None,
+                 bucketing: int | None = None):  # fmt: skip
         super().__init__(seed=seed, diverge_factor=diverge_factor)
         self.problem = problem
         n = problem.n
+        if isinstance(byzantine, numbers.Integral) and not isinstance(byzantine, bool):
+            f = v.integer("byzantine", byzantine, 0, n - 1)
+            byzantine = range(n - f, n)  # a count: the last f clients
         self.byzantine = sorted({v.integer("byzantine", b, 0, n - 1) for b in byzantine})
         self.honest = [i for i in range(n) if i not in set(self.byzantine)]
         if not self.honest:
@@ -100,11 +168,20 @@ class ByzVRMarinaPP(Method):
         if attack not in ATTACKS:
             raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
         self.attack = attack
+        self.ipm_eps = v.fp32_scalar("ipm_eps", ipm_eps)
+        self.alie_z = None if alie_z is None else v.fp32_scalar("alie_z", alie_z)
+        self.bit_flip_scale = v.fp32_scalar("bit_flip_scale", bit_flip_scale)
         if dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         self.dtype = dtype
+        self._cap_f = isinstance(aggregator, str)
         if aggregator is None:
             aggregator = R.Aggregator("coordinate_median", pre="bucketing", seed=seed)
+        elif self._cap_f:
+            aggregator = self._rule_aggregator(aggregator, aggregator_options, bucketing, seed)
+        elif aggregator_options is not None or bucketing is not None:
+            raise ValueError("aggregator_options and bucketing apply to a rule name given as "
+                             "aggregator, not to an aggregator object")  # fmt: skip
         self.aggregator = aggregator
         self.compressor = compressor
         d = problem.p
@@ -121,6 +198,33 @@ class ByzVRMarinaPP(Method):
         S0 = sampling.uniform(n, self.full_cohort, seed=self.seed, step=self.initial_key(1))
         self.g = self._full_round(self.x, S0.tolist())
         self._record(True, False, d)
+
+    def _rule_aggregator(self, rule, options, bucketing, seed) -> R.Aggregator:
+        """The Aggregator of a rule name (see ``aggregator`` in the class docstring)."""
+        if rule not in RULES:
+            raise ValueError(f"aggregator must be one of {', '.join(RULES)} (or an Aggregator), "
+                             f"got {rule!r}")  # fmt: skip
+        s = 1 if bucketing is None else v.integer("bucketing", bucketing, 1)
+        opts = dict(options or {})
+        if rule == "centered_clip":
+            opts.setdefault("tau", 0.2)
+            opts.setdefault("warm_start", True)
+        warm = opts.pop("warm_start", False)
+        rows = -(-min(self.cohort_size, self.full_cohort) // s)
+        if rule == "krum" and rows < 3:
+            raise ValueError(f"krum needs at least 3 rows per round; the smallest cohort gives "
+                             f"{rows} (cohort {self.cohort_size}, bucketing {s})")  # fmt: skip
+        return R.Aggregator(rule, len(self.byzantine), pre="bucketing" if s > 1 else None,
+                            bucket_size=s, seed=seed, warm_start=warm, **opts)  # fmt: skip
+
+    def _aggregate(self, X: torch.Tensor) -> torch.Tensor:
+        """ARAgg(X); a rule-name aggregator gets f capped to what the rule accepts for X."""
+        if not self._cap_f:
+            return self.aggregator(X)
+        agg = self.aggregator
+        rows = X.shape[0] if agg.pre != "bucketing" else -(-X.shape[0] // agg.bucket_size)
+        cap = {"trimmed_mean": (rows - 1) // 2, "krum": (rows - 3) // 2}.get(agg.rule, rows - 1)
+        return agg(X, f=max(0, min(agg.f, cap)))
 
     # ---- one round ---------------------------------------------------------------------------
 
@@ -140,12 +244,12 @@ class ByzVRMarinaPP(Method):
         if self.attack == "shift_back":
             return attacks.shift_back(target.to(self.dtype), nb)
         if self.attack == "bit_flip":
-            return attacks.bit_flip(own_msgs)
+            return attacks.bit_flip(own_msgs, self.bit_flip_scale)
         if honest_msgs is None or honest_msgs.shape[0] < (2 if self.attack == "alie" else 1):
             return own_msgs  # nothing to imitate
         if self.attack == "alie":
-            return attacks.alie(honest_msgs, nb)
-        return attacks.ipm(honest_msgs, nb)
+            return attacks.alie(honest_msgs, nb, self.alie_z)
+        return attacks.ipm(honest_msgs, nb, self.ipm_eps)
 
     @property
     def _byz_set(self) -> set:
@@ -166,7 +270,7 @@ class ByzVRMarinaPP(Method):
         own = self._msg(self.problem.grads(x_new, byz)) if byz else None
         target = (x_new - self.x0) / self.gamma  # g+ that sends x++ = x+ - gamma g+ to x0
         X = self._stack(hon_msgs, self._byz_rows(S, hon_msgs, own, target))
-        return self.aggregator(X).to(torch.float64)
+        return self._aggregate(X).to(torch.float64)
 
     def _differences(self, clients, x_new):
         """D_i of the clients: minibatch gradient differences, compressed, clipped (honestly)."""
@@ -200,7 +304,7 @@ class ByzVRMarinaPP(Method):
                 R.clip_rows_(X, self._lam)
             else:
                 X.zero_()
-        agg = X.float().mean(0) if self.plus else self.aggregator(X)
+        agg = X.float().mean(0) if self.plus else self._aggregate(X)
         return self.g + agg.to(torch.float64)
 
     def step(self) -> None:

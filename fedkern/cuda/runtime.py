@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import logging
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 OPTIONS = ("-std=c++17", "--fmad=false")
+logger = logging.getLogger("fedkern")
 
 _lock = threading.Lock()
 _modules: dict[tuple[str, int, tuple[str, ...]], Any] = {}
@@ -100,6 +102,9 @@ def module(name: str, device_index: int, defines: Sequence[str] = ()) -> Any:
         with _lock:
             mod = _modules.get(key)
             if mod is None:
+                logger.debug("fedkern: compiling csrc/cuda/%s.cu for CUDA device %d with "
+                             "NVRTC (options %s)", name, device_index,
+                             " ".join(OPTIONS + tuple(defines)))  # fmt: skip
                 with cupy.cuda.Device(device_index):
                     mod = cupy.RawModule(code=source(name), options=OPTIONS + tuple(defines))
                     mod.compile()

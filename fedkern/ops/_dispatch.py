@@ -7,12 +7,20 @@ for the tensors' device: on CPU the C++ core, on CUDA the op's CUDA C++ kernel i
 CuPy works, else its Triton kernel; everything else (and any missing native backend) falls back to
 the plain-PyTorch reference. A forced backend that cannot run the call is an error, never a silent
 fallback.
+
+Logging (the standard ``logging`` module, logger "fedkern"): the first time "auto" falls back to
+the reference because a native backend that would have run the call failed to load (the C++ core
+not built or broken, Triton or CuPy missing), one WARNING names the backend and the reason; a
+backend that cannot run on the device at all (no GPU) is not a fallback and logs nothing.
+``fedkern.ops._native.lazy`` and ``fedkern.cuda.runtime.module`` log the first use of each Triton
+kernel module (JIT-compiled at its first launch) and each CUDA C++ compile at DEBUG level.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +32,12 @@ _CHOICES = BACKENDS + ("auto",)
 
 _state = threading.local()
 _probe_cache: dict[str, tuple[bool, str]] = {}
+_broken: set[str] = set()  # backends installed but failing to load (see backend_broken)
+#: Backends whose load failure has been reported (one warning each per process).
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+logger = logging.getLogger("fedkern")
 
 
 def _check_name(name) -> str:
@@ -46,15 +60,21 @@ def _probe(name: str) -> tuple[bool, str]:
     if name == "cpu":
         try:
             from fedkern import _C
-        except ImportError as exc:  # the native build is optional
+        except ModuleNotFoundError as exc:  # the native build is optional
             return False, f"fedkern._C is not built ({exc})"
+        except ImportError as exc:  # built but unloadable: a broken build, not a missing one
+            _broken.add(name)
+            return False, f"fedkern._C is built but failed to load ({exc})"
         info = _C.build_info()
         return True, f"C++ core ({info.get('compiler', '?')}, OpenMP={info.get('openmp')})"
     if name == "triton":
         try:
             importlib.import_module("triton")
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
             return False, f"triton is not installed ({exc})"
+        except ImportError as exc:
+            _broken.add(name)
+            return False, f"triton is installed but failed to import ({exc})"
         if triton_interpreted():
             return True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)"
         if not torch.cuda.is_available():
@@ -79,8 +99,17 @@ def backend_status(name: str) -> tuple[bool, str]:
         try:
             _probe_cache[name] = _probe(name)
         except Exception as exc:  # a broken optional dependency must not break import fedkern
+            _broken.add(name)
             _probe_cache[name] = (False, f"{type(exc).__name__}: {exc}")
     return _probe_cache[name]
+
+
+def backend_broken(name: str) -> bool:
+    """True when backend ``name`` is installed but failed to load (an import error other than
+    "module not found", or an exception while probing it): a broken build or dependency, which
+    the test suite treats as a failure rather than a skip."""
+    backend_status(name)
+    return name in _broken
 
 
 def backends() -> dict[str, dict[str, object]]:
@@ -153,7 +182,28 @@ def pick(op: str, impls: dict[str, Callable], device: torch.device) -> Callable:
             raise RuntimeError(f"backend {name!r} cannot run fedkern.{op} on {device.type} tensors")
         return impls[name]
     order = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
+    failed = []
     for cand in order:
-        if cand in impls and backend_status(cand)[0]:
-            return impls[cand]
+        if cand in impls:
+            ok, why = backend_status(cand)
+            if ok:
+                return impls[cand]
+            failed.append((cand, why))
+    for cand, why in failed:
+        _warn_fallback(cand, op, why)
     return impls["reference"]
+
+
+def _warn_fallback(name: str, op: str, why: str) -> None:
+    """The one-time WARNING of an "auto" fallback to the reference (see the module docstring)."""
+    if name in _warned:
+        return
+    with _warn_lock:
+        if name in _warned:
+            return
+        _warned.add(name)
+    logger.warning(
+        "fedkern: backend %r failed to load (%s); 'auto' falls back to the plain-PyTorch "
+        "reference for fedkern.%s and every other op it would have run",
+        name, why, op,
+    )  # fmt: skip

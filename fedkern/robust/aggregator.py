@@ -65,12 +65,15 @@ class Aggregator:
         self.step = 0
         self._last: torch.Tensor | None = None
 
-    def __call__(self, X: torch.Tensor) -> torch.Tensor:
+    def __call__(self, X: torch.Tensor, *, f: int | None = None) -> torch.Tensor:
+        """Aggregate X [n, d]; ``f`` overrides the Byzantine count for this call only (default
+        ``self.f``; a method that samples cohorts passes the count valid for the cohort)."""
+        f = self.f if f is None else v.integer("f", f, 0)
         X = rules.as_stack(X)
         if self.pre == "bucketing":
             X = preaggregate.bucketing(X, self.bucket_size, seed=self.seed, step=self.step)
         elif self.pre == "nnm":
-            X = preaggregate.nnm(X, self.f)
+            X = preaggregate.nnm(X, f)
         self.step += 1
         rule, opts = self.rule, dict(self.options)
         if rule == "mean":
@@ -78,9 +81,9 @@ class Aggregator:
         if rule == "coordinate_median":
             return rules.coordinate_median(X)
         if rule == "trimmed_mean":
-            return rules.trimmed_mean(X, self.f)
+            return rules.trimmed_mean(X, f)
         if rule == "krum":
-            return rules.krum(X, self.f, **opts)
+            return rules.krum(X, f, **opts)
         if rule == "geometric_median":
             return rules.geometric_median(X, **opts)
         if self.warm_start and self._last is not None and self._last.shape == X.shape[1:]:

@@ -4,7 +4,7 @@ Every attack is omniscient (it sees the honest messages of the round, as in the 
 model) and returns a [f, d] stack in the honest stack's dtype and device; the caller concatenates it
 with the honest rows. Label flipping changes data, not messages: ``fedkern.data.flip_labels``.
 
-- ``bit_flip(own)``: each Byzantine client sends the negative of its own honest message.
+- ``bit_flip(own, scale)``: each Byzantine client sends -scale times its own honest message.
 - ``alie(honest, f)``: A Little Is Enough (Baruch et al. 2019): mean - z * std per coordinate.
 - ``ipm(honest, f, eps)``: Inner Product Manipulation (Xie et al. 2020): -eps * mean.
 - ``shift_back(target, f)``: every Byzantine client sends ``target``, the vector that moves the
@@ -28,18 +28,22 @@ def _count(f) -> int:
     return v.integer("f", f, 0)
 
 
-def bit_flip(own: torch.Tensor) -> torch.Tensor:
-    """-own: the sign-flipped honest messages of the Byzantine clients.
+def bit_flip(own: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """-scale * own: the sign-flipped (and scaled) honest messages of the Byzantine clients.
 
     Args:
         own: [f, d] float32/bfloat16, what the Byzantine clients would have sent honestly.
+        scale: a finite float (default 1: plain sign flip, an exact negation; a scale above
+            (n - f) / f reverses the plain mean of n messages).
 
     Returns:
-        A new [f, d] tensor (exact negation).
+        A new [f, d] tensor in own's dtype (the product rounded once).
     """
+    scale = v.fp32_scalar("scale", scale)
     if own.dim() == 2 and own.shape[0] == 0:
         return own.clone()
-    return -v.stack("own", own)
+    v.stack("own", own)
+    return -own if scale == 1.0 else (own.double() * -scale).to(own.dtype)
 
 
 def alie_z(n: int, f: int) -> float:

@@ -11,6 +11,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #ifdef _OPENMP
@@ -109,6 +111,18 @@ inline bool use_avx2(bool fma = false) {
 #endif
 }
 
+// Internal invariants checked in debug builds (FEDKERN_DEBUG_CHECKS, defined by CMake for Debug
+// and sanitizer builds): a violated one prints where and what, then aborts, so an off-by-one in
+// a kernel is a clear failure there instead of a read or write past a buffer. Release builds
+// compile the checks away (Python validates every input before a kernel runs).
+[[noreturn]] inline void dcheck_failed(const char* file, int line, const char* cond,
+                                       const char* what) {
+  std::fprintf(stderr, "fedkern: internal check failed at %s:%d: %s (%s)\n", file, line, cond,
+               what);
+  std::fflush(stderr);
+  std::abort();
+}
+
 // Threads OpenMP would use for a parallel region (1 without OpenMP).
 inline int max_threads() {
 #ifdef _OPENMP
@@ -154,3 +168,11 @@ inline void block_range(int64_t n, int nb, int b, int64_t* lo, int64_t* hi) {
 
 }  // namespace detail
 }  // namespace fedkern
+
+#ifdef FEDKERN_DEBUG_CHECKS
+#define FEDKERN_DCHECK(cond, what) \
+  ((cond) ? static_cast<void>(0)   \
+          : ::fedkern::detail::dcheck_failed(__FILE__, __LINE__, #cond, what))
+#else
+#define FEDKERN_DCHECK(cond, what) static_cast<void>(0)
+#endif

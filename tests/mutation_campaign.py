@@ -1,0 +1,349 @@
+"""The planted-bug campaign of issue 18: single-line mutants, one at a time, the relevant tests run.
+
+  python tests/mutation_campaign.py [--only ID,ID] [--list]
+
+Each mutant replaces one exact line fragment (it must occur once) in the C++ core, a Triton kernel
+or the algorithm layer, runs its test selection with ``pytest -x -q`` and reverts the file. A
+mutant is killed when the tests fail (a crash or an abort counts: it is a failure too, though a
+clearer one is an assertion). C++ mutants rebuild fedkern._C incrementally with CMake in
+``$FEDKERN_MUTATION_BUILD`` (default /tmp/fedkern-mutation-build; the module is written straight
+into fedkern/; FEDKERN_MUTATION_CMAKE_ARGS adds configure arguments, e.g.
+-DCMAKE_CXX_FLAGS_RELEASE=-O1 for faster rebuilds), and the clean module is rebuilt at the end.
+Not collected by pytest (no test_ prefix); docs/testing.md records the last campaign's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (id, file, old, new, tests): tests are pytest arguments (the test files and a -k selection of
+# the cases that concern the mutated line), run from the repository root.
+MUTANTS = [
+    (
+        "microadam-w2-power",
+        "fedkern/ops/microadam.py",
+        '"w2": [_f32((1.0 - beta2) * beta2**a) for a in range(m)]',
+        '"w2": [_f32((1.0 - beta2) * beta2 ** (a + 1)) for a in range(m)]',
+        [
+            "tests/test_planted_bugs.py",
+            "tests/test_microadam.py",
+            "-k",
+            "microadam or (step_matches_oracle and cpu)",
+        ],
+    ),
+    (
+        "fedavg-server-lr",
+        "fedkern/algorithms/federated.py",
+        "self.x = self.x + self.server_lr * (self.batch.mean(Y) - self.x)\n        self.rounds",
+        "self.x = self.x + 1.0 * (self.batch.mean(Y) - self.x)\n        self.rounds",
+        ["tests/test_planted_bugs.py", "tests/test_resume.py", "-k", "server_lr or fedavg"],
+    ),
+    (
+        "triton-topk-nan-key",
+        "kernels/topk.py",
+        "    return tl.where(u > 0x7F800000, 0x7F800001, u)",
+        "    return u",
+        [
+            "tests/test_topk.py",
+            "tests/test_planted_bugs.py",
+            "-k",
+            "triton and (nans or ties or special)",
+        ],
+    ),
+    (
+        "marina-alpha",
+        "fedkern/algorithms/byzantine.py",
+        "self._lam = self.alpha * float((x_new - self.x).norm())",
+        "self._lam = float((x_new - self.x).norm())",
+        ["tests/test_byzantine.py", "tests/test_planted_bugs.py", "-k", "alpha or marina_bad"],
+    ),
+    (
+        "scaffold-cv-coefficient",
+        "fedkern/algorithms/federated.py",
+        "c_new = H + (self.x - Y) / (self.K * self.gamma)",
+        "c_new = H + (self.x - Y) / self.gamma",
+        ["tests/test_planted_bugs.py", "-k", "scaffold"],
+    ),
+    (
+        "scaffold-server-cv-fraction",
+        "fedkern/algorithms/federated.py",
+        "self.c = self.c + (S.numel() / self.batch.n) * self.batch.mean(dc)",
+        "self.c = self.c + self.batch.mean(dc)",
+        ["tests/test_planted_bugs.py", "-k", "scaffold"],
+    ),
+    (
+        "proxskip-l1-shift",
+        "fedkern/algorithms/federated.py",
+        "shift = self.batch.mean(H) * (self.gamma / self.p)",
+        "shift = self.batch.mean(H) * self.gamma",
+        ["tests/test_planted_bugs.py", "-k", "proxskip"],
+    ),
+    (
+        "proxskip-l1-cv-step",
+        "fedkern/algorithms/federated.py",
+        "H += (self.p / self.gamma) * (x_new - X)",
+        "H += (1.0 / self.gamma) * (x_new - X)",
+        ["tests/test_planted_bugs.py", "-k", "proxskip"],
+    ),
+    (
+        "proxskip-wrong-slot",
+        "fedkern/algorithms/federated.py",
+        "K = self.geometric(self.p, SLOT_COIN)",
+        "K = self.geometric(self.p, SLOT_COHORT)",
+        [
+            "tests/test_planted_bugs.py",
+            "tests/test_resume.py",
+            "-k",
+            "slot or proxskip or scaffnew",
+        ],
+    ),
+    (
+        "fedprox-mu-dropped",
+        "fedkern/algorithms/federated.py",
+        "self._local(Y, self.K, clients=S, mu=self.mu, anchor=self.x if self.mu else None)",
+        "self._local(Y, self.K, clients=S)",
+        ["tests/test_planted_bugs.py", "-k", "fedprox"],
+    ),
+    (
+        "method-key-round-offset",
+        "fedkern/algorithms/base.py",
+        "return (self.rounds + 1) * SLOTS + v.integer",
+        "return self.rounds * SLOTS + v.integer",
+        ["tests/test_planted_bugs.py", "tests/test_resume.py", "-k", "slot or scaffnew"],
+    ),
+    (
+        "marina-shift-back-target",
+        "fedkern/algorithms/byzantine.py",
+        "target = (x_new - self.x0) / self.gamma - self.g",
+        "target = (x_new - self.x0) / self.gamma",
+        ["tests/test_planted_bugs.py", "-k", "shift_back"],
+    ),
+    (
+        "marina-alie-z-ignored",
+        "fedkern/algorithms/byzantine.py",
+        "return attacks.alie(honest_msgs, nb, self.alie_z)",
+        "return attacks.alie(honest_msgs, nb)",
+        ["tests/test_byzantine.py", "-k", "knob"],
+    ),
+    (
+        "ipm-sign",
+        "fedkern/robust/attacks.py",
+        "row = -eps * honest.double().mean(0)",
+        "row = eps * honest.double().mean(0)",
+        ["tests/test_byzantine.py", "-k", "knob or formulas"],
+    ),
+    (
+        "aggregator-f-override-ignored",
+        "fedkern/robust/aggregator.py",
+        "return R.trimmed_mean(X, f)",
+        "return R.trimmed_mean(X, self.f)",
+        ["tests/test_planted_bugs.py", "-k", "override"],
+    ),
+    (
+        "microadam-c2-step",
+        "fedkern/ops/microadam.py",
+        '"c2": [_f32(1.0 / math.sqrt(1.0 - beta2**t)) for t in steps]',
+        '"c2": [_f32(1.0 / math.sqrt(1.0 - beta2 ** (t + 1))) for t in steps]',
+        [
+            "tests/test_planted_bugs.py",
+            "tests/test_microadam.py",
+            "-k",
+            "microadam or (step_matches_oracle and cpu)",
+        ],
+    ),
+    (
+        "triton-bf16-round-half-up",
+        "kernels/topk.py",
+        "r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000",
+        "r = (u + 0x7FFF) & 0xFFFF0000",
+        ["tests/test_topk.py", "-k", "triton and ef14_topk_matches"],
+    ),
+    (
+        "triton-randk-ef14-residual",
+        "kernels/randk.py",
+        "store_f32(y_ptr, idx, round_to(a - c, IS_BF16), mask, IS_BF16)",
+        "store_f32(y_ptr, idx, round_to(a, IS_BF16), mask, IS_BF16)",
+        ["tests/test_randk.py", "-k", "triton and ef14"],
+    ),
+    (
+        "triton-sparse-alpha",
+        "kernels/sparse.py",
+        "acc = tl.where(hit, acc + alpha * v, acc)",
+        "acc = tl.where(hit, acc + v, acc)",
+        ["tests/test_sparse.py", "-k", "triton and batched"],
+    ),
+    (
+        "triton-microadam-round",
+        "kernels/microadam.py",
+        "c = tl.floor(tl.math.div_rn(r - lo[:, None], tl.where(ok, sc, 1.0)) + 0.5)",
+        "c = tl.floor(tl.math.div_rn(r - lo[:, None], tl.where(ok, sc, 1.0)))",
+        ["tests/test_microadam.py", "-k", "triton and step_matches_oracle"],
+    ),
+    (
+        "triton-clients-h-sign",
+        "kernels/clients.py",
+        "u = g - tl.load(h_ptr + xoffs, mask=pmask, other=0.0)",
+        "u = g + tl.load(h_ptr + xoffs, mask=pmask, other=0.0)",
+        ["tests/test_kernels_clients_triton.py"],
+    ),
+    (
+        "cpp-topk-threshold-off-by-one",
+        "csrc/cpu/topk.cpp",
+        "const uint32_t thr = bin[need - 1];",
+        "const uint32_t thr = bin[need];",
+        [
+            "tests/test_topk.py",
+            "tests/test_planted_bugs.py",
+            "-k",
+            "cpu and (matches_oracle or nans or ties)",
+        ],
+    ),
+    (
+        "cpp-topk-ties-unlimited",
+        "csrc/cpu/topk.cpp",
+        "    if (key > thr || (key == thr && left > 0)) {",
+        "    if (key >= thr) {",
+        [
+            "tests/test_topk.py",
+            "tests/test_planted_bugs.py",
+            "-k",
+            "cpu and (matches_oracle or nans or ties)",
+        ],
+    ),
+    (
+        "cpp-topk-ties-not-consumed",
+        "csrc/cpu/topk.cpp",
+        "    ties -= t;\n",
+        "\n",
+        [
+            "tests/test_topk.py",
+            "tests/test_planted_bugs.py",
+            "-k",
+            "cpu and (matches_oracle or nans or ties)",
+        ],
+    ),
+    (
+        "cpp-sparse-alpha",
+        "csrc/cpu/sparse.cpp",
+        "const float term = alpha * T::load(vrow, p);",
+        "const float term = T::load(vrow, p);",
+        ["tests/test_sparse.py", "-k", "cpu and batched"],
+    ),
+    (
+        "cpp-randk-scale",
+        "csrc/cpu/randk.cpp",
+        "const S c = T::round(a * scale);",
+        "const S c = T::round(a);",
+        ["tests/test_randk.py", "-k", "cpu and ef14"],
+    ),
+    (
+        "cpp-microadam-quant-round",
+        "csrc/cpu/microadam.cpp",
+        "__m128 y = _mm_add_ps(_mm_div_ps(_mm_sub_ps(x, lo), scale), _mm_set1_ps(0.5f));",
+        "__m128 y = _mm_div_ps(_mm_sub_ps(x, lo), scale);",
+        ["tests/test_microadam.py", "-k", "cpu and step_matches_oracle"],
+    ),
+    (
+        "cpp-clients-clip-strict",
+        "csrc/cpu/clients.cpp",
+        "    if (nrm > j.clip) {",
+        "    if (nrm > 2.0 * j.clip) {",
+        ["tests/test_kernels_clients_cpu.py"],
+    ),
+    (
+        "cpp-clients-prox-sign",
+        "csrc/cpu/clients.cpp",
+        "for (int64_t k = 0; k < d; ++k) u[k] = u[k] + mu * (x[k] - a[k]);",
+        "for (int64_t k = 0; k < d; ++k) u[k] = u[k] + mu * (a[k] - x[k]);",
+        ["tests/test_kernels_clients_cpu.py"],
+    ),
+]
+
+
+def build_dir() -> Path:
+    return Path(os.environ.get("FEDKERN_MUTATION_BUILD", "/tmp/fedkern-mutation-build"))
+
+
+def rebuild() -> None:
+    """Incremental build of fedkern._C into fedkern/ (configured on first use)."""
+    b = build_dir()
+    if not (b / "CMakeCache.txt").exists():
+        import pybind11
+
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(b), "-G", "Ninja",
+                        "-DCMAKE_BUILD_TYPE=Release", "-DFEDKERN_CUDA_CHECK=OFF",
+                        f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ROOT / 'fedkern'}",
+                        f"-DPython_EXECUTABLE={sys.executable}",
+                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                        *os.environ.get("FEDKERN_MUTATION_CMAKE_ARGS", "").split()],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(["cmake", "--build", str(b), "--target", "_C", "-j", "2"], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def run_one(mid, path, old, new, tests, timeout) -> tuple[str, float, str]:
+    f = ROOT / path
+    text = f.read_text()
+    if text.count(old) != 1:
+        return "not applied", 0.0, f"fragment occurs {text.count(old)} times"
+    native = path.startswith("csrc/")
+    t0 = time.monotonic()
+    try:
+        f.write_text(text.replace(old, new))
+        if native:
+            rebuild()
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        try:
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                                 env=env)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return "killed (timeout)", time.monotonic() - t0, ""
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("FAILED")]
+        lines += [ln for ln in out.stdout.splitlines() if ln.startswith("ERROR")]
+        if out.returncode == 0:
+            return "SURVIVED", time.monotonic() - t0, out.stdout.strip().splitlines()[-1]
+        why = lines[0] if lines else (out.stdout + out.stderr).strip().splitlines()[-1]
+        return "killed", time.monotonic() - t0, why
+    finally:
+        f.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated mutant ids")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or m[0] in args.only.split(",")]
+    if args.list:
+        for m in chosen:
+            print(f"{m[0]:32s} {m[1]}")
+        return 0
+    chosen.sort(key=lambda m: m[1].startswith("csrc/"))  # Python first: one final rebuild
+    results = []
+    try:
+        for m in chosen:
+            status, sec, why = run_one(*m, timeout=args.timeout)
+            results.append((m[0], m[1], status, sec, why))
+            print(f"{m[0]:32s} {status:16s} {sec:6.0f}s  {why}", flush=True)
+    finally:
+        if any(m[1].startswith("csrc/") for m in chosen):
+            rebuild()
+    killed = sum(r[2].startswith("killed") for r in results)
+    print(f"\nkilled {killed} of {len(results)}")
+    print("| mutant | file | result | first failing test |\n|---|---|---|---|")
+    for mid, path, status, _, why in results:
+        print(f"| {mid} | {path} | {status} | {why.replace('|', '/')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
