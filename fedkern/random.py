@@ -34,6 +34,7 @@ __all__ = [
     "STREAM_COHORT",
     "STREAM_RESHUFFLE",
     "STREAM_UNIFORM",
+    "STREAM_MANIFOLD",
 ]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -52,6 +53,8 @@ STREAM_SHUFFLE = 0x53484646  # "SHFF"
 STREAM_COHORT = 0x434F4854  # "COHT"
 STREAM_RESHUFFLE = 0x52534846  # "RSHF"
 STREAM_UNIFORM = 0x554E4946  # "UNIF"
+#: Stream tag of random points and tangent vectors of ``fedkern.manifolds``.
+STREAM_MANIFOLD = 0x4D414E49  # "MANI"
 
 
 def philox4x32(counter: tuple[int, int, int, int], key: tuple[int, int], rounds: int = 10):

@@ -40,4 +40,7 @@ void bind_rowops(py::module_& m);    // bind_rowops.cpp: Weiszfeld, centered cli
 void bind_diffclip(py::module_& m);  // bind_diffclip.cpp: difference -> compress -> clip
 void bind_clients(py::module_& m);   // bind_clients.cpp: batched local steps, server updates
 
+// bind_manifolds.cpp: the fused sphere / Stiefel steps
+void bind_manifolds(py::module_& m);
+
 }  // namespace fedkern::py_bind

@@ -214,6 +214,7 @@ PYBIND11_MODULE(_C, m) {
   fedkern::py_bind::bind_rowops(m);
   fedkern::py_bind::bind_diffclip(m);
   fedkern::py_bind::bind_clients(m);
+  fedkern::py_bind::bind_manifolds(m);
 
   m.def(
       "build_info",
