@@ -13,6 +13,7 @@ depend on the order of the cohort or on which other clients are in it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from fedkern import validation as v
 from fedkern.ops import clients as ops
 from fedkern.problems import Problem
-from fedkern.random import client_seeds, randk_keys_tensor
+from fedkern.random import client_seed, client_seeds, randk_keys, randk_keys_tensor
 from fedkern.reference.clients import GRAD_MODE_TAG, KIND_TAG, MODE_TAG
 
 __all__ = ["ClientBatch", "ModuleClients"]
@@ -37,6 +38,28 @@ def _cohort(clients, n: int, device) -> Tensor:
     if torch.unique(c).numel() != c.numel():
         raise ValueError("clients must not repeat an id")
     return c.to(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_seed(seed: int, client: int) -> int:
+    return client_seed(seed, client)
+
+
+def minibatch_keys(seed: int, clients, step: int) -> Tensor:
+    """``randk_keys(client_seed(seed, i), step)`` for every id i of ``clients``: int64 [c, 8] CPU.
+
+    The round keys of the clients' minibatch permutations (and of rand-k masks keyed per client).
+    A few distinct ids go through the scalar Python functions (far cheaper than the vectorized
+    Philox on tiny tensors), many through ``randk_keys_tensor``; both give the same values.
+    """
+    ids = torch.as_tensor(clients, dtype=torch.int64).reshape(-1).cpu()
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    if uniq.numel() <= 32:
+        keys = torch.tensor([randk_keys(_client_seed(seed, int(i)), step) for i in uniq.tolist()],
+                            dtype=torch.int64).reshape(-1, 8)  # fmt: skip
+    else:
+        keys = randk_keys_tensor(client_seeds(seed, uniq), step)
+    return keys[inv]
 
 
 def _samples_tensor(samples, c: int) -> Tensor:
@@ -191,7 +214,7 @@ class ClientBatch:
             tag = GRAD_MODE_TAG[mode]
             if mode == "sgd":
                 t = v.integer("step", step, 0)
-                keys = randk_keys_tensor(client_seeds(self.seed, c.cpu()), t).to(self.device)
+                keys = minibatch_keys(self.seed, c, t).to(self.device)
         b = v.integer("batch_size", batch_size, 1)
         return ops.client_grads(X.contiguous(), c, self.A, self.y, self.offsets,
                                 KIND_TAG[self.kind], self.classes, self.problem.l2, tag, b, keys,

@@ -21,9 +21,9 @@ import math
 import torch
 
 from fedkern import validation as v
+from fedkern.clients import _samples_tensor, minibatch_keys
 from fedkern.manifolds.geometry import Sphere, Stiefel
 from fedkern.ops import clients as cops
-from fedkern.random import client_seeds, randk_keys_tensor
 
 __all__ = ["PCA"]
 
@@ -145,7 +145,7 @@ class PCA:
         X = self._mat(x)
         V = self.top.reshape(self.n, self.k)
         R = X - V @ (V.T @ X)
-        s = float(torch.linalg.matrix_norm(R, ord=2))
+        s = float(R.norm()) if self.k == 1 else float(torch.linalg.matrix_norm(R, ord=2))
         return math.asin(min(1.0, s))
 
     # ---- batched ambient gradients (float32 kernels) ---------------------------------------------
@@ -185,14 +185,12 @@ class PCA:
         keys = smp = None
         if samples is not None:
             tag = _SAMPLES
-            from fedkern.clients import _samples_tensor
-
             smp = _samples_tensor(samples, c)
             smp = (smp if k == 1 else smp.repeat_interleave(k, 0)).to(self.device)
         elif mode == "sgd":
             tag = _SGD
             t = v.integer("step", step, 0)
-            keys = randk_keys_tensor(client_seeds(self.seed, rid), t).to(self.device)
+            keys = minibatch_keys(self.seed, rid, t).to(self.device)
         elif mode == "gd":
             tag = _GD
         else:
