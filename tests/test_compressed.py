@@ -61,7 +61,7 @@ def test_claim_marina_randk_needs_fewer_uplink_floats_than_gd(batch, capsys):
     got = run_until(marina, "floats_up", budget, 1e-6)
     ref = run_until(gd, "floats_up", budget, 1e-6)
     assert got is not None and got <= budget, got
-    assert ref is None  # GD has not reached the target within the same float budget
+    assert ref is None or ref > budget  # GD has not reached the target within the same budget
     assert set(marina.history["floats_up"][1:]) == {4, 31}  # k values, or a dense gradient
     full = run_until(gd, "floats_up", 3 * budget, 1e-6)  # what GD needs (for the record)
     with capsys.disabled():

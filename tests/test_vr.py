@@ -55,7 +55,8 @@ def test_claim_lsvrg_and_page_beat_sgd_in_gradient_evaluations(capsys):
     for c in (1, 2, 4):
         h = GD(batch, gamma=1 / (c * L), mode="sgd", batch_size=4, seed=0).run(budget // per_round)
         figures[f"SGD 1/({c}L)"] = f"gap/gap0 {h['gap'][-1] / h['gap'][0]:.1e}"
-        assert evals_to(h, per_round, 1e-6) is None, figures
+        ref = evals_to(h, per_round, 1e-6)
+        assert ref is None or ref > budget, figures
     with capsys.disabled():
         print(f"\n[claim] gradient evaluations to 1e-6 gap0 (budget {budget}): {figures}")
 
