@@ -71,11 +71,11 @@ def test_claim_marina_randk_needs_fewer_uplink_floats_than_gd(batch, capsys):
 
 def test_claim_diana_converges_where_compressed_gd_plateaus(batch, capsys):
     """DIANA's learned shifts make the compression noise vanish at the optimum: it reaches 1e-6
-    of the initial gap; compressed GD (alpha = 0: no shifts) with the same step plateaus (rand-k,
-    k = 8 of 31, three times the theory step)."""
+    of the initial gap; compressed GD (shift_step = 0: no shifts) with the same step plateaus
+    (rand-k, k = 8 of 31, three times the theory step)."""
     gamma = 3 * DIANA(batch, k=8).gamma
     diana = DIANA(batch, k=8, gamma=gamma, seed=1)
-    cgd = DIANA(batch, k=8, gamma=gamma, alpha=0.0, seed=1)
+    cgd = DIANA(batch, k=8, gamma=gamma, shift_step=0.0, seed=1)
     hd, hc = diana.run(220), cgd.run(220)
     assert cumulative_to(hd, "local_steps", 1e-6) is not None
     assert cumulative_to(hc, "local_steps", 1e-6) is None
@@ -136,7 +136,7 @@ def test_marina_round_by_hand(batch):
 
 def test_diana_and_ef21_rounds_by_hand(batch):
     P = batch.problem
-    d = DIANA(batch, compressor="none", alpha=0.5, gamma=0.2)
+    d = DIANA(batch, compressor="none", shift_step=0.5, gamma=0.2)
     x, H = torch.zeros(P.p, dtype=F64), torch.zeros(P.n, P.p, dtype=F64)
     for _ in range(3):
         d.step()
@@ -246,9 +246,32 @@ def test_bad_input(batch):
         EF21(batch, k=32)
     with pytest.raises(ValueError, match="ratio must be in"):
         DIANA(batch, ratio=0.0)
-    with pytest.raises(ValueError, match="alpha must be in"):
-        DIANA(batch, alpha=2.0)
+    with pytest.raises(ValueError, match="shift_step must be in"):
+        DIANA(batch, shift_step=2.0)
     with pytest.raises(ValueError, match="mode must be 'gd' or 'sgd'"):
         MARINA(batch, mode="rr")
     with pytest.raises(TypeError, match="ClientBatch"):
         EF21(batch.problem)
+
+
+def test_fedkern_run_end_to_end(tmp_path, capsys):
+    from fedkern import cli
+
+    out = tmp_path / "run"
+    rc = cli.main(["run", "marina", "diana", "ef21", "lsvrg", "page", "gd", "--clients", "10",
+                   "--rounds", "12", "--k", "5", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    import json
+
+    res = json.loads((out / "metrics.json").read_text())["results"]
+    assert set(res) == {"marina", "diana", "ef21", "lsvrg", "page", "gd"}
+    for name in ("marina", "diana", "ef21", "lsvrg", "page"):
+        assert len(res[name]["grad_evals"]) == 13
+        assert (res[name]["grad_evals"][0] > 0) == (name != "diana")  # DIANA starts from h = 0
+        assert res[name]["gap"][-1] < res[name]["gap"][0]
+    assert set(res["diana"]["floats_up"][1:]) == {5} and set(res["ef21"]["floats_up"]) == {10}
+    assert "grad_evals" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert (out / "suboptimality.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        cli.main(["run", "marina", "--compressor", "qsgd", "--no-progress"])
+    assert "invalid choice: 'qsgd'" in capsys.readouterr().err

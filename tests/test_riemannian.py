@@ -328,3 +328,36 @@ def test_bad_input(digits):
         PCA(digits[0], k=64)
     with pytest.raises(ValueError, match="spectrum must hold 3 descending"):
         PCA.synthetic(3, 10, [1.0, 2.0, 0.5])
+
+
+def test_fedkern_run_pca_end_to_end(tmp_path, capsys):
+    import json
+
+    from fedkern import cli
+
+    out = tmp_path / "pca"
+    rc = cli.main(["run", "rpage", "rlsvrg", "rsgd", "rmarina", "--problem", "pca", "--dataset",
+                   "digits", "--clients", "10", "--rounds", "10", "--k", "8", "--out", str(out),
+                   "--no-progress"])  # fmt: skip
+    assert rc == 0
+    res = json.loads((out / "metrics.json").read_text())["results"]
+    assert set(res) == {"rpage", "rlsvrg", "rsgd", "rmarina"}
+    assert all(len(h["angle"]) == 11 and len(h["grad_evals"]) == 11 for h in res.values())
+    assert set(res["rmarina"]["floats_up"][1:]) <= {8, 64}
+    assert (out / "angle.png").read_bytes()[:4] == b"\x89PNG"
+    out = tmp_path / "stiefel"
+    rc = cli.main(["run", "rlsvrg", "rmarina", "--problem", "pca_stiefel", "--dataset",
+                   "synthetic", "--clients", "4", "--components", "2", "--rounds", "5", "--out",
+                   str(out), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    meta = json.loads((out / "metrics.json").read_text())["meta"]
+    assert meta["k"] == 2 and meta["gap"] == pytest.approx(0.1)
+    capsys.readouterr()
+    for argv, match in (
+        (["run", "gd", "--problem", "pca"], "algorithm 'gd' does not run on --problem pca"),
+        (["run", "rsgd", "--problem", "pca_stiefel", "--components", "1"], "--components must"),
+        (["run", "rsgd"], "algorithm 'rsgd' does not run on --problem convex"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--no-progress", "--out", str(tmp_path / "x")])
+        assert match in capsys.readouterr().err

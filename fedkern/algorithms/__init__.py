@@ -5,13 +5,18 @@
 - ``GD``, ``FedAvg``, ``FedProx``, ``Scaffold``, ``ProxSkip``, ``Scaffnew`` on a
   ``fedkern.clients.ClientBatch`` (batched local training; ``fedkern.algorithms.federated``);
 - ``ByzVRMarinaPP``: Byzantine-robust variance reduction with partial participation and clipped
-  gradient differences (``plus=True``: the PP+ variant).
+  gradient differences (``plus=True``: the PP+ variant);
+- ``MARINA``, ``DIANA``, ``EF21`` (compressed messages; ``fedkern.algorithms.compressed``) and
+  ``LSVRG``, ``PAGE`` (loopless variance reduction; ``fedkern.algorithms.vr``) on a ClientBatch;
+- ``RSGD``, ``RLSVRG``, ``RPAGE``, ``RMARINA`` on the PCA problems of ``fedkern.manifolds``
+  (``fedkern.algorithms.riemannian``).
 
 ``REGISTRY`` maps the command-line names (``fedkern run <name>``) to the classes.
 """
 
 from fedkern.algorithms.base import Method
 from fedkern.algorithms.byzantine import ByzVRMarinaPP
+from fedkern.algorithms.compressed import DIANA, EF21, MARINA
 from fedkern.algorithms.federated import (
     GD,
     FedAvg,
@@ -21,11 +26,24 @@ from fedkern.algorithms.federated import (
     Scaffnew,
     Scaffold,
 )
+from fedkern.algorithms.riemannian import RLSVRG, RMARINA, RPAGE, RSGD
+from fedkern.algorithms.vr import LSVRG, PAGE
 
 REGISTRY = {cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew)}
+REGISTRY.update({cls.name: cls for cls in (MARINA, DIANA, EF21, LSVRG, PAGE, RSGD, RLSVRG, RPAGE,
+                                           RMARINA)})  # fmt: skip
 
 __all__ = [
+    "DIANA",
+    "EF21",
     "GD",
+    "LSVRG",
+    "MARINA",
+    "PAGE",
+    "RLSVRG",
+    "RMARINA",
+    "RPAGE",
+    "RSGD",
     "REGISTRY",
     "ByzVRMarinaPP",
     "FedAvg",

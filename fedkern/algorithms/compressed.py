@@ -37,7 +37,7 @@ OPT_COMPRESSOR = {
     "help": "message compressor (MARINA/DIANA: randk, EF21: topk by default)",
 }
 OPT_K = {"flag": "--k", "type": int, "help": "coordinates kept per message (default 10%%)"}
-OPT_ALPHA = {"flag": "--alpha", "type": float,
+OPT_ALPHA = {"flag": "--shift-step", "type": float,
              "help": "DIANA's shift step (default 1/(omega + 1); 0: no shifts)"}  # fmt: skip
 OPT_FEEDBACK = {"flag": "--no-feedback", "action": "store_false",
                 "help": "EF21: send C(grad) without the feedback state (the baseline)"}  # fmt: skip
@@ -129,12 +129,13 @@ class DIANA(_Compressed):
       client: g_i = grad f_i(x) (mode sgd: a b-minibatch); m_i = Q(g_i - h_i) (sent);
               h_i += alpha m_i;
       server: g = h + mean_i m_i;  h += alpha mean_i m_i;  x+ = x - gamma g.
-    With alpha = 0 the shifts stay 0 and this is compressed GD, x+ = x - gamma mean_i Q(g_i) (the
-    baseline that stalls at a noise floor where the local gradients at the optimum differ).
+    With alpha = 0 (``shift_step=0``) the shifts stay 0 and this is compressed GD,
+    x+ = x - gamma mean_i Q(g_i) (the baseline that stalls at a noise floor where the local
+    gradients at the optimum differ).
 
     Args:
         batch: the ClientBatch. compressor: "randk" (default, unbiased) or "none". k / ratio.
-        alpha: the shift step; default 1/(omega + 1).
+        shift_step: alpha, the shift step (``self.alpha``); default 1/(omega + 1).
         gamma: default 1 / (L (1 + 6 omega / n)) (fedkern's choice: the step bound of the unified
             analyses of DIANA, e.g. Gorbunov, Hanzely and Richtarik 2020, with alpha = 1/(omega+1)).
         mode, batch_size: the clients' gradients (full, or b-minibatches).
@@ -143,9 +144,9 @@ class DIANA(_Compressed):
     name = "diana"
     state_attrs = ("x", "total_local_steps", "H", "h")
     config_attrs = ("gamma", "mode", "batch_size", "alpha", "compressor_kind", "k")
-    cli_options = {**_CLI, "alpha": OPT_ALPHA}
+    cli_options = {**_CLI, "shift_step": OPT_ALPHA}
 
-    def __init__(self, batch, *, gamma: float | None = None, alpha: float | None = None,
+    def __init__(self, batch, *, gamma: float | None = None, shift_step: float | None = None,
                  compressor: str = "randk", k: int | None = None, ratio: float | None = None,
                  seed: int = 0, **kw):  # fmt: skip
         P = _require_batch(batch).problem
@@ -154,10 +155,11 @@ class DIANA(_Compressed):
         self._seed = v.integer("seed", seed, 0, (1 << 63) - 1)
         self._setup(batch, compressor, k, ratio, True)
         omega = self.comp.omega
-        self.alpha = v.fp32_scalar("alpha", 1 / (omega + 1) if alpha is None else alpha,
+        alpha = 1 / (omega + 1) if shift_step is None else shift_step
+        self.alpha = v.fp32_scalar("shift_step", alpha,
                                    nonneg=True)  # fmt: skip
         if self.alpha > 1:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+            raise ValueError(f"shift_step must be in [0, 1], got {alpha}")
         self.gamma = v.positive("gamma", 1 / (P.L * (1 + 6 * omega / P.n)) if gamma is None
                                 else gamma)  # fmt: skip
         self.H = batch.zeros()
