@@ -6,11 +6,12 @@ GPU, plain PyTorch elsewhere): ``topk_compress``, ``randk_compress``, ``ef14_top
 Backends: ``fedkern.backends()`` reports what is usable; ``with fedkern.backend(name):`` or
 FEDKERN_BACKEND forces one. Building blocks: ``fedkern.compress``; optimizers: ``fedkern.optim``
 (``MicroAdam``); robust aggregation: ``fedkern.robust``; methods: ``fedkern.algorithms``; data and
-problems: ``fedkern.data``, ``fedkern.problems``. Arrays of other libraries (NumPy, CuPy, JAX) are
+problems: ``fedkern.data``, ``fedkern.problems``; manifolds (sphere, Stiefel, fused Riemannian
+steps, PCA): ``fedkern.manifolds``. Arrays of other libraries (NumPy, CuPy, JAX) are
 accepted through DLPack: ``fedkern.interop``.
 """
 
-from fedkern import algorithms, compress, data, interop, optim, problems, robust
+from fedkern import algorithms, compress, data, interop, manifolds, optim, problems, robust
 from fedkern.ops import (
     backend,
     backends,
@@ -42,6 +43,7 @@ __all__ = [
     "current_backend",
     "data",
     "interop",
+    "manifolds",
     "ef14_randk_",
     "ef14_topk_",
     "ef21_randk_",

@@ -5,13 +5,15 @@ A cohort's parameters are stacked as X [c, p] (one row per client; control varia
 shape). ``local_steps_`` runs K local steps of full-batch GD, minibatch SGD or one
 random-reshuffling epoch per step for every row at once, with the update
 x_i <- x_i - gamma * (g_i - h_i) (optional per-client clipping of g_i - h_i, optional FedProx term)
-fused into the gradient kernel. Each client's randomness (minibatches, reshuffles) is keyed by
+fused into the gradient kernel; ``grads`` gives every cohort client's (minibatch) gradient at its
+row in one call. Each client's randomness (minibatches, reshuffles) is keyed by
 ``fedkern.random.client_seed(seed, client id)`` and the local step's global index, so results do not
 depend on the order of the cohort or on which other clients are in it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,8 +22,8 @@ from fedkern import validation as v
 from fedkern.ops import clients as ops
 from fedkern.ops import quartic as quartic_ops
 from fedkern.problems import Problem, Quartic
-from fedkern.random import client_seeds, randk_keys_tensor
-from fedkern.reference.clients import KIND_TAG, MODE_TAG
+from fedkern.random import client_seed, client_seeds, randk_keys, randk_keys_tensor
+from fedkern.reference.clients import GRAD_MODE_TAG, KIND_TAG, MODE_TAG
 
 __all__ = ["ClientBatch", "ModuleBatch", "ModuleClients"]
 
@@ -37,6 +39,48 @@ def _cohort(clients, n: int, device) -> Tensor:
     if torch.unique(c).numel() != c.numel():
         raise ValueError("clients must not repeat an id")
     return c.to(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_seed(seed: int, client: int) -> int:
+    return client_seed(seed, client)
+
+
+def minibatch_keys(seed: int, clients, step: int) -> Tensor:
+    """``randk_keys(client_seed(seed, i), step)`` for every id i of ``clients``: int64 [c, 8] CPU.
+
+    The round keys of the clients' minibatch permutations (and of rand-k masks keyed per client).
+    A few distinct ids go through the scalar Python functions (far cheaper than the vectorized
+    Philox on tiny tensors), many through ``randk_keys_tensor``; both give the same values.
+    """
+    ids = torch.as_tensor(clients, dtype=torch.int64).reshape(-1).cpu()
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    if uniq.numel() <= 32:
+        keys = torch.tensor([randk_keys(_client_seed(seed, int(i)), step) for i in uniq.tolist()],
+                            dtype=torch.int64).reshape(-1, 8)  # fmt: skip
+    else:
+        keys = randk_keys_tensor(client_seeds(seed, uniq), step)
+    return keys[inv]
+
+
+def _samples_tensor(samples, c: int) -> Tensor:
+    """int64 [c, s] (-1 padded) from a [c, s] tensor or a list of c index sequences."""
+    if isinstance(samples, torch.Tensor):
+        if samples.dtype != torch.int64 or samples.dim() != 2 or samples.shape[0] != c:
+            raise ValueError(f"samples must be an int64 tensor [{c}, s] or a list of {c} index "
+                             f"lists")  # fmt: skip
+        return samples
+    rows = [torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in samples]
+    if len(rows) != c:
+        raise ValueError(f"samples must give one index list per cohort client ({c}), got "
+                         f"{len(rows)}")  # fmt: skip
+    s = max((r.numel() for r in rows), default=0)
+    out = torch.full((c, s), -1, dtype=torch.int64)
+    for r, t in enumerate(rows):
+        if t.numel() and int(t.min()) < 0:
+            raise ValueError("samples must hold local sample indices >= 0")
+        out[r, : t.numel()] = t
+    return out
 
 
 class ClientBatch:
@@ -141,6 +185,57 @@ class ClientBatch:
                          v.integer("batch_size", batch_size, 1), keys, clip or 0.0, mu,
                          anchor)  # fmt: skip
         return X
+
+    def grads(self, X: Tensor, *, clients=None, mode: str = "gd", batch_size: int = 1,
+              step: int = 0, samples=None) -> Tensor:  # fmt: skip
+        """Every cohort client's gradient at its row of X, in one call: G [c, p] float32.
+
+        G[r] = (1/|B_r|) sum_{j in B_r} grad loss(X[r]; a_j, y_j) + l2 X[r] over client
+        clients[r]'s batch B_r (the gradient of f_i on that batch; ``fedkern.problems``).
+
+        Args:
+            X: float32 [c, p] (row r at client clients[r]) or [p] (one point for every client),
+                on the batch's device. Not modified.
+            clients: the cohort's client ids (c distinct ints), default 0..n-1.
+            mode: "gd": every local sample; "sgd": min(b, m_i) samples without replacement, the
+                batch that ``local_steps_`` with mode "sgd" uses at global step ``step`` (keyed by
+                ``client_seed(seed, i)`` and ``step``), so two calls with the same step share
+                their samples (gradient differences at two points) and a client's batch does not
+                depend on the rest of the cohort.
+            batch_size: b >= 1 (sgd).
+            step: int >= 0, the minibatch key (sgd).
+            samples: instead of mode: the batches themselves, a list of c index tensors (local
+                indices in [0, m_i); repeats count twice) or an int64 [c, s] tensor (-1 = padding).
+
+        Returns:
+            float32 [c, p] on the batch's device. One local step of ``local_steps_`` (no H, clip
+            or FedProx term) from X equals X - gamma * G bit for bit on every backend.
+
+        Errors (TypeError / ValueError naming the argument): shapes, dtypes, devices, unknown
+        mode, clients out of range or repeated, sample indices out of range.
+        """
+        c = _cohort(clients, self.n, self.device)
+        v.tensor("X", X)
+        if X.dim() == 1 and X.shape[0] == self.p:
+            X = X.expand(c.numel(), -1)
+        if X.dim() != 2 or X.shape[0] != c.numel():
+            raise ValueError(f"X must be [{self.p}] or have one row per cohort client "
+                             f"({c.numel()}), got {tuple(X.shape)}")  # fmt: skip
+        keys = smp = None
+        if samples is not None:
+            tag = GRAD_MODE_TAG["samples"]
+            smp = _samples_tensor(samples, c.numel()).to(self.device)
+        else:
+            if mode not in ("gd", "sgd"):
+                raise ValueError(f"mode must be 'gd' or 'sgd', got {mode!r}")
+            tag = GRAD_MODE_TAG[mode]
+            if mode == "sgd":
+                t = v.integer("step", step, 0)
+                keys = minibatch_keys(self.seed, c, t).to(self.device)
+        b = v.integer("batch_size", batch_size, 1)
+        return ops.client_grads(X.contiguous(), c, self.A, self.y, self.offsets,
+                                KIND_TAG[self.kind], self.classes, self.problem.l2, tag, b, keys,
+                                smp)  # fmt: skip
 
     # ---- server side ---------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ __all__ = [
     "STREAM_RESHUFFLE",
     "STREAM_UNIFORM",
     "STREAM_GAUSSIAN",
+    "STREAM_MANIFOLD",
 ]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -55,6 +56,8 @@ STREAM_RESHUFFLE = 0x52534846  # "RSHF"
 STREAM_UNIFORM = 0x554E4946  # "UNIF"
 #: Stream tag of the Gaussian directions of ``fedkern.estimators.ZerothOrder``.
 STREAM_GAUSSIAN = 0x47415553  # "GAUS"
+#: Stream tag of random points and tangent vectors of ``fedkern.manifolds``.
+STREAM_MANIFOLD = 0x4D414E49  # "MANI"
 
 
 def philox4x32(counter: tuple[int, int, int, int], key: tuple[int, int], rounds: int = 10):

@@ -107,6 +107,7 @@ register_problem(ProblemSpec(
     "convex", "a bundled dataset (or libsvm:PATH) split over clients: L2-regularized logistic "
     "(breast_cancer, LibSVM) or multinomial (digits) regression, with its exact optimum",
     _build_convex, defaults={"split": "label_sorted", "l2": 0.01},
+    axes=("floats_up", "grad_evals"),
 ))  # fmt: skip
 
 
@@ -157,6 +158,58 @@ register_problem(ProblemSpec(
     title="||grad f||^2", axes=("grad_evals",),
     options={"lam": {"flag": "--lam", "type": float, "default": 1.0,
                      "help": "logistic_nonconvex: the regularizer's weight (default 1)"}},
+))  # fmt: skip
+
+
+def _build_pca(args, parser, k: int = 1):
+    """PCA of a bundled dataset's standardized features (or --dataset synthetic: n = 20, a
+    covariance with the spectrum 1, 0.5, 0.4 * 0.8^i), samples split over --clients nodes."""
+    from fedkern.manifolds import PCA
+
+    if args.dataset == "synthetic":
+        spectrum = [1.0, 0.5] + [0.4 * 0.8**i for i in range(18)]
+        if args.clients > 1000:
+            _fail(parser, "--clients must be at most the 1000 samples of synthetic")
+        try:
+            problem = PCA.synthetic(20, 1000, spectrum, nodes=args.clients, k=k, seed=args.seed,
+                                    device=args.device)  # fmt: skip
+        except ValueError as exc:
+            _fail(parser, str(exc))
+    else:
+        A, y, _ = _load(args, parser)
+        Z = A[:, :-1]
+        if args.clients > Z.shape[0]:
+            _fail(parser, f"--clients must be at most the {Z.shape[0]} samples of {args.dataset}")
+        parts = data.split(y, args.clients, args.split, seed=args.seed, alpha=args.alpha)
+        try:
+            problem = PCA(Z, parts, k=k, seed=args.seed, device=args.device)
+        except ValueError as exc:
+            _fail(parser, f"{exc} (try --split iid or fewer --clients)")
+    print(f"{problem}; eigenvalues {', '.join(f'{e:.4g}' for e in problem.eigenvalues[: k + 1])}")
+    meta = {"dataset": args.dataset, "clients": args.clients, "k": k, "gap": problem.gap,
+            "L": problem.L, "f_star": problem.f_star}  # fmt: skip
+    return problem, meta
+
+
+def _build_pca_stiefel(args, parser):
+    k = getattr(args, "components", None) or 3
+    if k < 2:
+        _fail(parser, f"--components must be >= 2 for pca_stiefel, got {k}")
+    return _build_pca(args, parser, k)
+
+
+_PCA_LABEL = "largest principal angle to the top eigenvector(s) (rad)"
+register_problem(ProblemSpec(
+    "pca", "the leading eigenvector of a dataset's covariance (digits, breast_cancer or "
+    "synthetic) on the sphere, samples split over nodes",
+    _build_pca, metric="angle", label=_PCA_LABEL, title="angle", axes=("floats_up", "grad_evals"),
+))  # fmt: skip
+register_problem(ProblemSpec(
+    "pca_stiefel", "the --components leading eigenvectors (default 3) on the Stiefel manifold",
+    _build_pca_stiefel, metric="angle", label=_PCA_LABEL, title="angle",
+    axes=("floats_up", "grad_evals"),
+    options={"components": {"flag": "--components", "type": int,
+                            "help": "pca_stiefel: eigenvectors k (default 3)"}},
 ))  # fmt: skip
 
 

@@ -17,6 +17,10 @@ local_steps_ (in place on X [c, p]), cohort row r, client i = clients[r], x = X[
                   g += l2 x;  mu != 0: g += mu (x - anchor[r]);  u = g - H[r] (if H)
                   clip > 0: nrm = sqrt(sum double(u_k)^2); nrm > clip: u = float(clip / nrm) u
                   x = x - gamma u
+client_grads (G [c, p] out, X read only), cohort row r, client i, x = X[r], one batch B:
+    gd: all m_i samples; sgd: perm(0 .. min(b, m_i) - 1) keyed by keys[r, 0:8] (local_steps_'s sgd
+    batch); samples (mode 3): the entries samples[r, q] >= 0 (local indices; -1 is padding)
+    G[r] = (1/|B|) sum_{j in B} grad(x; a_j, y_j) + l2 x      (|B| = 0: l2 x)
 scaffnew_sync_:  xbar_k = (sum over rows in row order of X[r, k]) / c   (fp32 sum, IEEE division)
                  H[r, k] += coef (xbar_k - X[r, k]);  X[r, k] = xbar_k;  returns xbar float32 [p]
 weighted_sum:    out[k] = float(sum over rows in row order of w[r] * double(X[r, k]))
@@ -28,6 +32,7 @@ d <= 512 for multinomial); beyond it local_steps_ raises ValueError naming p.  T
 chunks of BLOCK_M samples ([BLOCK_M, DB] tiles of A, gathered through perm for sgd/rr); z for the
 whole batch uses the x of the batch start, x changes once per batch.  H and anchor are re-read
 from global memory per batch (L1/L2 hits) to keep registers for x and the gradient sum.
+_grads_kernel: _local_kernel's batch loop for one batch, storing g instead of stepping.
 _scaffnew_kernel and _wsum_kernel: programs over column blocks, each walking the rows in order
 (UNROLL rows per iteration, added one after the other), so both are single kernels; scaffnew reads
 X twice (mean, then update).
@@ -186,6 +191,82 @@ def _local_kernel(
     tl.store(x_ptr + xoffs, x, mask=pmask)
 
 
+@triton.jit(do_not_specialize=["C", "d", "p", "b", "s"])
+def _grads_kernel(
+    x_ptr, g_ptr, clients_ptr, a_ptr, y_ptr, off_ptr, keys_ptr, smp_ptr, C, d, p, b, s, l2,
+    KIND: tl.constexpr, MODE: tl.constexpr, CB: tl.constexpr, DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """One gradient of cohort row r = program_id(0) into G[r] (module docstring)."""
+    r = tl.program_id(0).to(tl.int64)
+    client = tl.load(clients_ptr + r)
+    lo = tl.load(off_ptr + client)
+    m = tl.load(off_ptr + client + 1) - lo
+    crow = tl.arange(0, CB)
+    cols = tl.arange(0, DB)
+    cmask = cols < d
+    pmask = (crow < C)[:, None] & cmask[None, :]
+    xoffs = r * p + crow[:, None] * d + cols[None, :]
+    x = tl.load(x_ptr + xoffs, mask=pmask, other=0.0)
+    h = tl.full([], 1, tl.int32)
+    span = tl.full([], 4, tl.int64)
+    while span < m:
+        span *= 4
+        h += 1
+    zero = tl.full([], 0, tl.uint32)
+    k0, k1, k2, k3, k4, k5, k6, k7 = zero, zero, zero, zero, zero, zero, zero, zero
+    if MODE == 1:
+        kb = keys_ptr + r * 8
+        k0, k1 = tl.load(kb).to(tl.uint32), tl.load(kb + 1).to(tl.uint32)
+        k2, k3 = tl.load(kb + 2).to(tl.uint32), tl.load(kb + 3).to(tl.uint32)
+        k4, k5 = tl.load(kb + 4).to(tl.uint32), tl.load(kb + 5).to(tl.uint32)
+        k6, k7 = tl.load(kb + 6).to(tl.uint32), tl.load(kb + 7).to(tl.uint32)
+    if MODE == 0:
+        end = m
+    elif MODE == 1:
+        end = tl.minimum(m, b)
+    else:
+        end = m * 0 + s
+    gsum = tl.zeros([CB, DB], tl.float32)
+    count = m * 0
+    j = m * 0
+    while j < end:
+        pos = j + tl.arange(0, BLOCK_M).to(tl.int64)
+        valid = pos < end
+        if MODE == 3:
+            idx = tl.load(smp_ptr + r * s + pos, mask=valid, other=-1)
+            valid = valid & (idx >= 0)
+            idx = tl.where(valid, idx, 0)
+        else:
+            idx = _sample_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE)
+        count += tl.sum(valid.to(tl.int64), 0)
+        rows = lo + idx
+        a = tl.load(a_ptr + rows[:, None] * d + cols[None, :],
+                    mask=valid[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        yv = tl.load(y_ptr + rows, mask=valid, other=0.0)
+        if KIND == 1:  # _MULTINOMIAL
+            z = tl.sum(a[:, None, :] * x[None, :, :], 2)
+            z = tl.where((crow < C)[None, :], z, float("-inf"))
+            e = tl.exp(z - tl.max(z, 1)[:, None])
+            prob = _div(e, tl.sum(e, 1)[:, None])
+            hit = crow[None, :] == yv.to(tl.int32)[:, None]
+            coef = tl.where(valid[:, None], prob - hit.to(tl.float32), 0.0)
+            gsum += tl.sum(coef[:, :, None] * a[:, None, :], 0)
+        else:
+            z = tl.sum(a * x, 1)
+            if KIND == 0:  # _LOGISTIC
+                sg = 2.0 * yv - 1.0
+                coef = _div(-sg, 1.0 + tl.exp(sg * z))
+            else:
+                coef = z - yv
+            coef = tl.where(valid, coef, 0.0)
+            gsum += tl.sum(coef[:, None] * a, 0)[None, :]
+        j += BLOCK_M
+    cnt = tl.maximum(count, 1).to(tl.float32)  # |B| = 0: gsum is 0
+    g = tl.math.div_rn(tl.full([], 1.0, tl.float32), cnt) * gsum + l2 * x
+    tl.store(g_ptr + xoffs, g, mask=pmask)
+
+
 @triton.jit(do_not_specialize=["c", "p"])
 def _scaffnew_kernel(
     x_ptr, h_ptr, xbar_ptr, c, p, coef, BLOCK: tl.constexpr, UNROLL: tl.constexpr
@@ -276,6 +357,40 @@ def local_steps_(X, clients, A, y, offsets, kind, C, K, gamma, l2, H, mode, b, k
         float(mu), 0 if H is None else 1, K, kind, mode, cb, db, block_m, **_opts(dev, warps),
     )  # fmt: skip
     return X
+
+
+def client_grads(X, clients, A, y, offsets, kind, C, l2, mode, b, keys, samples):
+    """One gradient per cohort row (module docstring): returns G float32 [c, p].
+
+    X float32 [c, p] (not modified), clients int64 [c], A / y / offsets as local_steps_; kind
+    0/1/2; mode 0 gd, 1 sgd (keys int64 [c, 8]), 3 samples (samples int64 [c, s], -1 padding);
+    b >= 1; l2 float.  Same device, contiguous, validated (fedkern.ops); the MAX_TILE limit of
+    local_steps_ applies (ValueError naming p).
+    """
+    c, p = X.shape
+    d = A.shape[1]
+    kind, mode, C, b = int(kind), int(mode), int(C), int(b)
+    cb = triton.next_power_of_2(C) if kind == _MULTINOMIAL else 1
+    db = triton.next_power_of_2(max(d, 1))
+    if cb * db > MAX_TILE:
+        raise ValueError(
+            f"client_grads (Triton): p = {p} (C = {C}, d = {d}) is too large: the padded tile "
+            f"next_pow2(C) * next_pow2(d) = {cb * db} exceeds {MAX_TILE} elements kept in registers"
+        )
+    G = torch.empty_like(X)
+    if c == 0 or p == 0:
+        return G
+    dev = X.device
+    sh = _shapes(dev)
+    block_m = max(1, min(sh["block_m_max"], sh["chunk_elems"] // (cb * db)))
+    warps = min(8, max(2, block_m * cb * db // 512))
+    s = 0 if samples is None else samples.shape[1]
+    _grads_kernel[(c,)](
+        X, G, clients, A, y, offsets, X if keys is None else keys,
+        X if samples is None else samples, C, d, p, b, s, float(l2), kind, mode, cb, db, block_m,
+        **_opts(dev, warps),
+    )  # fmt: skip
+    return G
 
 
 def _cols_block(p, device):

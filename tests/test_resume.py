@@ -1,9 +1,11 @@
 """Exact resume of every stateful object: a run stopped at round r, saved with ``torch.save``,
 loaded into a freshly built object and run on equals the uninterrupted run bit for bit (CPU).
 
-Covered: every method of ``fedkern.algorithms`` (GD, FedAvg, FedProx, Scaffold, ProxSkip in both
-prox forms, Scaffnew, Byz-VR-MARINA-PP and PP+ with stateful aggregators, compressors and
-attacks), ``fedkern.robust.Aggregator`` (bucketing's call counter, centered clipping's warm
+Covered: every method of ``fedkern.algorithms`` (the test below fails when a registered method has
+no case here): GD, FedAvg, FedProx, Scaffold, ProxSkip in both prox forms, Scaffnew, MARINA, DIANA,
+EF21, L-SVRG, PAGE, the (L0,L1) clipped methods on the quartic, BiasedSGD with its estimators,
+R-SGD / R-LSVRG / R-PAGE / R-MARINA on PCA, Byz-VR-MARINA-PP and PP+ with stateful aggregators,
+compressors and attacks), ``fedkern.robust.Aggregator`` (bucketing's call counter, centered clipping's warm
 start), and the stateless batched clients (``ClientBatch``, ``ModuleClients``): they keep no state
 between calls (their randomness is keyed by the round argument), which is tested as such.
 """
@@ -21,9 +23,18 @@ from fedkern import data
 from fedkern import robust as R
 from fedkern.algorithms import (
     CLERR,
+    DIANA,
+    EF21,
     GD,
+    LSVRG,
+    MARINA,
     NASTYA,
+    PAGE,
     REGISTRY,
+    RLSVRG,
+    RMARINA,
+    RPAGE,
+    RSGD,
     BiasedSGD,
     ByzVRMarinaPP,
     ClipLocalGDJ,
@@ -42,6 +53,7 @@ from fedkern.algorithms import (
 from fedkern.clients import ClientBatch, ModuleClients
 from fedkern.compress import RandK, TopK
 from fedkern.estimators import IndependentSampling, RandKGradient, ZerothOrder
+from fedkern.manifolds import PCA
 from fedkern.problems import LogisticRegression, Problem, Quartic
 
 TOTAL, STOP = 9, 4
@@ -140,6 +152,19 @@ FEDERATED = {
         B, prox="l1", lam=0.01, p=0.4, cohort=7, mode="sgd", batch_size=6, seed=2
     ),  # fmt: skip
     "scaffnew": lambda B: Scaffnew(B, p=0.3, cohort=6, mode="rr", batch_size=7, seed=2),
+    "marina": lambda B: MARINA(B, k=4, p=0.4, mode="sgd", batch_size=3, seed=2),
+    "diana": lambda B: DIANA(B, k=4, mode="sgd", batch_size=5, seed=2),
+    "ef21": lambda B: EF21(B, k=4, seed=2),
+    "lsvrg": lambda B: LSVRG(B, batch_size=4, p=0.3, seed=2),
+    "page": lambda B: PAGE(B, small_batch=4, p=0.3, seed=2),
+}
+
+#: The Riemannian methods on the PCA of digits over 10 nodes (coins at p = 0.3: both branches).
+RIEMANNIAN = {
+    "rsgd": lambda P: RSGD(P, batch_size=4, seed=2),
+    "rlsvrg": lambda P: RLSVRG(P, batch_size=4, p=0.3, seed=2),
+    "rpage": lambda P: RPAGE(P, small_batch=4, p=0.3, seed=2),
+    "rmarina": lambda P: RMARINA(P, k=8, p=0.3, seed=2),
 }
 
 
@@ -171,8 +196,17 @@ QUARTIC = {
 
 
 def test_every_registered_method_is_covered():
-    covered = set(FEDERATED) | set(QUARTIC) | {ByzVRMarinaPP.name, BiasedSGD.name}
+    covered = set(FEDERATED) | set(QUARTIC) | set(RIEMANNIAN) | {ByzVRMarinaPP.name,
+                                                                  BiasedSGD.name}  # fmt: skip
     assert set(REGISTRY) <= covered, set(REGISTRY) - covered
+
+
+@pytest.mark.parametrize("name", sorted(RIEMANNIAN))
+def test_riemannian_method_resumes_exactly(name):
+    A, _ = data.load("digits")
+    Z = A[:, :-1]
+    P = PCA(Z, list(torch.tensor_split(torch.arange(Z.shape[0]), 10)))
+    check_resume(lambda: RIEMANNIAN[name](P))
 
 
 @pytest.mark.parametrize("name", sorted(QUARTIC))
@@ -237,7 +271,7 @@ def iid_problem(cancer):
     return LogisticRegression(A, y, data.split(y, 12, "iid", seed=1), l2=0.1)
 
 
-MARINA = {
+BYZ_CASES = {
     "bucketing-median": dict(aggregator=lambda: R.Aggregator("coordinate_median",
                                                               pre="bucketing", seed=3)),
     "cclip-warm-randk": dict(aggregator=lambda: R.Aggregator("centered_clip", tau=0.5,
@@ -249,10 +283,10 @@ MARINA = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", sorted(MARINA))
+@pytest.mark.parametrize("case", sorted(BYZ_CASES))
 def test_byz_vr_marina_pp_resumes_exactly(iid_problem, case):
     def make():
-        kw = {k: (f() if callable(f) else f) for k, f in MARINA[case].items()}
+        kw = {k: (f() if callable(f) else f) for k, f in BYZ_CASES[case].items()}
         return ByzVRMarinaPP(iid_problem, byzantine=range(9, 12), cohort=5, batch_size=6,
                              p=0.35, seed=6, **kw)  # fmt: skip
 

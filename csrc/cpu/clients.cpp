@@ -1,4 +1,5 @@
-// csrc/cpu/clients.cpp -- batched local training, Scaffnew sync, weighted sum (fedkern/clients.h).
+// csrc/cpu/clients.cpp -- batched local training, per-row gradients, Scaffnew sync, weighted sum
+// (fedkern/clients.h).
 //
 // local_steps: the cohort rows are handed out to the threads dynamically (one row = one client's
 // K steps; rows are independent, so the thread count never changes a result). Per row, x is kept
@@ -16,6 +17,10 @@
 // batch". The multinomial kind does 1 and 3 per class (row c of W against the block).
 // sgd / rr: the permutation of a step is evaluated for all its indices at once
 // (randk_perm_range of randk.h, batched over values).
+//
+// client_grads: the same row kernels for one gradient per row (no update): the batch's sample
+// rows are packed panel by panel (only the batch, not the client), summed as above and divided
+// exactly as the local step does, so a local step equals x - gamma * G bit for bit.
 //
 // scaffnew_sync / weighted_sum: the columns are cut into tiles of T columns (c * T elements sized
 // to stay in L2); per tile, the column sums run over the rows in row order (each row segment read
@@ -458,6 +463,77 @@ FEDKERN_INLINE void row_impl(const Job& j, int64_t r, Scratch& sc) {
   }
 }
 
+// One gradient of cohort row r into G (client_grads): the batch packed panel by panel (at most
+// cache_rows rows at a time), the gradient sum and u = sum / |B| + l2 x exactly as in apply_step.
+FEDKERN_INLINE void grad_row_impl(const Job& j, const int64_t* samples, int64_t s, float* G,
+                                  int64_t r, Scratch& sc) {
+  const int64_t i = j.clients[r];
+  const int64_t off = j.offsets[i], m = j.offsets[i + 1] - off;
+  const int64_t d = j.d, dp = j.dp;
+  const float* x = j.X + r * j.p;
+  float* xs = sc.xs.data();
+  float* acc = sc.acc.data();
+  int64_t* perm = sc.perm.data();
+  for (int64_t c = 0; c < j.C; ++c) {
+    std::memcpy(xs + c * dp, x + c * d, static_cast<size_t>(d) * sizeof(float));
+    for (int64_t k = d; k < dp; ++k) xs[c * dp + k] = 0.0f;
+  }
+  int64_t cnt = 0;
+  const int64_t* order = nullptr;  // local sample indices of the batch; null: 0, 1, .., m - 1
+  if (j.mode == LocalMode::kSGD) {
+    if (m > 0) {
+      uint32_t keys[8];
+      for (int q = 0; q < 8; ++q) keys[q] = static_cast<uint32_t>(j.keys[r * 8 + q]);
+      cnt = std::min(j.b, m);
+      randk_perm_range(m, keys, 0, cnt, perm);
+    }
+    order = perm;
+  } else if (samples != nullptr) {
+    for (int64_t q = 0; q < s; ++q) {
+      const int64_t v = samples[r * s + q];
+      if (v >= 0) perm[cnt++] = v;
+    }
+    order = perm;
+  } else {
+    cnt = m;
+  }
+  std::fill(acc, acc + j.C * dp, 0.0f);
+  for (int64_t p0 = 0; p0 < cnt; p0 += j.cache_rows) {
+    const int64_t n = std::min(j.cache_rows, cnt - p0);
+    if (order) {
+      int64_t* rows = perm + p0;  // to absolute rows (this panel only), then pack
+      for (int64_t q = 0; q < n; ++q) rows[q] += off;
+      pack_rows(j, rows, 0, n, sc.buf.data(), sc.yb.data());
+    } else {
+      pack_rows(j, nullptr, off + p0, n, sc.buf.data(), sc.yb.data());
+    }
+    add_grads(j, sc.buf.data(), sc.yb.data(), sc.iota.data(), n, xs, acc, sc.zc.data());
+  }
+  const float l2 = j.l2, fb = static_cast<float>(cnt);
+  float* g = G + r * j.p;
+  for (int64_t c = 0; c < j.C; ++c) {
+    const float* __restrict xc = xs + c * dp;
+    const float* __restrict u = acc + c * dp;
+    float* __restrict gc = g + c * d;
+    if (cnt > 0) {
+      for (int64_t k = 0; k < d; ++k) gc[k] = u[k] / fb + l2 * xc[k];
+    } else {
+      for (int64_t k = 0; k < d; ++k) gc[k] = 0.0f + l2 * xc[k];
+    }
+  }
+}
+
+using GradFn = void (*)(const Job&, const int64_t*, int64_t, float*, int64_t, Scratch&);
+void grad_base(const Job& j, const int64_t* samples, int64_t s, float* G, int64_t r, Scratch& sc) {
+  grad_row_impl(j, samples, s, G, r, sc);
+}
+#if FEDKERN_CLIENTS_AVX2
+FEDKERN_TARGET_AVX2 void grad_avx2(const Job& j, const int64_t* samples, int64_t s, float* G,
+                                   int64_t r, Scratch& sc) {
+  grad_row_impl(j, samples, s, G, r, sc);
+}
+#endif
+
 using RowFn = void (*)(const Job&, int64_t, Scratch&);
 void row_base(const Job& j, int64_t r, Scratch& sc) { row_impl(j, r, sc); }
 #if FEDKERN_CLIENTS_AVX2
@@ -584,6 +660,69 @@ void local_steps(float* X, int64_t c, int64_t d, const int64_t* clients, const f
     sc.zc.resize(static_cast<size_t>(kLanes * C));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < c; ++r) fn(j, r, sc);
+  }
+}
+
+void client_grads(const float* X, int64_t c, int64_t d, const int64_t* clients, const float* A,
+                  const float* y, const int64_t* offsets, ModelKind kind, int64_t C, float l2,
+                  GradMode mode, int64_t b, const int64_t* keys, const int64_t* samples, int64_t s,
+                  float* G) {
+  if (c <= 0 || d <= 0) return;
+  if (kind != ModelKind::kMultinomial) C = 1;
+  const int64_t dp = (d + kLanes - 1) / kLanes * kLanes;
+  int64_t work = 0, m_max = 0;
+  for (int64_t r = 0; r < c; ++r) {
+    const int64_t m = offsets[clients[r] + 1] - offsets[clients[r]];
+    const int64_t cnt = mode == GradMode::kFull ? m : mode == GradMode::kSGD ? std::min(b, m) : s;
+    m_max = std::max(m_max, m);
+    work += (2 * cnt + 1) * C * dp;
+  }
+  const int64_t idx_len = std::max<int64_t>({m_max, s, 1});
+  const int64_t cache_floats =
+      detail::clients_cache_floats() > 0 ? detail::clients_cache_floats() : kCacheFloats;
+  const int64_t cache_rows = std::max<int64_t>(kLanes, cache_floats / dp);
+  const LocalMode lm = mode == GradMode::kSGD ? LocalMode::kSGD : LocalMode::kGD;
+  Job j{const_cast<float*>(X),
+        d,
+        dp,
+        C * d,
+        C,
+        1,
+        b,
+        cache_rows,
+        clients,
+        A,
+        y,
+        offsets,
+        kind,
+        lm,
+        0.0f,
+        l2,
+        0.0f,
+        0.0,
+        nullptr,
+        keys,
+        nullptr};
+  const int64_t* smp = mode == GradMode::kSamples ? samples : nullptr;
+  GradFn fn = grad_base;
+#if FEDKERN_CLIENTS_AVX2
+  if (detail::use_avx2()) fn = grad_avx2;
+#endif
+  const int nb = static_cast<int>(std::min<int64_t>(detail::num_blocks(work, kMinWork), c));
+#pragma omp parallel num_threads(nb)
+  {
+    Scratch sc;
+    const int64_t rows = std::max<int64_t>(std::min(idx_len, cache_rows), 1);
+    sc.xs.resize(static_cast<size_t>(C * dp));
+    sc.acc.resize(static_cast<size_t>(C * dp));
+    sc.buf.resize(static_cast<size_t>(rows * dp));
+    sc.yb.resize(static_cast<size_t>(rows));
+    sc.perm.resize(static_cast<size_t>(idx_len));
+    sc.iota.resize(static_cast<size_t>(rows));
+    for (size_t q = 0; q < sc.iota.size(); ++q) sc.iota[q] = static_cast<int64_t>(q);
+    sc.zc.resize(static_cast<size_t>(kLanes * C));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < c; ++r) fn(j, smp, s, G, r, sc);
   }
 }
 

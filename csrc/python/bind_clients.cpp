@@ -1,6 +1,7 @@
 // csrc/python/bind_clients.cpp -- bindings of the clients family (fedkern/clients.h): batched
-// per-client local steps, Scaffnew's consensus step, the fp64 weighted sum of rows. Pointers as
-// uintptr_t (0 = null: H, keys, anchor); gamma, l2, mu, coef are fp32 numbers, clip stays fp64.
+// per-client local steps, per-row gradients, Scaffnew's consensus step, the fp64 weighted sum.
+// Pointers as uintptr_t (0 = null: H, keys, anchor, samples); gamma, l2, mu, coef are fp32
+// numbers, clip stays fp64.
 #include <stdexcept>
 #include <string>
 
@@ -43,6 +44,34 @@ void bind_clients(py::module_& m) {
       "[n+1]) of A (float32 [N, d]) and y (float32 [N]). kind 0 logistic / 1 multinomial / 2 "
       "least squares; mode 0 gd / 1 sgd / 2 rr (batch b, keys int64 [c, K, 8]); H, anchor "
       "float32 [c, p] or 0; clip (fp64, 0 = off), mu (FedProx, 0 = off).");
+  m.def(
+      "client_grads",
+      [](uintptr_t x, uintptr_t clients, int64_t c, int64_t p, uintptr_t a, uintptr_t y,
+         uintptr_t offsets, int64_t d, int kind, int64_t C, float l2, int mode, int64_t b,
+         uintptr_t keys, uintptr_t samples, int64_t s, uintptr_t g) {
+        if (kind < 0 || kind > 2) {
+          throw std::invalid_argument("kind must be 0, 1 or 2, got " + std::to_string(kind));
+        }
+        if (mode != 0 && mode != 1 && mode != 3) {
+          throw std::invalid_argument("mode must be 0, 1 or 3, got " + std::to_string(mode));
+        }
+        const int64_t want = kind == 1 ? C * d : d;
+        if (p != want) {
+          throw std::invalid_argument("p must be " + std::string(kind == 1 ? "C * d" : "d") +
+                                      " = " + std::to_string(want) + ", got " + std::to_string(p));
+        }
+        client_grads(ptr<const float>(x), c, d, ptr<const int64_t>(clients), ptr<const float>(a),
+                     ptr<const float>(y), ptr<const int64_t>(offsets), static_cast<ModelKind>(kind),
+                     C, l2, static_cast<GradMode>(mode), b, ptr<const int64_t>(keys),
+                     ptr<const int64_t>(samples), s, ptr<float>(g));
+      },
+      arg("x_ptr"), arg("clients_ptr"), arg("c"), arg("p"), arg("a_ptr"), arg("y_ptr"),
+      arg("offsets_ptr"), arg("d"), arg("kind"), arg("C"), arg("l2"), arg("mode"), arg("b"),
+      arg("keys_ptr"), arg("samples_ptr"), arg("s"), arg("g_ptr"), nogil(),
+      "G (float32 [c, p] output) = one gradient per cohort row r of client clients[r] at X[r] "
+      "(float32 [c, p], read only) on a batch of its rows of A / y: mode 0 all samples, 1 the "
+      "sgd batch of min(b, m_i) keyed by keys (int64 [c, 8]), 3 the entries >= 0 of samples "
+      "(int64 [c, s]); plus l2 * X[r].");
   m.def(
       "scaffnew_sync",
       [](uintptr_t x, uintptr_t h, int64_t c, int64_t p, float coef, uintptr_t xbar) {

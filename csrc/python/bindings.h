@@ -42,4 +42,7 @@ void bind_clients(py::module_& m);   // bind_clients.cpp: batched local steps, s
 void bind_quartic(py::module_& m);   // bind_quartic.cpp: batched local steps on the quartic
 void bind_clipjump(py::module_& m);  // bind_clipjump.cpp: the fused clipped server jump
 
+// bind_manifolds.cpp: the fused sphere / Stiefel steps
+void bind_manifolds(py::module_& m);
+
 }  // namespace fedkern::py_bind

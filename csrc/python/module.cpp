@@ -214,6 +214,7 @@ PYBIND11_MODULE(_C, m) {
   fedkern::py_bind::bind_rowops(m);
   fedkern::py_bind::bind_diffclip(m);
   fedkern::py_bind::bind_clients(m);
+  fedkern::py_bind::bind_manifolds(m);
   fedkern::py_bind::bind_quartic(m);
   fedkern::py_bind::bind_clipjump(m);
 

@@ -10,7 +10,11 @@
   ``ClippedFedAvg``, ``LocalGD``: local / random-reshuffling methods for (L0, L1)-smooth problems
   with the fused clipped server jump (``fedkern.algorithms.generalized``);
 - ``BiasedSGD``: SGD with the biased estimators of ``fedkern.estimators``
-  (``fedkern.algorithms.biased``).
+  (``fedkern.algorithms.biased``);
+- ``MARINA``, ``DIANA``, ``EF21`` (compressed messages; ``fedkern.algorithms.compressed``) and
+  ``LSVRG``, ``PAGE`` (loopless variance reduction; ``fedkern.algorithms.vr``) on a ClientBatch;
+- ``RSGD``, ``RLSVRG``, ``RPAGE``, ``RMARINA`` on the PCA problems of ``fedkern.manifolds``
+  (``fedkern.algorithms.riemannian``).
 
 ``REGISTRY`` maps the command-line names (``fedkern run <name>``) to the classes.
 """
@@ -18,6 +22,7 @@
 from fedkern.algorithms.base import Method
 from fedkern.algorithms.biased import BiasedSGD
 from fedkern.algorithms.byzantine import ByzVRMarinaPP
+from fedkern.algorithms.compressed import DIANA, EF21, MARINA
 from fedkern.algorithms.federated import (
     GD,
     FedAvg,
@@ -37,6 +42,8 @@ from fedkern.algorithms.generalized import (
     LocalClippedSGD,
     LocalGD,
 )
+from fedkern.algorithms.riemannian import RLSVRG, RMARINA, RPAGE, RSGD
+from fedkern.algorithms.vr import LSVRG, PAGE
 
 REGISTRY = {
     cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew, ByzVRMarinaPP)
@@ -44,11 +51,22 @@ REGISTRY = {
 REGISTRY.update({cls.name: cls for cls in (ClipLocalGDJ, ClippedGD, CLERR, NASTYA, ClippedRRCLI,
                                            LocalClippedSGD, ClippedFedAvg, LocalGD,
                                            BiasedSGD)})  # fmt: skip
+REGISTRY.update({cls.name: cls for cls in (MARINA, DIANA, EF21, LSVRG, PAGE, RSGD, RLSVRG, RPAGE,
+                                           RMARINA)})  # fmt: skip
 
 __all__ = [
     "CLERR",
+    "DIANA",
+    "EF21",
     "GD",
+    "LSVRG",
+    "MARINA",
     "NASTYA",
+    "PAGE",
+    "RLSVRG",
+    "RMARINA",
+    "RPAGE",
+    "RSGD",
     "BiasedSGD",
     "ClipLocalGDJ",
     "ClippedFedAvg",

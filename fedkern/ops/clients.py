@@ -3,6 +3,8 @@
 Ops (namespace ``fedkern``):
   local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu,
                anchor) -> X                 K local steps for every cohort row of X [c, p], in place
+  client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples) -> G
+                                            one gradient per cohort row of X [c, p] (G [c, p])
   scaffnew_sync_(X, H, coef) -> xbar        xbar = mean X; H += coef (xbar - X); X = xbar
   weighted_sum(X, w) -> [p]                 sum_r w[r] X[r] (float64 accumulation)
 The math is in ``fedkern.reference.clients``; the public entry point is ``fedkern.clients``, which
@@ -36,6 +38,16 @@ def _cpu_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, 
     return X
 
 
+def _cpu_client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples):
+    G = torch.empty_like(X)
+    s = 0 if samples is None else samples.shape[1]
+    cpu_core().client_grads(
+        _ptr(X), _ptr(clients), X.shape[0], X.shape[1], _ptr(A), _ptr(y), _ptr(offsets),
+        A.shape[1], kind, classes, l2, mode, b, _ptr(keys), _ptr(samples), s, _ptr(G),
+    )  # fmt: skip
+    return G
+
+
 def _cpu_sync(X, H, coef):
     xbar = torch.empty(X.shape[1], dtype=F32)
     cpu_core().scaffnew_sync(_ptr(X), _ptr(H), X.shape[0], X.shape[1], coef, _ptr(xbar))
@@ -53,6 +65,11 @@ IMPLS = {
         "reference": ref.local_steps_,
         "cpu": _cpu_local_steps,
         "triton": lazy("fedkern.kernels.clients", "local_steps_"),
+    },
+    "client_grads": {
+        "reference": ref.client_grads,
+        "cpu": _cpu_client_grads,
+        "triton": lazy("fedkern.kernels.clients", "client_grads"),
     },
     "scaffnew_sync_": {
         "reference": ref.scaffnew_sync_,
@@ -150,6 +167,80 @@ def local_steps_(
 @local_steps_.register_fake
 def _(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu, anchor):
     return None
+
+
+def check_client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys,
+                       samples) -> None:  # fmt: skip
+    """Every argument of client_grads; raises before any kernel runs."""
+    v.tensor("A", A)
+    if A.dtype != F32 or A.dim() != 2:
+        raise TypeError(f"A must be a 2-D float32 tensor, got {A.dtype} {tuple(A.shape)}")
+    dev, d = A.device, A.shape[1]
+    if kind not in (0, 1, 2):
+        raise ValueError(f"kind must be 0 (logistic), 1 (multinomial) or 2 (least_squares), "
+                         f"got {kind}")  # fmt: skip
+    classes = v.integer("classes", classes, 2 if kind == 1 else 1)
+    p = classes * d if kind == 1 else d
+    c = _f32_matrix("X", X, None, p, dev).shape[0]
+    vectors = (("y", y, F32, (A.shape[0],)), ("clients", clients, torch.int64, (c,)),
+               ("offsets", offsets, torch.int64, None))  # fmt: skip
+    for name, t, dt, shape in vectors:
+        v.tensor(name, t)
+        if t.dtype != dt or t.device != dev or (shape is not None and t.shape != shape):
+            raise ValueError(f"{name} must be a {dt} tensor of shape {shape or '[n + 1]'} on "
+                             f"{dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
+    if offsets.dim() != 1 or offsets.shape[0] < 2:
+        raise ValueError("offsets must be [n + 1] with n >= 1")
+    v.fp32_scalar("l2", l2, nonneg=True)
+    if mode not in (0, 1, 3):
+        raise ValueError(f"mode must be 0 (gd), 1 (sgd) or 3 (samples), got {mode}")
+    v.integer("b", b, 1)
+    if mode == 1:
+        v.tensor("keys", keys)
+        if keys.dtype != torch.int64 or keys.shape != (c, 8) or keys.device != dev:
+            raise ValueError(f"keys must be an int64 tensor [{c}, 8] on {dev}")
+    if mode == 3:
+        v.tensor("samples", samples)
+        if (
+            samples.dtype != torch.int64
+            or samples.dim() != 2
+            or samples.shape[0] != c
+            or (samples.device != dev)
+        ):
+            raise ValueError(f"samples must be an int64 tensor [{c}, s] on {dev}")
+    if isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
+        return
+    o = offsets.cpu()
+    if int(o[0]) != 0 or int(o[-1]) != A.shape[0] or bool((o[1:] < o[:-1]).any()):
+        raise ValueError(f"offsets must rise from 0 to {A.shape[0]} (the rows of A)")
+    cl = clients.cpu()
+    if c and (int(cl.min()) < 0 or int(cl.max()) >= o.shape[0] - 1):
+        raise ValueError(f"clients must be ids in [0, {o.shape[0] - 1})")
+    if mode == 3 and samples.numel():
+        sizes = (o[1:] - o[:-1])[cl]
+        sm = samples.cpu()
+        if bool((sm < -1).any()) or bool((sm >= sizes[:, None]).any()):
+            raise ValueError("samples must hold local sample indices in [0, m_i) of each row's "
+                             "client, or -1 (padding)")  # fmt: skip
+
+
+@torch.library.custom_op("fedkern::client_grads", mutates_args=())
+def client_grads(
+    X: Tensor, clients: Tensor, A: Tensor, y: Tensor, offsets: Tensor, kind: int, classes: int,
+    l2: float, mode: int, b: int, keys: Tensor | None, samples: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """One gradient per cohort row of X, G [c, p] float32 (see fedkern.reference.clients)."""
+    args = (X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples)
+    check_client_grads(*args)
+    if X.shape[0] == 0:
+        return torch.empty_like(X)
+    contiguous = [a.contiguous() if isinstance(a, Tensor) else a for a in args]
+    return pick("client_grads", IMPLS["client_grads"], X.device)(*contiguous)
+
+
+@client_grads.register_fake
+def _(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples):
+    return torch.empty_like(X)
 
 
 def check_sync(X, H) -> None:

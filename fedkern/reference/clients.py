@@ -87,3 +87,34 @@ def scaffnew_sync_(X, H, coef: float):
 def weighted_sum(X, w):
     """sum_r w[r] X[r] in float64, rounded to float32 once: [p]."""
     return (w.double()[:, None] * X.double()).sum(0).float()
+
+
+GRAD_MODE_TAG = {"gd": 0, "sgd": 1, "samples": 3}
+
+
+def client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples):
+    """[c, p] float32: row r = client clients[r]'s gradient at X[r] on one batch B_r,
+
+      G[r] = (1/|B_r|) sum_{j in B_r} grad loss(X[r]; a_j, y_j) + l2 X[r]   (0 + l2 X[r] if empty)
+
+    B_r: gd (mode 0) all m_i samples in order; sgd (mode 1) the first min(b, m_i) entries of the
+    keyed permutation of [0, m_i) under keys[r] (local_steps_'s sgd batch); samples (mode 3) the
+    non-negative entries of samples[r] in order (repeats count, -1 is padding).
+    """
+    off = offsets.tolist()
+    G = torch.empty_like(X)
+    for r, i in enumerate(clients.tolist()):
+        a_all, y_all = A[off[i] : off[i + 1]], y[off[i] : off[i + 1]]
+        m = a_all.shape[0]
+        if mode == 0:
+            B = torch.arange(m)
+        elif mode == 1:
+            B = permutation(m, keys[r])[: min(b, m)] if m else torch.arange(0)
+        else:
+            B = samples[r][samples[r] >= 0].cpu()
+        x = X[r].clone()  # an aligned copy, as local_steps_ (BLAS kernels can depend on alignment)
+        if B.numel():
+            G[r] = batch_grad(kind, classes, x, a_all[B], y_all[B]) + l2 * x
+        else:
+            G[r] = 0.0 + l2 * x
+    return G

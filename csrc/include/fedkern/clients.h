@@ -23,6 +23,14 @@
 //                    u = g - H[r] (H given) else g
 //                    clip > 0: nrm = sqrt(sum_k double(u_k)^2); nrm > clip: u = float(clip/nrm) * u
 //                    x = x - gamma * u
+//   client_grads (G [c, p] out; X not modified): one gradient per cohort row r at x = X[r],
+//       batch B: gd: all m_i samples in order; sgd: perm(0 .. min(b, m_i) - 1) with perm keyed by
+//                keys[r, 0..7] (local_steps' sgd batch of one step); samples: the entries
+//                samples[r, q] >= 0 (local indices < m_i) in order q = 0 .. s - 1 (-1: padding;
+//                repeats count twice)
+//       G[r] = (sum over j in B of grad(x; a_j, y_j)) / |B| + l2 * x    (|B| = 0: 0 + l2 * x)
+//     with local_steps' summation orders, so that one local step x - gamma * u (no H, mu, clip)
+//     equals x - gamma * G[r] bit for bit.
 //   scaffnew_sync (in place on X, H [c, p]):
 //     xbar_k = (sum over rows r in row order of X[r, k]) / float(c)          (fp32)
 //     H[r, k] = H[r, k] + coef * (xbar_k - X[r, k]);  X[r, k] = xbar_k;  xbar_out = xbar
@@ -64,12 +72,20 @@ namespace fedkern {
 
 enum class ModelKind : int { kLogistic = 0, kMultinomial = 1, kLeastSquares = 2 };
 enum class LocalMode : int { kGD = 0, kSGD = 1, kRR = 2 };
+enum class GradMode : int { kFull = 0, kSGD = 1, kSamples = 3 };
 
 // K local steps for every cohort row, in place on X [c, p] (p = C * d for multinomial, else d).
 void local_steps(float* X, int64_t c, int64_t d, const int64_t* clients, const float* A,
                  const float* y, const int64_t* offsets, ModelKind kind, int64_t C, int64_t K,
                  float gamma, float l2, const float* H, LocalMode mode, int64_t b,
                  const int64_t* keys, double clip, float mu, const float* anchor);
+
+// One gradient per cohort row into G [c, p] (X [c, p] read only). keys: c * 8 int64 holding
+// uint32 values (sgd; else may be null); samples: c * s int64 local indices or -1 (samples mode).
+void client_grads(const float* X, int64_t c, int64_t d, const int64_t* clients, const float* A,
+                  const float* y, const int64_t* offsets, ModelKind kind, int64_t C, float l2,
+                  GradMode mode, int64_t b, const int64_t* keys, const int64_t* samples, int64_t s,
+                  float* G);
 
 // Scaffnew consensus step in place on X and H [c, p]; xbar_out: p floats (the mean). c >= 1.
 void scaffnew_sync(float* X, float* H, int64_t c, int64_t p, float coef, float* xbar_out);
