@@ -5,9 +5,10 @@ Covered: every method of ``fedkern.algorithms`` (the test below fails when a reg
 no case here): GD, FedAvg, FedProx, Scaffold, ProxSkip in both prox forms, Scaffnew, MARINA, DIANA,
 EF21, L-SVRG, PAGE, the (L0,L1) clipped methods on the quartic, BiasedSGD with its estimators,
 R-SGD / R-LSVRG / R-PAGE / R-MARINA on PCA, Byz-VR-MARINA-PP and PP+ with stateful aggregators,
-compressors and attacks), ``fedkern.robust.Aggregator`` (bucketing's call counter, centered clipping's warm
-start), and the stateless batched clients (``ClientBatch``, ``ModuleClients``): they keep no state
-between calls (their randomness is keyed by the round argument), which is tested as such.
+compressors and attacks), ``fedkern.robust.Aggregator`` (bucketing's call counter, centered
+clipping's warm start), and the stateless batched clients (``ClientBatch``, ``ModuleClients``):
+they keep no state between calls (their randomness is keyed by the round argument), which is
+tested as such.
 """
 
 from __future__ import annotations
