@@ -39,5 +39,8 @@ void bind_pairwise(py::module_& m);  // bind_pairwise.cpp: Gram matrix, gather-m
 void bind_rowops(py::module_& m);    // bind_rowops.cpp: Weiszfeld, centered clip, row clipping
 void bind_diffclip(py::module_& m);  // bind_diffclip.cpp: difference -> compress -> clip
 void bind_clients(py::module_& m);   // bind_clients.cpp: batched local steps, server updates
+void bind_random(py::module_& m);    // bind_random.cpp: Gaussian / Bernoulli fills (Philox)
+void bind_sketch(py::module_& m);    // bind_sketch.cpp: MAST sketch apply / gradient step
+void bind_lora(py::module_& m);      // bind_lora.cpp: fused RAC-LoRA merge
 
 }  // namespace fedkern::py_bind

@@ -214,6 +214,9 @@ PYBIND11_MODULE(_C, m) {
   fedkern::py_bind::bind_rowops(m);
   fedkern::py_bind::bind_diffclip(m);
   fedkern::py_bind::bind_clients(m);
+  fedkern::py_bind::bind_random(m);
+  fedkern::py_bind::bind_sketch(m);
+  fedkern::py_bind::bind_lora(m);
 
   m.def(
       "build_info",
