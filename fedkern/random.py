@@ -317,7 +317,7 @@ def randk_keys_tensor(seeds, steps, *, stream: int = STREAM_RANDK):
     s, t = torch.broadcast_tensors(s, t)
     words = []
     for k1 in (0, 1):
-        words += philox4x32_tensor(s & _MASK32, s >> 32, t & _MASK32, t >> 32, STREAM_RANDK, k1)
+        words += philox4x32_tensor(s & _MASK32, s >> 32, t & _MASK32, t >> 32, stream, k1)
     return torch.stack(words, -1)
 
 

@@ -28,6 +28,7 @@ kept. The same (seed, step, node) gives the same mask and bits on the reference,
 from __future__ import annotations
 
 import abc
+import functools
 
 import numpy as np
 import torch
@@ -38,7 +39,9 @@ from fedkern.random import (
     STREAM_BERNOULLI,
     STREAM_PARTITION,
     STREAM_SKETCH,
+    client_seed,
     client_seeds,
+    draw_key,
     draw_keys_tensor,
     feistel_keys,
     randk_keys_tensor,
@@ -64,6 +67,33 @@ def _nodes(node) -> tuple[Tensor, bool]:
     if int(t.min()) < 0:
         raise ValueError("node ids must be >= 0")
     return t, True
+
+
+#: Node batches up to this size derive their keys with the scalar Philox (cached), larger ones with
+#: the vectorized form: a sketch's apply and grad_step_ of one step share the derivation.
+_SCALAR_NODES = 16
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar_keys(stream: int, seed: int, step: int, nodes: tuple, feistel: bool) -> tuple:
+    out = []
+    for n in nodes:
+        cs = client_seed(seed, n)
+        out.append(feistel_keys(cs, step, stream=stream) if feistel else
+                   draw_key(cs, step, stream=stream))  # fmt: skip
+    return tuple(out)
+
+
+def node_keys(stream: int, seed: int, step: int, nodes: Tensor, *, feistel: bool) -> Tensor:
+    """int64 [R, 8] Feistel round keys (``feistel``) or [R, 4] draw key words of the seeds
+    client_seed(seed, node) at ``step``, one row per node."""
+    if nodes.numel() <= _SCALAR_NODES:
+        rows = _scalar_keys(stream, seed, step, tuple(nodes.tolist()), feistel)
+        return torch.tensor(rows, dtype=torch.int64)
+    seeds = client_seeds(seed, nodes)
+    if feistel:
+        return randk_keys_tensor(seeds, step, stream=stream)
+    return draw_keys_tensor(seeds, step, stream=stream)
 
 
 class Sketch(abc.ABC):
@@ -171,8 +201,7 @@ class Bernoulli(Sketch):
         return 1.0 / self.keep_probabilities(d)
 
     def _keys(self, seed, step, nodes, device):
-        seeds = client_seeds(seed, nodes)
-        return draw_keys_tensor(seeds, step, stream=STREAM_BERNOULLI).to(device)
+        return node_keys(STREAM_BERNOULLI, seed, step, nodes, feistel=False).to(device)
 
     def _p_args(self, device):
         if isinstance(self.p, Tensor):
@@ -229,8 +258,7 @@ class RandK(Sketch):
 
     def _args(self, d, seed, step, nodes, device):
         k = self.k_for(d)
-        seeds = client_seeds(seed, nodes)
-        keys = randk_keys_tensor(seeds, step, stream=STREAM_SKETCH)
+        keys = node_keys(STREAM_SKETCH, seed, step, nodes, feistel=True)
         ranges = torch.tensor([[0, k]], dtype=torch.int64).expand(len(nodes), 2)
         scale = torch.full((len(nodes),), float(np.float32(d / k)))
         return keys.to(device), ranges.contiguous().to(device), scale.to(device)
@@ -283,7 +311,7 @@ class Partition(Sketch):
     def _args(self, d, seed, step, nodes, device):
         if int(nodes.max()) >= self.nodes:
             raise ValueError(f"node ids must be in [0, {self.nodes}) for Partition({self.nodes})")
-        keys = torch.tensor(feistel_keys(seed, step, stream=STREAM_PARTITION), dtype=torch.int64)
+        keys = torch.tensor(_partition_keys(seed, step), dtype=torch.int64)
         blocks = [self.block(d, i) for i in nodes.tolist()]
         ranges = torch.tensor(blocks, dtype=torch.int64)
         scale = torch.tensor([float(np.float32(d / (hi - lo))) for lo, hi in blocks])
@@ -301,6 +329,11 @@ class Partition(Sketch):
 
     def __repr__(self) -> str:
         return f"Partition(nodes={self.nodes})"
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_keys(seed: int, step: int) -> tuple:
+    return feistel_keys(seed, step, stream=STREAM_PARTITION)
 
 
 def _sketch(sketch) -> Sketch:
