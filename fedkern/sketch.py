@@ -48,7 +48,16 @@ from fedkern.random import (
 )
 from fedkern.reference import random as rnd
 
-__all__ = ["Bernoulli", "Partition", "RandK", "Sketch", "apply", "grad_step_"]
+__all__ = [
+    "Bernoulli",
+    "MASTWrapper",
+    "Partition",
+    "RandK",
+    "Sketch",
+    "apply",
+    "grad_step_",
+    "sketched",
+]
 
 Tensor = torch.Tensor
 _MAX_SEED = (1 << 63) - 1
@@ -445,3 +454,99 @@ def grad_step_(sketch: Sketch, x: Tensor, g: Tensor, gamma: float, *, seed: int,
         raise ValueError(f"g must be [R = {R}, d = {d}], got shape {tuple(g.shape)}")
     sketch._grad_step(x.view(-1, d), g, gamma, d, seed, step, nodes)
     return x
+
+
+class _Sketched(torch.autograd.Function):
+    """w = v + S (x - v) in forward; the gradient S^T g = S g (``apply`` of g with v = None)."""
+
+    @staticmethod
+    def forward(ctx, x, v_, sketch, seed, step, node):
+        ctx.args = (sketch, seed, step, node)
+        return apply(sketch, x.detach().contiguous(), v_, seed=seed, step=step, node=node)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sketch, seed, step, node = ctx.args
+        g = apply(sketch, grad.contiguous(), None, seed=seed, step=step, node=node)
+        return g, None, None, None, None, None
+
+
+def sketched(x: Tensor, sketch: Sketch, v: Tensor | None = None, *, seed: int, step: int = 0,
+             node: int = 0) -> Tensor:  # fmt: skip
+    """Differentiable ``apply``: w = v + S (x - v), whose gradient with respect to x is S^T times
+    the incoming one (v gets none: it is the fixed pre-trained point)."""
+    return _Sketched.apply(x, v, sketch, seed, step, node)
+
+
+class MASTWrapper(torch.nn.Module):
+    """Train any module through sketched weights (MAST; weight-level DropConnect with Bernoulli).
+
+    In training mode every forward uses w = v + S_t (x - v) for each selected parameter x (its own
+    sketch stream: seed client_seed(seed, i) for the i-th parameter, step t, ``node``) and then
+    advances t; backward gives x the gradient S_t^T grad f(w), so a plain SGD step on the module's
+    parameters is a double-sketched SGD step (``fedkern.algorithms.DSGD``). In eval mode the module
+    runs on x itself (the MAST solution). The parameters stay the module's own: optimizers,
+    ``module.state_dict`` and DDP see them as usual.
+
+    Args:
+        module: the model. Its float32 / bfloat16 parameters selected by ``select`` are sketched.
+        sketch: a ``Bernoulli``, ``RandK`` (use ``ratio`` for tensors of different sizes) or
+            ``Partition`` (every parameter cut into the same number of blocks; ``node`` picks one).
+        seed: int in [0, 2**63).
+        v: None (0: train from scratch, w = S x), or "initial": the parameters' values now (the
+            pre-trained point, kept as buffers).
+        node: this worker's node id (distributed sketches), default 0.
+        select: ``select(name, param) -> bool``, default every float32 / bfloat16 parameter.
+
+    Attributes:
+        step: the sketch step of the next training forward (saved in ``state_dict``).
+
+    Raises:
+        ValueError when the sketch cannot act on a selected parameter (k > numel, ...).
+    """
+
+    def __init__(self, module: torch.nn.Module, sketch: Sketch, *, seed: int = 0, v=None,
+                 node: int = 0, select=None):  # fmt: skip
+        super().__init__()
+        _sketch(sketch)
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if v not in (None, "initial"):
+            raise ValueError(f"v must be None or 'initial', got {v!r}")
+        self.module, self.sketch = module, sketch
+        self.seed = val.integer("seed", seed, 0, _MAX_SEED)
+        self.node = val.integer("node", node, 0, _MAX_SEED)
+        self.names = [
+            n for n, p in module.named_parameters()
+            if p.dtype in (torch.float32, torch.bfloat16) and (select is None or select(n, p))
+        ]  # fmt: skip
+        params = dict(module.named_parameters())
+        for n in self.names:
+            sketch.check(params[n].numel())
+        self.seeds = {n: client_seed(self.seed, i) for i, n in enumerate(self.names)}
+        self.has_v = v == "initial"
+        for i, n in enumerate(self.names):
+            self.register_buffer(f"v{i}", params[n].detach().clone() if self.has_v else None)
+        self.step = 0
+
+    def sketched_parameters(self) -> dict[str, Tensor]:
+        """{name: w} for the current step (differentiable in the parameters); does not advance."""
+        params = dict(self.module.named_parameters())
+        return {n: sketched(params[n], self.sketch, getattr(self, f"v{i}"), seed=self.seeds[n],
+                            step=self.step, node=self.node)
+                for i, n in enumerate(self.names)}  # fmt: skip
+
+    def forward(self, *args, **kwargs):
+        if not self.training:
+            return self.module(*args, **kwargs)
+        from torch.func import functional_call
+
+        w = self.sketched_parameters()
+        self.step += 1
+        return functional_call(self.module, w, args, kwargs, strict=False)
+
+    def get_extra_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step = val.integer("step", state["step"], 0, _MAX_SEED)

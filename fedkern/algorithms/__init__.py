@@ -5,7 +5,11 @@
 - ``GD``, ``FedAvg``, ``FedProx``, ``Scaffold``, ``ProxSkip``, ``Scaffnew`` on a
   ``fedkern.clients.ClientBatch`` (batched local training; ``fedkern.algorithms.federated``);
 - ``ByzVRMarinaPP``: Byzantine-robust variance reduction with partial participation and clipped
-  gradient differences (``plus=True``: the PP+ variant).
+  gradient differences (``plus=True``: the PP+ variant);
+- ``DSGD``, ``DistributedDSGD``, ``LSVRDSG``: MAST, training through random sketches
+  (``fedkern.algorithms.mast``);
+- ``RACLoRA``, ``AsymmLoRA``, ``COLA``, ``LoRA``, ``FPFT``, ``FedRACLoRA``: chains of low-rank
+  adapters and their baselines (``fedkern.algorithms.raclora``).
 
 ``REGISTRY`` maps the command-line names (``fedkern run <name>``) to the classes.
 """
@@ -21,10 +25,32 @@ from fedkern.algorithms.federated import (
     Scaffnew,
     Scaffold,
 )
+from fedkern.algorithms.mast import DSGD, LSVRDSG, DistributedDSGD
+from fedkern.algorithms.raclora import (
+    COLA,
+    FPFT,
+    AsymmLoRA,
+    FedRACLoRA,
+    LoRA,
+    LoRAChain,
+    RACLoRA,
+)
 
 REGISTRY = {cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew)}
+REGISTRY.update({cls.name: cls for cls in (DSGD, DistributedDSGD, LSVRDSG, RACLoRA, AsymmLoRA,
+                                           COLA, LoRA, FPFT, FedRACLoRA)})  # fmt: skip
 
 __all__ = [
+    "COLA",
+    "DSGD",
+    "FPFT",
+    "LSVRDSG",
+    "AsymmLoRA",
+    "DistributedDSGD",
+    "FedRACLoRA",
+    "LoRA",
+    "LoRAChain",
+    "RACLoRA",
     "GD",
     "REGISTRY",
     "ByzVRMarinaPP",

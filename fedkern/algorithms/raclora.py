@@ -174,6 +174,7 @@ class TransferTask:
         self.train, self.test = s["new_train"], s["new_test"]
         self.old_accuracy = s["old_accuracy"]
         self.targets = self.y - 5
+        self.federation: dict = {}
 
     def model(self) -> nn.Module:
         """A fresh copy of the pre-trained MLP."""
@@ -405,8 +406,10 @@ class FedRACLoRA(Method):
 
     Args:
         task: a ``TransferTask``.
-        clients: number of clients (default 10); split: "iid" / "label_sorted" / "dirichlet" of
-            the adaptation training data, or same_data=True: every client holds all of it.
+        clients: number of clients (default 10, or the task's ``federation`` settings, which
+            ``fedkern run`` fills from --clients / --split); split: "iid" / "label_sorted" /
+            "dirichlet" of the adaptation training data, or same_data=True: every client holds
+            all of it.
         cohort: clients per round (default all), uniform without replacement (``key(1)``).
         rank, alpha, frozen, init_std: the adapters' (``fedkern.lora.wrap``).
         lr: the clients' GD step (default 0.5); steps: local full-batch GD steps per round
@@ -427,7 +430,8 @@ class FedRACLoRA(Method):
                    "cohort": {"flag": "--cohort", "type": int,
                               "help": "clients per round (default all)"}}  # fmt: skip
 
-    def __init__(self, task, *, clients: int = 10, split: str = "iid", same_data: bool = False,
+    def __init__(self, task, *, clients: int | None = None, split: str | None = None,
+                 same_data: bool = False,
                  cohort: int | None = None, rank: int = 1, alpha: float = 1.0, frozen: str = "A",
                  init_std: float | None = None, lr: float = 0.5, steps: int = 10,
                  seed: int = 0, diverge_factor: float = 1e8):  # fmt: skip
@@ -435,6 +439,9 @@ class FedRACLoRA(Method):
             raise TypeError(f"task must be a TransferTask, got {type(task).__name__}")
         super().__init__(seed=seed, diverge_factor=diverge_factor)
         self.task = task
+        fed = getattr(task, "federation", {})
+        clients = fed.get("clients", 10) if clients is None else clients
+        split = fed.get("split", "iid") if split is None else split
         self.n_clients = val.integer("clients", clients, 1, task.train.numel())
         self.cohort_size = val.integer("cohort", self.n_clients if cohort is None else cohort, 1,
                                        self.n_clients)  # fmt: skip
