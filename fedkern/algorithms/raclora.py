@@ -26,6 +26,7 @@ frozen factors the layers' seeds (``fedkern.lora.wrap``); every method resumes e
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -301,6 +302,13 @@ class LoRAChain(Method):
         self._record()
         self._start = self.history[task.metric][0]
 
+    def state_dict(self) -> dict:
+        """``Method.state_dict`` with the model's and optimizer's tensors copied (they are
+        updated in place as the run goes on)."""
+        state = super().state_dict()
+        state["attrs"] = copy.deepcopy(state["attrs"])
+        return state
+
     def trainable(self) -> list[nn.Parameter]:
         if self.mode == "fpft":
             return list(self.model.parameters())
@@ -456,6 +464,11 @@ class FedRACLoRA(Method):
         self._start = None
         self._record(0)
         self._start = self.history[task.metric][0]
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["attrs"] = copy.deepcopy(state["attrs"])
+        return state
 
     def _record(self, floats: int) -> None:
         self.record(**self.task.evaluate(self.model), floats_up=floats, floats_down=floats,
