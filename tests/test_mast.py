@@ -132,3 +132,19 @@ def test_mast_methods_resume_exactly(cancer, cls):
     b.run(4)
     assert torch.equal(a.x, b.x)
     assert a.history["loss"] == b.history["loss"]
+
+
+def test_lsvrdsg_full_batch_step_is_gradient_descent_on_f_D(cancer):
+    """With b = N every LSVRDSG estimator equals grad f_D(x) = (1/N) sum_j S_j grad f(S_j x)
+    whatever the reference point: 4 steps against float64 GD on f_D built from the method's
+    sketch diagonals (the sketches themselves are tested in tests/test_sketch.py)."""
+    A, y = cancer
+    A, y = A[:60], y[:60]
+    P = _problem(A, y, 1e-2)
+    m = LSVRDSG(P, sk.RandK(ratio=0.5), sketches=3, gamma=0.5, p=0.5, seed=2)
+    m.run(4)
+    D = m.diags.to(F64)
+    x = torch.zeros(P.p, dtype=F64)
+    for _ in range(4):
+        x = x - 0.5 * torch.stack([s * _grad64(A, y, 1e-2, s * x) for s in D]).mean(0)
+    torch.testing.assert_close(m.x.double(), x, rtol=1e-5, atol=1e-6)
