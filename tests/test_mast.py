@@ -148,3 +148,24 @@ def test_lsvrdsg_full_batch_step_is_gradient_descent_on_f_D(cancer):
     for _ in range(4):
         x = x - 0.5 * torch.stack([s * _grad64(A, y, 1e-2, s * x) for s in D]).mean(0)
     torch.testing.assert_close(m.x.double(), x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sketch", [sk.RandK(ratio=0.3), sk.Partition(2)])
+def test_distributed_dsgd_step_matches_float64(cancer, sketch):
+    """3 rounds of DistributedDSGD on 2 nodes (rows 0-29, 30-59) against float64 math:
+    x <- x - (gamma / n) sum_i S_i grad f_i(S_i x), S_i the nodes' sketch diagonals of each round;
+    each node sends and receives its support only (K floats for Rand-K, d / n for Partition)."""
+    A, y = cancer
+    A, y = A[:60], y[:60]
+    parts = [torch.arange(30), torch.arange(30, 60)]
+    P = Problem(A, y, parts, "logistic", 1e-2)
+    m = DistributedDSGD(P, sketch, gamma=0.4, seed=4)
+    m.run(3)
+    x = torch.zeros(P.p, dtype=F64)
+    for t in range(3):
+        D = sk.apply(sketch, torch.ones(P.p), seed=4, step=t, node=torch.arange(2)).to(F64)
+        g = sum(D[i] * _grad64(A[parts[i]], y[parts[i]], 1e-2, D[i] * x) for i in range(2))
+        x = x - 0.4 / 2 * g
+        support = int((D[0] != 0).sum())
+        assert m.history["floats_up"][t + 1] == support == m.history["floats_down"][t + 1]
+    torch.testing.assert_close(m.x.double(), x, rtol=1e-5, atol=1e-6)
