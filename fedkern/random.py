@@ -36,6 +36,13 @@ __all__ = [
     "STREAM_UNIFORM",
     "STREAM_GAUSSIAN",
     "STREAM_MANIFOLD",
+    "STREAM_BERNOULLI",
+    "STREAM_SKETCH",
+    "STREAM_PARTITION",
+    "draw_key",
+    "draw_keys_tensor",
+    "gaussian",
+    "bernoulli",
 ]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -54,8 +61,13 @@ STREAM_SHUFFLE = 0x53484646  # "SHFF"
 STREAM_COHORT = 0x434F4854  # "COHT"
 STREAM_RESHUFFLE = 0x52534846  # "RSHF"
 STREAM_UNIFORM = 0x554E4946  # "UNIF"
-#: Stream tag of the Gaussian directions of ``fedkern.estimators.ZerothOrder``.
+#: Stream tags of the Gaussian draws (``gaussian``: the frozen RAC-LoRA factors; and the
+#: directions of ``fedkern.estimators.ZerothOrder``) and ``bernoulli`` (the Bernoulli sketches), and
+#: of the Feistel round keys of the Rand-K and partition sketches (fedkern.sketch).
 STREAM_GAUSSIAN = 0x47415553  # "GAUS"
+STREAM_BERNOULLI = 0x4245524E  # "BERN"
+STREAM_SKETCH = 0x534B5443  # "SKTC"
+STREAM_PARTITION = 0x50415254  # "PART"
 #: Stream tag of random points and tangent vectors of ``fedkern.manifolds``.
 STREAM_MANIFOLD = 0x4D414E49  # "MANI"
 
@@ -295,11 +307,12 @@ def client_seeds(seed: int, clients):
     return (w[0] | (w[1] << 32)) & _MAX_SEED
 
 
-def randk_keys_tensor(seeds, steps):
+def randk_keys_tensor(seeds, steps, *, stream: int = STREAM_RANDK):
     """``randk_keys(seed, step)`` for tensors of seeds and steps (broadcast): [..., 8] int64.
 
     The Feistel round keys of every (client, step) in one call: what the batched local-training
-    kernels use for their minibatch and reshuffling permutations.
+    kernels use for their minibatch and reshuffling permutations (``stream`` another tag: the
+    round keys of that stream, e.g. the sketches' STREAM_SKETCH).
     """
     import torch
 
@@ -308,5 +321,82 @@ def randk_keys_tensor(seeds, steps):
     s, t = torch.broadcast_tensors(s, t)
     words = []
     for k1 in (0, 1):
-        words += philox4x32_tensor(s & _MASK32, s >> 32, t & _MASK32, t >> 32, STREAM_RANDK, k1)
+        words += philox4x32_tensor(s & _MASK32, s >> 32, t & _MASK32, t >> 32, stream, k1)
     return torch.stack(words, -1)
+
+
+def feistel_keys(seed: int, step: int, *, stream: int) -> tuple[int, ...]:
+    """The eight Feistel round keys of (seed, step) in stream ``stream`` (``randk_keys`` is the
+    STREAM_RANDK case): what the Rand-K and partition sketches permute with."""
+    return _round_keys(stream, _check_seed("seed", seed), _check_seed("step", step))
+
+
+# ---- Gaussian and Bernoulli draws ---------------------------------------------------------------
+
+
+def draw_key(seed: int, step: int, *, stream: int) -> tuple[int, int, int, int]:
+    """The four key words (w0, w1, w2, w3) of a draw: Philox4x32 of the counter (seed_lo, seed_hi,
+    step_lo, step_hi) under the key (stream, 0). Entry i of the draw is lane i & 3 of
+    Philox4x32((g_lo, g_hi, w2, w3), (w0, w1)) with g = i >> 2 (``fedkern.reference.random``)."""
+    seed, step = _check_seed("seed", seed), _check_seed("step", step)
+    w = philox4x32((seed & _MASK32, seed >> 32, step & _MASK32, step >> 32), (stream, 0))
+    return tuple(int(x) for x in w)
+
+
+def draw_keys_tensor(seeds, steps, *, stream: int):
+    """``draw_key`` for tensors of seeds and steps (broadcast together): int64 [..., 4]."""
+    import torch
+
+    s = torch.as_tensor(seeds, dtype=torch.int64)
+    t = torch.as_tensor(steps, dtype=torch.int64)
+    s, t = torch.broadcast_tensors(s, t)
+    w = philox4x32_tensor(s & _MASK32, s >> 32, t & _MASK32, t >> 32, stream, 0)
+    return torch.stack(w, -1)
+
+
+def gaussian(shape, *, seed: int, step: int = 0, dtype=None, device=None, std: float = 1.0):
+    """Standard normal draws, a pure function of (seed, step): the same bits on every backend.
+
+    Box-Muller on the words of Philox4x32-10 with fedkern's own fp32 log / sin / cos (fixed
+    sequences of exactly rounded operations; ``fedkern.reference.random`` gives the exact
+    definition), so the reference, the C++ core and Triton return identical tensors and a
+    receiver regenerates the draw from its seed. The values are fp32 numbers with |z| <= 5.77
+    (the 24-bit uniform of the radius truncates the tail at probability ~8e-9).
+
+    Args:
+        shape: the output shape (ints >= 0).
+        seed, step: ints in [0, 2**63).
+        dtype: torch.float32 (default), torch.bfloat16 (the fp32 value rounded once) or
+            torch.float64 (the fp32 value, exactly).
+        device: where the tensor is made (default CPU); CUDA runs the Triton kernel.
+        std: a finite fp32 number; the result is round(std * z) in fp32 (default 1: z itself).
+
+    Returns:
+        A new tensor of ``shape``; entry i (row-major) does not depend on the shape, so a longer
+        draw extends a shorter one.
+    """
+    from fedkern.ops import random as ops
+
+    return ops.gaussian(shape, seed=seed, step=step, dtype=dtype, device=device, std=std)
+
+
+def bernoulli(shape, p, *, seed: int, step: int = 0, device=None):
+    """Independent keep flags with probability p, a pure function of (seed, step).
+
+    Entry i is kept iff its 24-bit Philox word is below T = ceil(p * 2^24), so the keep
+    probability is exactly T / 2^24 (p rounded up to a multiple of 2^-24, the same on every
+    backend); ``fedkern.sketch.Bernoulli`` scales kept entries by 2^24 / T, exactly unbiased.
+
+    Args:
+        shape: the output shape.
+        p: a probability in (0, 1] (rounded to fp32), or a float32 tensor of ``shape`` (one per
+            entry, each in (0, 1]).
+        seed, step: ints in [0, 2**63).
+        device: default p's device (a tensor p) or CPU.
+
+    Returns:
+        A new bool tensor of ``shape``.
+    """
+    from fedkern.ops import random as ops
+
+    return ops.bernoulli(shape, p, seed=seed, step=step, device=device)

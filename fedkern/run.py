@@ -213,6 +213,57 @@ register_problem(ProblemSpec(
 ))  # fmt: skip
 
 
+def _build_mast(args, parser):
+    A, y, kind = _load(args, parser)
+    if args.clients > A.shape[0]:
+        _fail(parser, f"--clients must be at most the {A.shape[0]} samples of {args.dataset}")
+    parts = data.split(y, args.clients, args.split, seed=args.seed, alpha=args.alpha)
+    try:
+        problem = Problem(A, y, parts, kind, args.l2)
+    except ValueError as exc:
+        _fail(parser, f"{exc} (try --split iid or fewer --clients)")
+    print(f"{problem}; MAST sketches of its {problem.p} parameters (nodes = clients)")
+    meta = {"dataset": args.dataset, "clients": args.clients, "split": args.split, "l2": args.l2,
+            "kind": kind, "L": problem.L, "f_star": problem.optimum()[1]}  # fmt: skip
+    return problem, meta
+
+
+def _build_lora_quadratic(args, parser):
+    from fedkern.algorithms.raclora import QuadraticTask
+
+    task = QuadraticTask(seed=args.seed)
+    print(f"{task}: LoRA chains on 3 x 3 matrices, L = {task.L:g}")
+    return task, {"hessian": task.h.tolist(), "L": task.L}
+
+
+def _build_lora_transfer(args, parser):
+    from fedkern.algorithms.raclora import TransferTask
+
+    task = TransferTask(seed=args.seed)
+    if args.split not in data.SPLITS:
+        _fail(parser, f"unknown split {args.split!r}")
+    task.federation = {"clients": min(args.clients, task.train.numel()), "split": args.split}
+    print(f"{task}; pre-trained accuracy on 0-4: {task.old_accuracy:.3f}")
+    return task, {"old_accuracy": task.old_accuracy, "train": task.train.numel(),
+                  "test": task.test.numel(), **task.federation}  # fmt: skip
+
+
+register_problem(ProblemSpec(
+    "mast_logistic", "MAST: a bundled dataset's L2-regularized logistic / multinomial regression "
+    "trained through random sketches (--sketch, --q); f - f* of the ERM objective", _build_mast,
+))  # fmt: skip
+register_problem(ProblemSpec(
+    "lora_quadratic", "RAC-LoRA's 3 x 3 quadratic with Hessian diag(10, 1, 1): LoRA chains "
+    "(--rank, --lr, --link-steps); ||W - W*||", _build_lora_quadratic, metric="dist",
+    label="||W - W*||", title="||W - W*||", axes=(),
+))  # fmt: skip
+register_problem(ProblemSpec(
+    "lora_transfer", "RAC-LoRA transfer on digits: an MLP pre-trained on 0-4 adapted to 5-9 "
+    "(rank --rank, one link per round); test error", _build_lora_transfer, metric="test_error",
+    label="test error on 5-9", title="test error",
+))  # fmt: skip
+
+
 def _method_options() -> dict[str, dict]:
     """The union of every registered method's ``cli_options`` (dest -> argparse spec)."""
     out: dict[str, dict] = {}

@@ -214,6 +214,9 @@ PYBIND11_MODULE(_C, m) {
   fedkern::py_bind::bind_rowops(m);
   fedkern::py_bind::bind_diffclip(m);
   fedkern::py_bind::bind_clients(m);
+  fedkern::py_bind::bind_random(m);
+  fedkern::py_bind::bind_sketch(m);
+  fedkern::py_bind::bind_lora(m);
   fedkern::py_bind::bind_manifolds(m);
   fedkern::py_bind::bind_quartic(m);
   fedkern::py_bind::bind_clipjump(m);

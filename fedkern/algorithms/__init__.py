@@ -14,7 +14,11 @@
 - ``MARINA``, ``DIANA``, ``EF21`` (compressed messages; ``fedkern.algorithms.compressed``) and
   ``LSVRG``, ``PAGE`` (loopless variance reduction; ``fedkern.algorithms.vr``) on a ClientBatch;
 - ``RSGD``, ``RLSVRG``, ``RPAGE``, ``RMARINA`` on the PCA problems of ``fedkern.manifolds``
-  (``fedkern.algorithms.riemannian``).
+  (``fedkern.algorithms.riemannian``);
+- ``DSGD``, ``DistributedDSGD``, ``LSVRDSG``: MAST, training through random sketches
+  (``fedkern.algorithms.mast``);
+- ``RACLoRA``, ``AsymmLoRA``, ``COLA``, ``LoRA``, ``FPFT``, ``FedRACLoRA``: chains of low-rank
+  adapters and their baselines (``fedkern.algorithms.raclora``).
 
 ``REGISTRY`` maps the command-line names (``fedkern run <name>``) to the classes.
 """
@@ -42,6 +46,16 @@ from fedkern.algorithms.generalized import (
     LocalClippedSGD,
     LocalGD,
 )
+from fedkern.algorithms.mast import DSGD, LSVRDSG, DistributedDSGD
+from fedkern.algorithms.raclora import (
+    COLA,
+    FPFT,
+    AsymmLoRA,
+    FedRACLoRA,
+    LoRA,
+    LoRAChain,
+    RACLoRA,
+)
 from fedkern.algorithms.riemannian import RLSVRG, RMARINA, RPAGE, RSGD
 from fedkern.algorithms.vr import LSVRG, PAGE
 
@@ -53,8 +67,20 @@ REGISTRY.update({cls.name: cls for cls in (ClipLocalGDJ, ClippedGD, CLERR, NASTY
                                            BiasedSGD)})  # fmt: skip
 REGISTRY.update({cls.name: cls for cls in (MARINA, DIANA, EF21, LSVRG, PAGE, RSGD, RLSVRG, RPAGE,
                                            RMARINA)})  # fmt: skip
+REGISTRY.update({cls.name: cls for cls in (DSGD, DistributedDSGD, LSVRDSG, RACLoRA, AsymmLoRA,
+                                           COLA, LoRA, FPFT, FedRACLoRA)})  # fmt: skip
 
 __all__ = [
+    "COLA",
+    "DSGD",
+    "FPFT",
+    "LSVRDSG",
+    "AsymmLoRA",
+    "DistributedDSGD",
+    "FedRACLoRA",
+    "LoRA",
+    "LoRAChain",
+    "RACLoRA",
     "CLERR",
     "DIANA",
     "EF21",
