@@ -35,6 +35,7 @@ constexpr int64_t kMaxNetwork = 1024;    // larger n: nth_element per column
 constexpr int32_t kNanKey = 0x7f800001;  // every NaN; +inf is 0x7f800000
 constexpr int32_t kPadKey = 0x7fffffff;  // padding rows of the network, above every key
 constexpr int64_t kMinWork = 1 << 14;    // comparators (x kLanes lanes) per thread at least
+constexpr int64_t kKeepKeys = 64;        // trimmed mean: rows whose keys are kept
 constexpr int64_t kAhead = 4;            // tiles between a prefetch and the use
 
 // Order-preserving key (see the file comment). |v| bits a <= 0x7f800000 unless v is NaN.
@@ -137,11 +138,13 @@ struct Prefetch {
 template <class T>
 FEDKERN_INLINE void select_ranks(const Tile<T>& t, int64_t n, const std::vector<int32_t>& net,
                                  const std::vector<int64_t>& want, int32_t* buf,
-                                 int32_t (*K)[kLanes], const Prefetch<T>& pf) {
+                                 int32_t (*K)[kLanes], const Prefetch<T>& pf,
+                                 int32_t* keys = nullptr) {
   if (n <= kMaxNetwork) {
     for (int64_t i = 0; i < n; ++i) {
       int32_t* b = buf + i * kLanes;
       for (int l = 0; l < kLanes; ++l) b[l] = order_key(t.val(i, l));
+      if (keys != nullptr) std::memcpy(keys + i * kLanes, b, kLanes * sizeof(int32_t));
     }
     // One row of the next tile prefetched every `every` comparators.
     const int64_t ncomp = static_cast<int64_t>(net.size() / 2);
@@ -227,35 +230,60 @@ FEDKERN_INLINE void trimmed_tile(const Tile<T>& t, int64_t n, int64_t f,
                                  int32_t* buf, typename T::storage* out, int lanes,
                                  const Prefetch<T>& pf) {
   int32_t K[2][kLanes];
-  select_ranks(t, n, net, want, buf, K, pf);
+  // Up to kKeepKeys rows the keys in row order are kept (buf + n * kLanes; both copies stay in
+  // L1), not recomputed from X in each pass.
+  int32_t* keys = n <= kKeepKeys ? buf + n * kLanes : nullptr;
+  select_ranks(t, n, net, want, buf, K, pf, keys);
+  auto key = [&](int64_t i, int l) {
+    return keys != nullptr ? keys[i * kLanes + l] : order_key(t.val(i, l));
+  };
   const int32_t* KL = K[0];
   const int32_t* KH = K[want.size() - 1];
-  int32_t ltL[kLanes] = {}, ltH[kLanes] = {};
+  const int32_t first = static_cast<int32_t>(f), last = static_cast<int32_t>(n - f - 1);
+  // ltL = #{keys < KL}, leH = #{keys <= KH}. When ltL = first and leH = last + 1 (no key equal
+  // to KL ranks below first, none equal to KH above last: always so without ties there), the
+  // kept elements are exactly those with KL <= key <= KH.
+  int32_t ltL[kLanes] = {}, leH[kLanes] = {};
   for (int64_t i = 0; i < n; ++i) {
     for (int l = 0; l < kLanes; ++l) {
-      const int32_t k = order_key(t.val(i, l));
+      const int32_t k = key(i, l);
       ltL[l] += k < KL[l];
-      ltH[l] += k < KH[l];
+      leH[l] += k <= KH[l];
     }
   }
-  const int32_t first = static_cast<int32_t>(f), last = static_cast<int32_t>(n - f - 1);
-  int32_t rL[kLanes], rH[kLanes];  // rank the next key equal to KL / KH gets
+  int ties = 0;
+  for (int l = 0; l < kLanes; ++l) ties |= (ltL[l] != first) | (leH[l] != last + 1);
   float s[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    rL[l] = ltL[l];
-    rH[l] = ltH[l];
-    s[l] = 0.0f;
-  }
-  for (int64_t i = 0; i < n; ++i) {
+  for (int l = 0; l < kLanes; ++l) s[l] = 0.0f;
+  if (!ties) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int l = 0; l < kLanes; ++l) {
+        const int32_t k = key(i, l);
+        const float v = t.val(i, l);
+        s[l] = s[l] + ((k >= KL[l]) & (k <= KH[l]) ? v : 0.0f);
+      }
+    }
+  } else {
+    // The general rule: the rank of row i is #{keys < key} + #{earlier rows with that key}.
+    int32_t rL[kLanes], rH[kLanes];  // rank the next key equal to KL / KH gets
     for (int l = 0; l < kLanes; ++l) {
-      const float v = t.val(i, l);
-      const int32_t k = order_key(v);
-      const int eqL = k == KL[l], eqH = k == KH[l];
-      const int in = ((k > KL[l]) & (k < KH[l])) | (eqL & (rL[l] >= first) & (rL[l] <= last)) |
-                     (eqH & (rH[l] >= first) & (rH[l] <= last));
-      rL[l] += eqL;
-      rH[l] += eqH;
-      s[l] = s[l] + (in ? v : 0.0f);
+      rL[l] = ltL[l];
+      rH[l] = 0;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int l = 0; l < kLanes; ++l) rH[l] += key(i, l) < KH[l];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = t.val(i, l);
+        const int32_t k = key(i, l);
+        const int eqL = k == KL[l], eqH = k == KH[l];
+        const int in = ((k > KL[l]) & (k < KH[l])) | (eqL & (rL[l] >= first) & (rL[l] <= last)) |
+                       (eqH & (rH[l] >= first) & (rH[l] <= last));
+        rL[l] += eqL;
+        rH[l] += eqH;
+        s[l] = s[l] + (in ? v : 0.0f);
+      }
     }
   }
   const float m = static_cast<float>(n - 2 * f);
@@ -340,7 +368,9 @@ void run(const Job& job) {
     per_tile = n * lg * lg / 4;
   }
   const int nb = detail::num_blocks(tiles, std::max<int64_t>(1, kMinWork / per_tile));
-  const size_t buf_len = static_cast<size_t>(n <= kMaxNetwork ? n * kLanes : n);
+  // Network: the keys being sorted, then (trimmed mean) the keys in row order; else one column.
+  const size_t buf_len =
+      static_cast<size_t>(n <= kMaxNetwork ? (!kMedian && n <= kKeepKeys ? 2 : 1) * n * kLanes : n);
   // Groups of tiles handed out dynamically (several per thread), so that a thread slowed down by
   // another process on its core does not hold the others up; a tile's result never depends on
   // which thread takes it.
