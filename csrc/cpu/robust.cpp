@@ -34,7 +34,9 @@ constexpr int kLanes = 32;               // coordinates per tile = SIMD lanes of
 constexpr int64_t kMaxNetwork = 1024;    // larger n: nth_element per column
 constexpr int32_t kNanKey = 0x7f800001;  // every NaN; +inf is 0x7f800000
 constexpr int32_t kPadKey = 0x7fffffff;  // padding rows of the network, above every key
-constexpr int64_t kMinWork = 1 << 18;    // comparator steps (x16 lanes) per thread at least
+constexpr int64_t kMinWork = 1 << 14;    // comparators (x kLanes lanes) per thread at least
+constexpr int64_t kKeepKeys = 64;        // trimmed mean: rows whose keys are kept
+constexpr int64_t kAhead = 4;            // tiles between a prefetch and the use
 
 // Order-preserving key (see the file comment). |v| bits a <= 0x7f800000 unless v is NaN.
 inline int32_t order_key(float v) {
@@ -45,8 +47,8 @@ inline int32_t order_key(float v) {
 
 // The value of a key other than 0 and kNanKey (those are resolved from the data).
 inline float key_value(int32_t k) {
-  return k >= 0 ? bits_f32(static_cast<uint32_t>(k))
-                : bits_f32(static_cast<uint32_t>(-k) | 0x80000000u);
+  const uint32_t neg = k < 0 ? 0x80000000u : 0u;  // branch-free: the lane loops vectorise it
+  return bits_f32((k < 0 ? static_cast<uint32_t>(-k) : static_cast<uint32_t>(k)) | neg);
 }
 
 // One comparator on kLanes lanes: lo <- min(lo, hi), hi <- max(lo, hi). GCC/Clang vector types:
@@ -113,28 +115,55 @@ struct Tile {
   float val(int64_t i, int l) const { return T::load(x, i * stride + l); }
 };
 
+// Software prefetch of the rows of the tile kAhead tiles on (`next`: its first row, or nullptr),
+// spread over the work on this one: the n rows lie in n different pages, too many streams for the
+// hardware prefetcher, so without it every tile waits for memory (n = 256: ~40% of the time).
+// Into L2 (the network's buffer fills L1). One tile ahead is too late for DRAM; 2-4 are best here.
+template <class T>
+struct Prefetch {
+  const typename T::storage* next;
+  int64_t stride;
+  int64_t rows;
+  FEDKERN_INLINE void row(int64_t i) const {
+    if (next != nullptr && i < rows) {
+      const char* p = reinterpret_cast<const char*>(next + i * stride);
+      constexpr int kBytes = kLanes * static_cast<int>(sizeof(typename T::storage));
+      for (int b = 0; b < kBytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+    }
+  }
+};
+
 // K[r][l] = key of rank want[r] in lane l (want ascending). buf: [n][kLanes] (network) or n
 // (scratch column for nth_element).
 template <class T>
 FEDKERN_INLINE void select_ranks(const Tile<T>& t, int64_t n, const std::vector<int32_t>& net,
                                  const std::vector<int64_t>& want, int32_t* buf,
-                                 int32_t (*K)[kLanes]) {
+                                 int32_t (*K)[kLanes], const Prefetch<T>& pf,
+                                 int32_t* keys = nullptr) {
   if (n <= kMaxNetwork) {
     for (int64_t i = 0; i < n; ++i) {
       int32_t* b = buf + i * kLanes;
       for (int l = 0; l < kLanes; ++l) b[l] = order_key(t.val(i, l));
+      if (keys != nullptr) std::memcpy(keys + i * kLanes, b, kLanes * sizeof(int32_t));
     }
+    // One row of the next tile prefetched every `every` comparators.
+    const int64_t ncomp = static_cast<int64_t>(net.size() / 2);
+    const int64_t every = std::max<int64_t>(1, ncomp / std::max<int64_t>(1, n));
     const int32_t* c = net.data();
-    for (size_t q = 0; q < net.size(); q += 2) {
-      int32_t* lo = buf + c[q];
-      int32_t* hi = buf + c[q + 1];
+    int64_t next_row = 0;
+    for (int64_t q = 0; q < ncomp; ++q) {
+      if (q % every == 0) pf.row(next_row++);
+      int32_t* lo = buf + c[2 * q];
+      int32_t* hi = buf + c[2 * q + 1];
       compare_exchange(lo, hi);
     }
+    for (; next_row < n; ++next_row) pf.row(next_row);
     for (size_t r = 0; r < want.size(); ++r) {
       for (int l = 0; l < kLanes; ++l) K[r][l] = buf[want[r] * kLanes + l];
     }
     return;
   }
+  for (int64_t i = 0; i < n; ++i) pf.row(i);
   for (int l = 0; l < kLanes; ++l) {
     for (int64_t i = 0; i < n; ++i) buf[i] = order_key(t.val(i, l));
     int64_t from = 0;
@@ -163,55 +192,98 @@ typename T::storage rank_element(const Tile<T>& t, int64_t n, int64_t r, int l, 
 template <class T>
 FEDKERN_INLINE void median_tile(const Tile<T>& t, int64_t n, const std::vector<int32_t>& net,
                                 const std::vector<int64_t>& want, int32_t* buf,
-                                typename T::storage* out, int lanes) {
+                                typename T::storage* out, int lanes, const Prefetch<T>& pf) {
   using S = typename T::storage;
   int32_t K[2][kLanes];
-  select_ranks(t, n, net, want, buf, K);
-  for (int l = 0; l < lanes; ++l) {
-    const S lo = rank_element(t, n, want[0], l, K[0][l]);
-    if (want.size() == 1) {
-      out[l] = lo;
-    } else {
-      const S hi = rank_element(t, n, want[1], l, K[1][l]);
-      out[l] = T::round((T::load(&lo, 0) + T::load(&hi, 0)) * 0.5f);
+  select_ranks(t, n, net, want, buf, K, pf);
+  const bool two = want.size() == 2;
+  const int32_t* KH = K[two ? 1 : 0];
+  // All lanes at once from the keys (vectorised); a lane whose key is 0 or kNanKey (its bits
+  // come from the data) is redone by rank_element below.
+  int special = 0;
+  S o[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    const int32_t a = K[0][l], b = KH[l];
+    special |= (a == 0) | (a == kNanKey) | (b == 0) | (b == kNanKey);
+    const float lo = key_value(a), hi = key_value(b);
+    o[l] = two ? T::round((lo + hi) * 0.5f) : T::round(lo);
+  }
+  if (special) {
+    for (int l = 0; l < lanes; ++l) {
+      const int32_t a = K[0][l], b = KH[l];
+      if (!((a == 0) | (a == kNanKey) | (b == 0) | (b == kNanKey))) continue;
+      const S lo = rank_element(t, n, want[0], l, a);
+      if (!two) {
+        o[l] = lo;
+      } else {
+        const S hi = rank_element(t, n, want[1], l, b);
+        o[l] = T::round((T::load(&lo, 0) + T::load(&hi, 0)) * 0.5f);
+      }
     }
   }
+  for (int l = 0; l < lanes; ++l) out[l] = o[l];
 }
 
 template <class T>
 FEDKERN_INLINE void trimmed_tile(const Tile<T>& t, int64_t n, int64_t f,
                                  const std::vector<int32_t>& net, const std::vector<int64_t>& want,
-                                 int32_t* buf, typename T::storage* out, int lanes) {
+                                 int32_t* buf, typename T::storage* out, int lanes,
+                                 const Prefetch<T>& pf) {
   int32_t K[2][kLanes];
-  select_ranks(t, n, net, want, buf, K);
+  // Up to kKeepKeys rows the keys in row order are kept (buf + n * kLanes; both copies stay in
+  // L1), not recomputed from X in each pass.
+  int32_t* keys = n <= kKeepKeys ? buf + n * kLanes : nullptr;
+  select_ranks(t, n, net, want, buf, K, pf, keys);
+  auto key = [&](int64_t i, int l) {
+    return keys != nullptr ? keys[i * kLanes + l] : order_key(t.val(i, l));
+  };
   const int32_t* KL = K[0];
   const int32_t* KH = K[want.size() - 1];
-  int32_t ltL[kLanes] = {}, ltH[kLanes] = {};
+  const int32_t first = static_cast<int32_t>(f), last = static_cast<int32_t>(n - f - 1);
+  // ltL = #{keys < KL}, leH = #{keys <= KH}. When ltL = first and leH = last + 1 (no key equal
+  // to KL ranks below first, none equal to KH above last: always so without ties there), the
+  // kept elements are exactly those with KL <= key <= KH.
+  int32_t ltL[kLanes] = {}, leH[kLanes] = {};
   for (int64_t i = 0; i < n; ++i) {
     for (int l = 0; l < kLanes; ++l) {
-      const int32_t k = order_key(t.val(i, l));
+      const int32_t k = key(i, l);
       ltL[l] += k < KL[l];
-      ltH[l] += k < KH[l];
+      leH[l] += k <= KH[l];
     }
   }
-  const int32_t first = static_cast<int32_t>(f), last = static_cast<int32_t>(n - f - 1);
-  int32_t rL[kLanes], rH[kLanes];  // rank the next key equal to KL / KH gets
+  int ties = 0;
+  for (int l = 0; l < kLanes; ++l) ties |= (ltL[l] != first) | (leH[l] != last + 1);
   float s[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    rL[l] = ltL[l];
-    rH[l] = ltH[l];
-    s[l] = 0.0f;
-  }
-  for (int64_t i = 0; i < n; ++i) {
+  for (int l = 0; l < kLanes; ++l) s[l] = 0.0f;
+  if (!ties) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int l = 0; l < kLanes; ++l) {
+        const int32_t k = key(i, l);
+        const float v = t.val(i, l);
+        s[l] = s[l] + ((k >= KL[l]) & (k <= KH[l]) ? v : 0.0f);
+      }
+    }
+  } else {
+    // The general rule: the rank of row i is #{keys < key} + #{earlier rows with that key}.
+    int32_t rL[kLanes], rH[kLanes];  // rank the next key equal to KL / KH gets
     for (int l = 0; l < kLanes; ++l) {
-      const float v = t.val(i, l);
-      const int32_t k = order_key(v);
-      const int eqL = k == KL[l], eqH = k == KH[l];
-      const int in = ((k > KL[l]) & (k < KH[l])) | (eqL & (rL[l] >= first) & (rL[l] <= last)) |
-                     (eqH & (rH[l] >= first) & (rH[l] <= last));
-      rL[l] += eqL;
-      rH[l] += eqH;
-      s[l] = s[l] + (in ? v : 0.0f);
+      rL[l] = ltL[l];
+      rH[l] = 0;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int l = 0; l < kLanes; ++l) rH[l] += key(i, l) < KH[l];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = t.val(i, l);
+        const int32_t k = key(i, l);
+        const int eqL = k == KL[l], eqH = k == KH[l];
+        const int in = ((k > KL[l]) & (k < KH[l])) | (eqL & (rL[l] >= first) & (rL[l] <= last)) |
+                       (eqH & (rH[l] >= first) & (rH[l] <= last));
+        rL[l] += eqL;
+        rH[l] += eqH;
+        s[l] = s[l] + (in ? v : 0.0f);
+      }
     }
   }
   const float m = static_cast<float>(n - 2 * f);
@@ -239,6 +311,10 @@ FEDKERN_INLINE void run_tiles(const Job& job, int64_t lo, int64_t hi, int32_t* b
     const int64_t j0 = tt * kLanes;
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, d - j0));
     Tile<T> t{x + j0, d};
+    // Tile tt + kAhead of this block, when it is a full one (the partial one reads its padded
+    // copy).
+    const int64_t ahead = j0 + kAhead * kLanes;
+    const Prefetch<T> pf{tt + kAhead < hi && ahead + kLanes <= d ? x + ahead : nullptr, d, n};
     if (lanes < kLanes) {
       pad.assign(static_cast<size_t>(n) * kLanes, S{});
       for (int64_t i = 0; i < n; ++i) {
@@ -247,9 +323,9 @@ FEDKERN_INLINE void run_tiles(const Job& job, int64_t lo, int64_t hi, int32_t* b
       t = Tile<T>{pad.data(), kLanes};
     }
     if (kMedian) {
-      median_tile<T>(t, n, *job.net, *job.want, buf, out + j0, lanes);
+      median_tile<T>(t, n, *job.net, *job.want, buf, out + j0, lanes, pf);
     } else {
-      trimmed_tile<T>(t, n, job.f, *job.net, *job.want, buf, out + j0, lanes);
+      trimmed_tile<T>(t, n, job.f, *job.net, *job.want, buf, out + j0, lanes, pf);
     }
   }
 }
@@ -283,18 +359,31 @@ void run(const Job& job) {
   }
 #endif
   const int64_t n = job.n, tiles = (job.d + kLanes - 1) / kLanes;
-  // Work ~ n * log2(n)^2 / 4 comparator steps per tile; at least kMinWork per thread.
-  int64_t lg = 1;
-  while ((int64_t{1} << lg) < n) ++lg;
-  const int64_t per_tile = std::max<int64_t>(1, n * lg * lg / 4);
+  // Work per tile in comparators of kLanes lanes: the network's plus ~2 per row for the keys and
+  // the finish (nth_element: ~n log2(n)^2 / 4); at least kMinWork per thread (~50 us).
+  int64_t per_tile = static_cast<int64_t>(job.net->size() / 2) + 2 * n;
+  if (n > kMaxNetwork) {
+    int64_t lg = 1;
+    while ((int64_t{1} << lg) < n) ++lg;
+    per_tile = n * lg * lg / 4;
+  }
   const int nb = detail::num_blocks(tiles, std::max<int64_t>(1, kMinWork / per_tile));
-  const size_t buf_len = static_cast<size_t>(n <= kMaxNetwork ? n * kLanes : n);
-#pragma omp parallel for schedule(static, 1) num_threads(nb)
-  for (int b = 0; b < nb; ++b) {
-    int64_t lo, hi;
-    detail::block_range(tiles, nb, b, &lo, &hi);
+  // Network: the keys being sorted, then (trimmed mean) the keys in row order; else one column.
+  const size_t buf_len =
+      static_cast<size_t>(n <= kMaxNetwork ? (!kMedian && n <= kKeepKeys ? 2 : 1) * n * kLanes : n);
+  // Groups of tiles handed out dynamically (several per thread), so that a thread slowed down by
+  // another process on its core does not hold the others up; a tile's result never depends on
+  // which thread takes it.
+  const int64_t ngroups = nb == 1 ? 1 : std::min<int64_t>(tiles, int64_t{8} * nb);
+#pragma omp parallel num_threads(nb)
+  {
     std::vector<int32_t> buf(buf_len);
-    fn(job, lo, hi, buf.data());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < ngroups; ++g) {
+      int64_t lo, hi;
+      detail::block_range(tiles, static_cast<int>(ngroups), static_cast<int>(g), &lo, &hi);
+      fn(job, lo, hi, buf.data());
+    }
   }
 }
 
