@@ -1,9 +1,10 @@
 """The robust aggregation rules: a stack of n client vectors in, one vector out.
 
-``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``geometric_median`` (smoothed
-Weiszfeld) and ``centered_clip`` take X [n, d] (float32 or bfloat16, CPU or CUDA; or a list of n
-1-D rows, see ``as_stack``) and return [d] in X's dtype; ``pairwise_sqdist`` gives the squared
-distances Krum and NNM rank by. NaN rows are data, not errors; each function says what they do.
+``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``bulyan`` (over Krum),
+``geometric_median`` (smoothed Weiszfeld) and ``centered_clip`` take X [n, d] (float32 or
+bfloat16, CPU or CUDA; or a list of n 1-D rows, see ``as_stack``) and return [d] in X's dtype;
+``pairwise_sqdist`` gives the squared distances Krum, Bulyan and NNM rank by. NaN rows are data,
+not errors; each function says what they do.
 Exact numerics: ``fedkern.reference.robust``, ``gram`` and ``rowops``.
 """
 
@@ -206,3 +207,89 @@ def centered_clip(X: Tensor, *, tau: float, iters: int = 3, center=None) -> Tens
     """
     X = as_stack(X)
     return _rowops.centered_clip(X, _start("center", X, center), iters, tau)
+
+
+def _iterated_krum(D: Tensor, f: int, theta: int) -> Tensor:
+    """Bulyan's selection: theta row indices (int64, on D's device) in the order they were picked.
+
+    D: [n, n] float64 squared distances with an infinite diagonal. Step t has n' = n - t rows left;
+    each scores the sum of its max(1, n' - f - 2) smallest distances to the other remaining rows
+    (at most n' - 1 of them) and the lowest score is picked (ties to the lower row) and removed.
+    The counts are known on the host, so the loop (over rows, never coordinates) never syncs.
+    """
+    n = D.shape[0]
+    alive = torch.ones(n, dtype=torch.bool, device=D.device)
+    picked = torch.empty(theta, dtype=torch.int64, device=D.device)
+    for t in range(theta):
+        left = n - t
+        k = min(max(1, left - f - 2), left - 1)
+        Dt = D.masked_fill(~alive[None, :], math.inf)  # removed rows are nobody's neighbour
+        scores = torch.sort(Dt, dim=1).values[:, :k].sum(1)
+        scores.masked_fill_(~alive, math.nan)  # torch.sort ranks NaN last: removed never win
+        best = torch.sort(scores, stable=True).indices[:1]
+        picked[t : t + 1] = best
+        alive.index_fill_(0, best, False)
+    return picked
+
+
+@accepts_dlpack
+def bulyan(X: Tensor, f: int) -> Tensor:
+    """Bulyan (El Mhamdi, Guerraoui and Rouault 2018) over Krum.
+
+    1. Selection: theta = n - 2f rows by iterated Krum. Each step scores the rows still left
+       (n' of them) by the sum of their max(1, n' - f - 2) smallest squared distances to the other
+       rows left, moves the lowest score (ties to the lower row index) into the selected set and
+       removes it; f stays the same throughout. The distances come once from ``pairwise_sqdist``
+       (float64 through the Gram matrix), not recomputed per step.
+    2. Aggregation: per coordinate, the mean of the beta = theta - 2f selected values closest to
+       the coordinate median of the selected set (``coordinate_median``'s definition: for even
+       theta the float32 mean of the two middle values).
+
+    These are the choices of Flower's ``aggregate_bulyan`` (flwr.server.strategy.aggregate, 1.42)
+    where the paper leaves them open: f is not decreased as rows are removed, a step with
+    n' - f - 2 < 1 still counts one neighbour, Krum's ties go to the first row, and "closest" is
+    the absolute difference |x - median| per coordinate. Flower breaks exact distance ties between
+    a value below and a value above the median arbitrarily (np.argpartition); fedkern keeps the
+    lower value. The beta closest values are a contiguous run of the sorted selected column that
+    contains the median: it starts at the number s in [0, 2f] of positions j < 2f whose value is
+    strictly farther below the median than value j + beta is above it (compared exactly, in
+    float64).
+
+    Args:
+        X: [n, d] float32 or bfloat16 (CPU or CUDA; or a list of n 1-D rows, see ``as_stack``).
+            Not modified.
+        f: the number of Byzantine rows tolerated, an int with f >= 0 and n >= 4f + 3.
+
+    Returns:
+        [d] in X's dtype on X's device: the beta chosen values of each coordinate summed in
+        float64, divided by beta and rounded once. f = 0 gives the mean of all rows (summed in
+        float64). A row with an inf/NaN entry has an infinite Krum score, so with at most f such
+        rows none is selected and the result is finite.
+
+    Cost: one Gram matrix (n^2 d), theta sorts of [n, n] on the host-known counts (no device
+    sync), and one sort of the [theta, d] selected stack along the rows. Memory: the selected
+    stack, its sort (values and int64 indices) and the float64 [beta, d] window.
+    """
+    X = as_stack(X)
+    n = X.shape[0]
+    f = v.integer("f", f, 0)
+    if n < 4 * f + 3:
+        raise ValueError(f"bulyan needs n >= 4*f + 3 rows (n = {n}), got f = {f}")
+    theta = n - 2 * f
+    beta = theta - 2 * f
+    D = pairwise_sqdist(X)
+    D.fill_diagonal_(math.inf)  # never one's own neighbour
+    S = torch.sort(X.index_select(0, _iterated_krum(D, f, theta)), dim=0).values  # [theta, d]
+    half = theta // 2
+    if theta % 2:
+        med = S[half].double()
+    else:  # coordinate_median's float32 mean of the two middle values
+        med = ((S[half - 1].float() + S[half].float()) * 0.5).double()
+    if f > 0:
+        below = med - S[: 2 * f].double()  # distance of the run's possible first values
+        above = S[beta:].double() - med  # ... and of the values that would replace them
+        start = (below > above).sum(0)  # [d]: how far the run slides up from the bottom
+    else:
+        start = torch.zeros(X.shape[1], dtype=torch.int64, device=X.device)
+    rows = start[None, :] + torch.arange(beta, device=X.device)[:, None]
+    return (S.gather(0, rows).double().sum(0) / beta).to(X.dtype)
