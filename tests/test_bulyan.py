@@ -72,6 +72,15 @@ def test_matches_oracle(n, f, d, dtype):
     assert torch.equal(R.Aggregator("bulyan", f)(X), got)
 
 
+@pytest.mark.parametrize("n,f", [(11, 2), (12, 2)])
+def test_matches_oracle_with_many_ties(n, f):
+    # small integers: equal values and distance ties between a value below and one above the
+    # median in most columns, so both the direct sums and the sorted path run
+    gen = torch.Generator().manual_seed(fresh_seed())
+    X = torch.randint(-3, 4, (n, 300), generator=gen).float()
+    close(R.bulyan(X, f), oracle_bulyan(X, f), torch.float32)
+
+
 def test_minimal_n_and_strided_input():
     gen = torch.Generator().manual_seed(fresh_seed())
     for f in (1, 2, 4):

@@ -266,9 +266,12 @@ def bulyan(X: Tensor, f: int) -> Tensor:
         float64). A row with an inf/NaN entry has an infinite Krum score, so with at most f such
         rows none is selected and the result is finite.
 
-    Cost: one Gram matrix (n^2 d), theta sorts of [n, n] on the host-known counts (no device
-    sync), and one sort of the [theta, d] selected stack along the rows. Memory: the selected
-    stack, its sort (values and int64 indices) and the float64 [beta, d] window.
+    Cost: one Gram matrix (n^2 d), theta sorts of [n, n] on host-known counts (no device sync),
+    then about ten elementwise passes over the float32 [theta, d] selected stack and two fused
+    ``coordinate_median`` calls (the median, and the beta-th smallest distance), without sorting
+    it; only the columns whose choice float32 distances cannot settle (a distance tie between a
+    value below and one above the median, or distances closer than float32 resolves) are sorted
+    (one host sync to find them). Memory: a few [theta, d] float32 temporaries.
     """
     X = as_stack(X)
     n = X.shape[0]
@@ -279,17 +282,51 @@ def bulyan(X: Tensor, f: int) -> Tensor:
     beta = theta - 2 * f
     D = pairwise_sqdist(X)
     D.fill_diagonal_(math.inf)  # never one's own neighbour
-    S = torch.sort(X.index_select(0, _iterated_krum(D, f, theta)), dim=0).values  # [theta, d]
-    half = theta // 2
-    if theta % 2:
-        med = S[half].double()
-    else:  # coordinate_median's float32 mean of the two middle values
-        med = ((S[half - 1].float() + S[half].float()) * 0.5).double()
-    if f > 0:
-        below = med - S[: 2 * f].double()  # distance of the run's possible first values
-        above = S[beta:].double() - med  # ... and of the values that would replace them
-        start = (below > above).sum(0)  # [d]: how far the run slides up from the bottom
-    else:
-        start = torch.zeros(X.shape[1], dtype=torch.int64, device=X.device)
-    rows = start[None, :] + torch.arange(beta, device=X.device)[:, None]
-    return (S.gather(0, rows).double().sum(0) / beta).to(X.dtype)
+    sel = X.index_select(0, _iterated_krum(D, f, theta)).float()  # [theta, d]
+    med = coordinate_median(sel)  # float32: for even theta the float32 mean of the middle two
+    return (_closest_sum(sel, med, beta) / beta).to(X.dtype)
+
+
+def _closest_sum_sorted(S: Tensor, med: Tensor, beta: int) -> Tensor:
+    """float64 [d]: per column of the sorted float32 S [theta, d], the sum of the beta values
+    closest to med (float32 [d]), exact distances, a tie keeping the lower value. The run starts
+    at the number of j < theta - beta with med - S[j] > S[j + beta] - med (in float64)."""
+    theta = S.shape[0]
+    lo, hi = S[: theta - beta].double(), S[beta:].double()
+    start = ((med.double() - lo) > (hi - med.double())).sum(0)
+    rows = start[None, :] + torch.arange(beta, device=S.device)[:, None]
+    return S.gather(0, rows).sum(0, dtype=torch.float64)
+
+
+def _closest_sum(x: Tensor, med: Tensor, beta: int) -> Tensor:
+    """float64 [d]: per column of x (float32 [theta, d]) the sum of the beta values closest to med.
+
+    Fast path, without sorting: the float32 distances Y = |x - med| are the exact distances
+    rounded (rounding is monotone), so the beta-th smallest of Y, tau (``coordinate_median`` of
+    Y padded with +-inf rows so that this rank is the middle), splits each column into values
+    surely kept (Y < tau), surely dropped (Y > tau) and a band (Y == tau). A column whose band
+    holds exactly the values still needed, or only equal values, is summed directly; the rest
+    (exact distances closer than float32 can tell apart, or a distance tie between a value below
+    and one above the median) go to ``_closest_sum_sorted``.
+    """
+    theta, d = x.shape
+    if beta == theta:
+        return x.sum(0, dtype=torch.float64)
+    Y = (x - med).abs_()
+    gap = 2 * (beta - 1) + 1 - theta  # +inf rows (>= 0) or -inf rows (< 0) centring rank beta-1
+    pad = Y.new_full((abs(gap), d), math.inf if gap >= 0 else -math.inf)
+    tau = coordinate_median(torch.cat([Y, pad]))
+    keep, band = Y < tau, Y == tau
+    need = beta - keep.sum(0)
+    nband = band.sum(0)
+    total = torch.where(keep, x, 0.0).sum(0, dtype=torch.float64)
+    bmax = torch.where(band, x, -math.inf).amax(0)
+    bmin = torch.where(band, x, math.inf).amin(0)
+    exact = nband == need
+    total += torch.where(exact, torch.where(band, x, 0.0).sum(0, dtype=torch.float64),
+                         need.double() * bmax.double())  # fmt: skip
+    hard = (~exact & (bmax != bmin)).nonzero().flatten()
+    if hard.numel():
+        S = torch.sort(x.index_select(1, hard), dim=0).values
+        total[hard] = _closest_sum_sorted(S, med[hard], beta)
+    return total
