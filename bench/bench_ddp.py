@@ -1,5 +1,6 @@
-"""DDP communication hooks: bytes on the wire and time per step, against the dense all-reduce and
-PyTorch's PowerSGD hook (rank 1 and 4), on one MLP (~1.05M float32 parameters).
+"""DDP communication hooks: bytes on the wire and time per step, against the dense all-reduce,
+PyTorch's fp16 / bf16 compression hooks and its PowerSGD hook (rank 1 and 4), on one MLP (~1.05M
+float32 parameters).
 
 Run: ``python bench/bench_ddp.py [--world 2] [--ratio 0.01] [--steps 30] [--json out.json]``.
 It spawns ``--world`` processes on this machine (gloo over loopback, CPU, one thread each; nccl and
@@ -8,9 +9,11 @@ initial weights with each method, and prints one table.
 
 Bytes: what one rank hands to its collectives per compressed step (payload), counted by the hooks
 themselves (``state.compression_stats()``; PowerSGD: its compression stats, float32 elements of P,
-Q and the uncompressed tensors). The traffic a rank actually sends over the network depends on the
-collective's algorithm: for a ring all-reduce it is 2(W-1)/W times the payload, for an all_gather
-(W-1) times it -- with W = 2 both equal the payload, so the column is also the wire traffic there.
+Q and the uncompressed tensors; fp16 / bf16: 2 bytes per element of every bucket the hook
+compresses, counted by a wrapper around PyTorch's hook, which compresses from the first step). The
+traffic a rank actually sends over the network depends on the collective's algorithm: for a ring
+all-reduce it is 2(W-1)/W times the payload, for an all_gather (W-1) times it -- with W = 2 both
+equal the payload, so the column is also the wire traffic there.
 All methods run with the whole model in one DDP bucket (``--bucket-cap-mb 100``): PowerSGD's hook
 issues its second and third all-reduce from future callbacks, and with gloo and more than one
 bucket those interleave differently on different ranks (torch 2.13: "Received data size doesn't
@@ -37,10 +40,12 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-METHODS = ("dense", "topk_ef14", "topk_ef21", "randk", "powersgd-r1", "powersgd-r4")
+METHODS = ("dense", "topk_ef14", "topk_ef21", "randk", "fp16", "bf16", "powersgd-r1", "powersgd-r4")
+HALF_HOOKS = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
 WARMUP = 5
 START_ITER = 2  # compression from the third step on, for every method
 
@@ -66,6 +71,15 @@ def _attach(ddp, method: str, ratio: float):
             return numel * steps[0]
 
         return count, steps
+    if method in HALF_HOOKS:
+        hook, sent = HALF_HOOKS[method], [0]
+
+        def counted(state, bucket):  # PyTorch's hook casts the whole bucket to 2-byte floats
+            sent[0] += 2 * bucket.buffer().numel()
+            return hook(state, bucket)
+
+        ddp.register_comm_hook(None, counted)
+        return (lambda: sent[0]), None
     if method.startswith("powersgd"):
         rank = int(method.rsplit("r", 1)[1])
         state = psgd.PowerSGDState(

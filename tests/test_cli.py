@@ -340,5 +340,6 @@ def test_peer_cases_only_for_installed_peers(monkeypatch):
 
     monkeypatch.setattr(peers, "available", lambda module: module == "flwr")
     got = {c.op for c in B.suite(peers=True)}
-    assert got == {"median_vs_flower", "trimmed_mean_vs_flower", "krum_vs_flower"}
+    assert got == {"median_vs_flower", "trimmed_mean_vs_flower", "krum_vs_flower",
+                   "bulyan_vs_flower"}  # fmt: skip
     assert not any(c.op in peers.ROBUST or c.op in peers.OPTIMIZERS for c in B.suite())

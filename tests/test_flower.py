@@ -171,6 +171,7 @@ CASES = [
     ("trimmed_mean", 2, None, {}),
     ("krum", 1, None, {}),
     ("krum", 1, None, {"m": 3}),
+    ("bulyan", 1, None, {}),
     ("coordinate_median", 1, "bucketing", {}),
     ("krum", 1, "nnm", {}),
     ("geometric_median", 0, None, {"iters": 4}),
@@ -187,7 +188,7 @@ def _reference(rule, f, pre, opts, X, *, bucket_size=2, seed=0, step=0):
     if rule == "mean":
         return X.mean(0).numpy()
     fn = getattr(R, rule)
-    args = (f,) if rule in ("trimmed_mean", "krum") else ()
+    args = (f,) if rule in ("trimmed_mean", "krum", "bulyan") else ()
     return fn(X, *args, **opts).numpy()
 
 

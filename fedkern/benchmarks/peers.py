@@ -20,10 +20,12 @@ Robust aggregation over a stack X of m client vectors [m, n] (float32):
   median_vs_flower           flwr.server.strategy.aggregate.aggregate_median(results)
   trimmed_mean_vs_flower     aggregate_trimmed_avg(results, proportiontocut=f / m)
   krum_vs_flower             aggregate_krum(results, num_malicious=f, to_keep=0)
+  bulyan_vs_flower           aggregate_bulyan(results, f, aggregate_krum, to_keep=0)
+                             (fedkern.robust.bulyan(X, f), f = (m - 3) // 4 so that m >= 4f + 3)
 
 Flower's functions take the replies as ``[(list of ndarrays, num_examples)]``; the list is built
-once, outside the timed calls, as the strategy has it. Flower's Bulyan has no fedkern rule to
-compare with.
+once, outside the timed calls, as the strategy has it (aggregate_bulyan pops from the list it is
+given, so each of its calls gets a fresh shallow copy, a few microseconds).
 
 Low-bit optimizers (one step on n parameters in 4 tensors, weight decay 0.01, as
 ``microadam_vs_adamw``; the records carry both sides' state bytes per parameter):
@@ -32,7 +34,9 @@ Low-bit optimizers (one step on n parameters in 4 tensors, weight decay 0.01, as
   microadam_vs_torchao_4bit  torchao.optim.AdamW4bit
   microadam_vs_bnb_8bit      bitsandbytes.optim.AdamW8bit
 
-Cases: the aggregators at m = 16 and 64 vectors of n = 1e5 and 1e6; the optimizers at n = 1e7.
+Cases: the aggregators at m = 16 and 64 vectors of n = 1e5 and 1e6 (Bulyan: m = 16 at both n and
+m = 64 at n = 1e5, since Flower's recomputes every distance at each of its theta Krum steps and
+takes minutes at m = 64, n = 1e6); the optimizers at n = 1e7.
 The DDP hooks against PyTorch's PowerSGD and fp16 / bf16 compression hooks need several processes:
 ``python bench/bench_ddp.py``.
 """
@@ -64,6 +68,8 @@ ROBUST = {
     "trimmed_mean_vs_flower": ("flwr", "robust", "trimmed_mean", 1110,
                                "flwr aggregate_trimmed_avg(results, f / m)"),
     "krum_vs_flower": ("flwr", "gram", "gram", 1120, "flwr aggregate_krum(results, f, 0)"),
+    "bulyan_vs_flower": ("flwr", "gram", "gram", 1130,
+                         "flwr aggregate_bulyan(results, f, aggregate_krum, to_keep=0)"),
 }  # fmt: skip
 OPTIMIZERS = {
     "microadam_vs_torchao_8bit": ("torchao", "torchao.optim.AdamW8bit", 1200),
@@ -105,12 +111,15 @@ def _robust_pair(op: str, x: torch.Tensor, f: int):
             "median_vs_flower": lambda: A.aggregate_median(results),
             "trimmed_mean_vs_flower": lambda: A.aggregate_trimmed_avg(results, f / m),
             "krum_vs_flower": lambda: A.aggregate_krum(results, f, 0),
-        }[op]
+            "bulyan_vs_flower": lambda: A.aggregate_bulyan(list(results), f, A.aggregate_krum,
+                                                           to_keep=0),
+        }[op]  # fmt: skip
     zeros = torch.zeros(x.shape[1], device=x.device)
     fk = {
         "median": lambda: R.coordinate_median(x),
         "trimmed": lambda: R.trimmed_mean(x, f),
         "krum": lambda: R.krum(x, f),
+        "bulyan": lambda: R.bulyan(x, f),
         "multikrum": lambda: R.krum(x, f, m=m - f),
         "geometric": lambda: R.geometric_median(x, iters=8, nu=0.1),
         "centered": lambda: R.centered_clip(x, tau=1.0, iters=3, center=zeros),
@@ -173,7 +182,12 @@ def _cases(suite, device, sizes):
         return []
     out = []
     for op, (peer, *_) in ROBUST.items():
-        if available(peer):
+        if not available(peer):
+            continue
+        if op == "bulyan_vs_flower":
+            out += [Case(op, n, (m - 3) // 4, torch.float32, m)
+                    for m, n in ((16, 10**5), (16, 10**6), (64, 10**5))]  # fmt: skip
+        else:
             out += [Case(op, n, m // 4, torch.float32, m) for m in (16, 64) for n in (10**5, 10**6)]
     for op, (peer, *_) in OPTIMIZERS.items():
         if available(peer):

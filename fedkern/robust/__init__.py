@@ -2,8 +2,8 @@
 
 Aggregators over a stack X of n client vectors [n, d] (float32 or bfloat16, CPU or CUDA; or a list
 of n 1-D tensors of one shape, dtype and device, see ``as_stack``) return [d] in X's dtype:
-``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``geometric_median``
-(smoothed Weiszfeld) and ``centered_clip``. Pre-aggregators return a new stack:
+``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``bulyan`` (over Krum),
+``geometric_median`` (smoothed Weiszfeld) and ``centered_clip``. Pre-aggregators return a new stack:
 ``bucketing`` and ``nnm``. Clipping: ``clip_rows_`` (in place) and ``diff_compress_clip`` (the
 client side of Byz-VR-MARINA: difference, compress, clip). ``Aggregator`` chains a pre-aggregator
 and an aggregator; ``fedkern.robust.attacks`` builds Byzantine messages for tests and benchmarks.
@@ -23,6 +23,7 @@ from fedkern.robust.clipping import clip_rows_, diff_compress_clip
 from fedkern.robust.preaggregate import bucketing, nnm
 from fedkern.robust.rules import (
     as_stack,
+    bulyan,
     centered_clip,
     coordinate_median,
     geometric_median,
@@ -35,6 +36,7 @@ __all__ = [
     "Aggregator",
     "as_stack",
     "bucketing",
+    "bulyan",
     "centered_clip",
     "clip_rows_",
     "coordinate_median",

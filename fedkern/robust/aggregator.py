@@ -7,7 +7,8 @@ import torch
 from fedkern import validation as v
 from fedkern.robust import preaggregate, rules
 
-RULES = ("mean", "coordinate_median", "trimmed_mean", "krum", "geometric_median", "centered_clip")
+RULES = ("mean", "coordinate_median", "trimmed_mean", "krum", "bulyan", "geometric_median",
+         "centered_clip")  # fmt: skip
 PRE = (None, "bucketing", "nnm")
 
 
@@ -18,12 +19,12 @@ class Aggregator:
     mix every row with its n - f nearest), then the rule aggregates its output.
 
     Args:
-        rule: "mean", "coordinate_median", "trimmed_mean", "krum", "geometric_median" or
-            "centered_clip".
+        rule: "mean", "coordinate_median", "trimmed_mean", "krum", "bulyan", "geometric_median"
+            or "centered_clip".
         f: the number of Byzantine rows to tolerate (int >= 0). Used by trimmed_mean (trims f per
-            side), krum (n > 2f + 2) and nnm. After bucketing the rule sees ceil(n / s) rows, of
-            which at most f can hold a Byzantine row, so f stays the same and must still be valid
-            for the smaller stack (a clear error says when it is not).
+            side), krum (n > 2f + 2), bulyan (n >= 4f + 3) and nnm. After bucketing the rule sees
+            ceil(n / s) rows, of which at most f can hold a Byzantine row, so f stays the same and
+            must still be valid for the smaller stack (a clear error says when it is not).
         pre: None, "bucketing" or "nnm".
         bucket_size: s of bucketing (int >= 1, default 2).
         seed: keys bucketing's shuffles; call t (counted in ``step``, in ``state_dict``) uses
@@ -84,6 +85,8 @@ class Aggregator:
             return rules.trimmed_mean(X, f)
         if rule == "krum":
             return rules.krum(X, f, **opts)
+        if rule == "bulyan":
+            return rules.bulyan(X, f)
         if rule == "geometric_median":
             return rules.geometric_median(X, **opts)
         if self.warm_start and self._last is not None and self._last.shape == X.shape[1:]:

@@ -1,9 +1,10 @@
 """The robust aggregation rules: a stack of n client vectors in, one vector out.
 
-``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``geometric_median`` (smoothed
-Weiszfeld) and ``centered_clip`` take X [n, d] (float32 or bfloat16, CPU or CUDA; or a list of n
-1-D rows, see ``as_stack``) and return [d] in X's dtype; ``pairwise_sqdist`` gives the squared
-distances Krum and NNM rank by. NaN rows are data, not errors; each function says what they do.
+``coordinate_median``, ``trimmed_mean``, ``krum`` (and Multi-Krum), ``bulyan`` (over Krum),
+``geometric_median`` (smoothed Weiszfeld) and ``centered_clip`` take X [n, d] (float32 or
+bfloat16, CPU or CUDA; or a list of n 1-D rows, see ``as_stack``) and return [d] in X's dtype;
+``pairwise_sqdist`` gives the squared distances Krum, Bulyan and NNM rank by. NaN rows are data,
+not errors; each function says what they do.
 Exact numerics: ``fedkern.reference.robust``, ``gram`` and ``rowops``.
 """
 
@@ -206,3 +207,126 @@ def centered_clip(X: Tensor, *, tau: float, iters: int = 3, center=None) -> Tens
     """
     X = as_stack(X)
     return _rowops.centered_clip(X, _start("center", X, center), iters, tau)
+
+
+def _iterated_krum(D: Tensor, f: int, theta: int) -> Tensor:
+    """Bulyan's selection: theta row indices (int64, on D's device) in the order they were picked.
+
+    D: [n, n] float64 squared distances with an infinite diagonal. Step t has n' = n - t rows left;
+    each scores the sum of its max(1, n' - f - 2) smallest distances to the other remaining rows
+    (at most n' - 1 of them) and the lowest score is picked (ties to the lower row) and removed.
+    The counts are known on the host, so the loop (over rows, never coordinates) never syncs.
+    """
+    n = D.shape[0]
+    alive = torch.ones(n, dtype=torch.bool, device=D.device)
+    picked = torch.empty(theta, dtype=torch.int64, device=D.device)
+    for t in range(theta):
+        left = n - t
+        k = min(max(1, left - f - 2), left - 1)
+        Dt = D.masked_fill(~alive[None, :], math.inf)  # removed rows are nobody's neighbour
+        scores = torch.sort(Dt, dim=1).values[:, :k].sum(1)
+        scores.masked_fill_(~alive, math.nan)  # torch.sort ranks NaN last: removed never win
+        best = torch.sort(scores, stable=True).indices[:1]
+        picked[t : t + 1] = best
+        alive.index_fill_(0, best, False)
+    return picked
+
+
+@accepts_dlpack
+def bulyan(X: Tensor, f: int) -> Tensor:
+    """Bulyan (El Mhamdi, Guerraoui and Rouault 2018) over Krum.
+
+    1. Selection: theta = n - 2f rows by iterated Krum. Each step scores the rows still left
+       (n' of them) by the sum of their max(1, n' - f - 2) smallest squared distances to the other
+       rows left, moves the lowest score (ties to the lower row index) into the selected set and
+       removes it; f stays the same throughout. The distances come once from ``pairwise_sqdist``
+       (float64 through the Gram matrix), not recomputed per step.
+    2. Aggregation: per coordinate, the mean of the beta = theta - 2f selected values closest to
+       the coordinate median of the selected set (``coordinate_median``'s definition: for even
+       theta the float32 mean of the two middle values).
+
+    These are the choices of Flower's ``aggregate_bulyan`` (flwr.server.strategy.aggregate, 1.42)
+    where the paper leaves them open: f is not decreased as rows are removed, a step with
+    n' - f - 2 < 1 still counts one neighbour, Krum's ties go to the first row, and "closest" is
+    the absolute difference |x - median| per coordinate. Flower breaks exact distance ties between
+    a value below and a value above the median arbitrarily (np.argpartition); fedkern keeps the
+    lower value. The beta closest values are a contiguous run of the sorted selected column that
+    contains the median: it starts at the number s in [0, 2f] of positions j < 2f whose value is
+    strictly farther below the median than value j + beta is above it (compared exactly, in
+    float64).
+
+    Args:
+        X: [n, d] float32 or bfloat16 (CPU or CUDA; or a list of n 1-D rows, see ``as_stack``).
+            Not modified.
+        f: the number of Byzantine rows tolerated, an int with f >= 0 and n >= 4f + 3.
+
+    Returns:
+        [d] in X's dtype on X's device: the beta chosen values of each coordinate summed in
+        float64, divided by beta and rounded once. f = 0 gives the mean of all rows (summed in
+        float64). A row with an inf/NaN entry has an infinite Krum score, so with at most f such
+        rows none is selected and the result is finite.
+
+    Cost: one Gram matrix (n^2 d), theta sorts of [n, n] on host-known counts (no device sync),
+    then about ten elementwise passes over the float32 [theta, d] selected stack and two fused
+    ``coordinate_median`` calls (the median, and the beta-th smallest distance), without sorting
+    it; only the columns whose choice float32 distances cannot settle (a distance tie between a
+    value below and one above the median, or distances closer than float32 resolves) are sorted
+    (one host sync to find them). Memory: a few [theta, d] float32 temporaries.
+    """
+    X = as_stack(X)
+    n = X.shape[0]
+    f = v.integer("f", f, 0)
+    if n < 4 * f + 3:
+        raise ValueError(f"bulyan needs n >= 4*f + 3 rows (n = {n}), got f = {f}")
+    theta = n - 2 * f
+    beta = theta - 2 * f
+    D = pairwise_sqdist(X)
+    D.fill_diagonal_(math.inf)  # never one's own neighbour
+    sel = X.index_select(0, _iterated_krum(D, f, theta)).float()  # [theta, d]
+    med = coordinate_median(sel)  # float32: for even theta the float32 mean of the middle two
+    return (_closest_sum(sel, med, beta) / beta).to(X.dtype)
+
+
+def _closest_sum_sorted(S: Tensor, med: Tensor, beta: int) -> Tensor:
+    """float64 [d]: per column of the sorted float32 S [theta, d], the sum of the beta values
+    closest to med (float32 [d]), exact distances, a tie keeping the lower value. The run starts
+    at the number of j < theta - beta with med - S[j] > S[j + beta] - med (in float64)."""
+    theta = S.shape[0]
+    lo, hi = S[: theta - beta].double(), S[beta:].double()
+    start = ((med.double() - lo) > (hi - med.double())).sum(0)
+    rows = start[None, :] + torch.arange(beta, device=S.device)[:, None]
+    return S.gather(0, rows).sum(0, dtype=torch.float64)
+
+
+def _closest_sum(x: Tensor, med: Tensor, beta: int) -> Tensor:
+    """float64 [d]: per column of x (float32 [theta, d]) the sum of the beta values closest to med.
+
+    Fast path, without sorting: the float32 distances Y = |x - med| are the exact distances
+    rounded (rounding is monotone), so the beta-th smallest of Y, tau (``coordinate_median`` of
+    Y padded with +-inf rows so that this rank is the middle), splits each column into values
+    surely kept (Y < tau), surely dropped (Y > tau) and a band (Y == tau). A column whose band
+    holds exactly the values still needed, or only equal values, is summed directly; the rest
+    (exact distances closer than float32 can tell apart, or a distance tie between a value below
+    and one above the median) go to ``_closest_sum_sorted``.
+    """
+    theta, d = x.shape
+    if beta == theta:
+        return x.sum(0, dtype=torch.float64)
+    Y = (x - med).abs_()
+    gap = 2 * (beta - 1) + 1 - theta  # +inf rows (>= 0) or -inf rows (< 0) centring rank beta-1
+    pad = Y.new_full((abs(gap), d), math.inf if gap >= 0 else -math.inf)
+    tau = coordinate_median(torch.cat([Y, pad]))
+    keep, band = Y < tau, Y == tau
+    need = beta - keep.sum(0)
+    nband = band.sum(0)
+    total = torch.where(keep, x, 0.0).sum(0, dtype=torch.float64)
+    bmax = torch.where(band, x, -math.inf).amax(0)
+    bmin = torch.where(band, x, math.inf).amin(0)
+    exact = nband == need
+    total += torch.where(exact, torch.where(band, x, 0.0).sum(0, dtype=torch.float64),
+                         need.double() * bmax.double())  # fmt: skip
+    hard = (~exact & (bmax != bmin)).nonzero().flatten()
+    if hard.numel():
+        S = torch.sort(x.index_select(1, hard), dim=0).values
+        total[hard] = _closest_sum_sorted(S, med[hard], beta)
+    return total

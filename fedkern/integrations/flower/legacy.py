@@ -64,9 +64,10 @@ class LegacyFedkernStrategy(FedAvg):
 
     Args:
         rule: a rule name of ``fedkern.robust.Aggregator`` ("mean", "coordinate_median",
-            "trimmed_mean", "krum", "geometric_median", "centered_clip") or an ``Aggregator``
-            instance (then f, pre, bucket_size, seed and rule_options must be left default).
-        f: Byzantine clients tolerated (trimmed_mean, krum, nnm).
+            "trimmed_mean", "krum", "bulyan", "geometric_median", "centered_clip") or an
+            ``Aggregator`` instance (then f, pre, bucket_size, seed and rule_options must be left
+            default).
+        f: Byzantine clients tolerated (trimmed_mean, krum, bulyan, nnm).
         pre: None, "bucketing" or "nnm".
         bucket_size: bucketing's s.
         clip: None or a finite float > 0: the fixed clipping radius (and the first-round radius
