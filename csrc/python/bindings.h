@@ -44,8 +44,8 @@ void bind_clipjump(py::module_& m);  // bind_clipjump.cpp: the fused clipped ser
 
 // bind_manifolds.cpp: the fused sphere / Stiefel steps
 void bind_manifolds(py::module_& m);
-void bind_random(py::module_& m);    // bind_random.cpp: Gaussian / Bernoulli fills (Philox)
-void bind_sketch(py::module_& m);    // bind_sketch.cpp: MAST sketch apply / gradient step
-void bind_lora(py::module_& m);      // bind_lora.cpp: fused RAC-LoRA merge
+void bind_random(py::module_& m);  // bind_random.cpp: Gaussian / Bernoulli fills (Philox)
+void bind_sketch(py::module_& m);  // bind_sketch.cpp: MAST sketch apply / gradient step
+void bind_lora(py::module_& m);    // bind_lora.cpp: fused RAC-LoRA merge
 
 }  // namespace fedkern::py_bind
