@@ -29,6 +29,7 @@ evaluations (N for a full gradient; function evaluations times N for zeroth orde
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -59,18 +60,20 @@ def _k(name: str, k, ratio, d: int) -> int:
     return max(1, min(d, round(r * d)))
 
 
-class Estimator:
-    """Base: ``estimate(problem, x, seed=, step=) -> (g float64 [p] CPU, cost)`` and
+class Estimator(abc.ABC):
+    """Abstract base: ``estimate(problem, x, seed=, step=) -> (g float64 [p] CPU, cost)`` and
     ``theory_gamma(problem, T) -> float``. Estimators hold no state (draws are keyed)."""
 
     name = "estimator"
     biased = True
 
+    @abc.abstractmethod
     def estimate(self, problem, x: torch.Tensor, *, seed: int, step: int):
-        raise NotImplementedError
+        """The estimate of grad f(x) [p] (float64, CPU) and its cost in gradient evaluations."""
 
+    @abc.abstractmethod
     def theory_gamma(self, problem, T: int) -> float:
-        raise NotImplementedError
+        """The step size the estimator's theory gives for a budget of T iterations."""
 
     def config(self) -> dict:
         return dict(self.__dict__)
