@@ -10,6 +10,7 @@ from fedkern.ops import (  # noqa: F401  (importing registers the ops)
     microadam,  # microadam_step_
     robust,  # coordinate_median, trimmed_mean
     rowops,  # gather_mean, geometric_median, centered_clip, clip_rows_
+    tamuna,  # tamuna_aggregate_
 )
 from fedkern.ops._dispatch import backend, backends, current_backend
 from fedkern.ops.randk import ef14_randk_, ef21_randk_, randk_compress
