@@ -14,8 +14,6 @@ The math and the summation order are in ``fedkern.reference.tamuna``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from fedkern import validation as v
@@ -71,7 +69,7 @@ def check_aggregate(X, H, perm, s, coef, check_perm: bool = True) -> tuple[int, 
 
 
 @torch.library.custom_op("fedkern::tamuna_aggregate_", mutates_args=("H",))
-def tamuna_aggregate_(X: Tensor, H: Optional[Tensor], perm: Tensor, s: int, coef: float,
+def tamuna_aggregate_(X: Tensor, H: Tensor | None, perm: Tensor, s: int, coef: float,
                       check_perm: bool = True) -> Tensor:  # fmt: skip
     """TAMUNA's server step over the cohort's [c, p] stack (see the module docstring)."""
     s, coef = check_aggregate(X, H, perm, s, coef, check_perm)

@@ -21,14 +21,16 @@ Tensor = torch.Tensor
 
 
 def holders(p: int, c: int, s: int, perm: Tensor) -> Tensor:
-    """int64 [s, p]: row j holds the cohort row of coordinate r's j-th holder, perm[(s*r + j) % c]."""
+    """int64 [s, p]: entry [j, r] is the cohort row of coordinate r's j-th holder,
+    perm[(s*r + j) % c]."""
     r = torch.arange(p, dtype=torch.int64, device=perm.device)
     j = torch.arange(s, dtype=torch.int64, device=perm.device)
     return perm[(s * r[None, :] + j[:, None]) % c]
 
 
 def tamuna_aggregate_(X: Tensor, H: Tensor | None, perm: Tensor, s: int, coef: float) -> Tensor:
-    """xbar [p] float32 from the s holders of every coordinate; H's held entries updated in place."""
+    """xbar [p] float32 from the s holders of every coordinate; H's held entries updated in
+    place (X is not modified)."""
     c, p = X.shape
     rows = holders(p, c, s, perm)
     cols = torch.arange(p, device=X.device)
