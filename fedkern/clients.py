@@ -124,8 +124,8 @@ class ClientBatch:
 
     def local_steps_(self, X: Tensor, *, gamma: float, steps: int, clients=None, H=None,
                      mode: str = "gd", batch_size: int = 1, clip: float | None = None,
-                     mu: float = 0.0, anchor: Tensor | None = None,
-                     round: int = 0) -> Tensor:  # fmt: skip
+                     mu: float = 0.0, anchor: Tensor | None = None, round: int = 0,
+                     l2: float | None = None) -> Tensor:  # fmt: skip
         """K local steps for every cohort client, in place on X; returns X.
 
         Args:
@@ -143,9 +143,11 @@ class ClientBatch:
             anchor: the FedProx centre, [p] (shared) or [c, p].
             round: the communication round (>= 0); local step t of round r draws its randomness
                 from global step r * K + t, so rounds never reuse a permutation.
+            l2: the L2 weight of the local objective, a finite float >= 0 (default None: the
+                problem's l2). 0.0 trains the unregularized loss (5GCS's psi_m = f_m - (l2/2)||x||^2).
 
         Errors (before anything is modified): shapes, dtypes, devices, gamma not finite or <= 0,
-        clip <= 0, unknown mode, clients out of range or repeated.
+        clip <= 0, l2 < 0 or not finite, unknown mode, clients out of range or repeated.
         """
         c = _cohort(clients, self.n, self.device)
         if mode not in MODE_TAG:
@@ -167,6 +169,7 @@ class ClientBatch:
         if not v.fp32_scalar("gamma", gamma) > 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
         r = v.integer("round", round, 0)
+        l2 = self.problem.l2 if l2 is None else v.fp32_scalar("l2", l2, nonneg=True)
         keys = None
         if mode != "gd" and K > 0:
             # full cohort: the cached host seeds (no read of the device ids, no synchronization)
@@ -181,7 +184,7 @@ class ClientBatch:
                                      clip or 0.0, False)  # fmt: skip
             return X
         ops.local_steps_(X, c, self.A, self.y, self.offsets, KIND_TAG[self.kind], self.classes,
-                         K, float(gamma), self.problem.l2, H, MODE_TAG[mode],
+                         K, float(gamma), float(l2), H, MODE_TAG[mode],
                          v.integer("batch_size", batch_size, 1), keys, clip or 0.0, mu,
                          anchor)  # fmt: skip
         return X
