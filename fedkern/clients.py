@@ -144,7 +144,7 @@ class ClientBatch:
             round: the communication round (>= 0); local step t of round r draws its randomness
                 from global step r * K + t, so rounds never reuse a permutation.
             l2: the L2 weight of the local objective, a finite float >= 0 (default None: the
-                problem's l2). 0.0 trains the unregularized loss (5GCS's psi_m = f_m - (l2/2)||x||^2).
+                problem's l2). 0.0 trains the unregularized loss (5GCS's psi_m).
 
         Errors (before anything is modified): shapes, dtypes, devices, gamma not finite or <= 0,
         clip <= 0, l2 < 0 or not finite, unknown mode, clients out of range or repeated.
