@@ -312,7 +312,8 @@ class FiveGCS(FederatedMethod):
         Rand-k) and the clients' new duals (u_m+ = grad psi_m(y_m), or u_m + D_m). Does not
         modify U, v or x (only the local-step counter)."""
         U_S = self.U[S]
-        Y = y_hat.expand(S.numel(), -1).contiguous()
+        # a copy: expand(1, -1).contiguous() would alias y_hat, and the local steps write in place
+        Y = y_hat.repeat(S.numel(), 1)
         self.local_solve_(Y, S, y_hat + U_S / self.tau)
         G = self.batch.grads(Y, clients=S) - self.mu * Y  # grad psi_m = grad f_m - mu y
         if self.comp is None:
