@@ -68,7 +68,7 @@ def psi_grads(P, X):
     return P.grads(X) - P.l2 * (X if X.dim() == 2 else X.expand(P.n, -1))
 
 
-# ---- one round against float64 ------------------------------------------------------------------
+# ---- one round against float64 -------------------------------------------------------------------
 
 
 def oracle_round(m, x, v, U, S, p, masks=None):
@@ -143,7 +143,7 @@ def test_one_round_matches_float64(cancer, name, gen):
     assert m.history["floats_down"][-1] == B.p
 
 
-# ---- the fixed point ------------------------------------------------------------------------------
+# ---- the fixed point -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("opts", [dict(cohort=5), dict(cohort=5, sampling="importance",
@@ -166,7 +166,7 @@ def test_optimum_is_a_fixed_point(cancer, opts):
     assert not moved["f (control)"] <= 1e-5, moved
 
 
-# ---- unbiasedness of the server estimate -----------------------------------------------------------
+# ---- unbiasedness of the server estimate ---------------------------------------------------------
 
 
 SAMPLERS = {
@@ -229,7 +229,7 @@ def test_importance_probabilities(cancer):
     torch.testing.assert_close(u.probs, torch.full((M,), 0.3, dtype=F64))
 
 
-# ---- the claims (each with its control) -----------------------------------------------------------
+# ---- the claims (each with its control) ----------------------------------------------------------
 
 
 def test_claim_exact_convergence_under_client_sampling(cancer):
@@ -317,7 +317,7 @@ def test_both_local_solvers_converge(cancer):
     assert ok == {"gd": True, "agd": True, "gd, unstable local step": False}, found
 
 
-# ---- resume, bad input ------------------------------------------------------------------------------
+# ---- resume, bad input ---------------------------------------------------------------------------
 
 
 def test_resume_is_bit_exact(cancer):
@@ -391,7 +391,7 @@ def test_bad_batch():
         FiveGCS("not a batch")
 
 
-# ---- ClientBatch.local_steps_(l2=...) ----------------------------------------------------------------
+# ---- ClientBatch.local_steps_(l2=...) ------------------------------------------------------------
 
 
 def test_local_steps_l2_keyword(backend, cancer, gen):
