@@ -163,8 +163,9 @@ class FiveGCS(FederatedMethod):
             module docstring).
         local_lr: the local step size (default 1 / (max_m L_m - mu + tau)).
         seed: keys cohorts and masks (``Method.key``).
-        x0, mode, batch_size, diverge_factor: as in ``FederatedMethod`` (mode "sgd"/"rr" make the
-            local steps stochastic; u_m+ is always the full local gradient).
+        x0, mode, batch_size, diverge_factor: as in ``FederatedMethod``. mode "sgd" / "rr" make
+            the local steps stochastic (u_m+ is still the full local gradient): the method then
+            stalls at a neighbourhood (measured: 1e-4 of the initial gap with b = 4).
 
     Attributes:
         x [d], v [d], U [M, d] float32 on the batch's device; probs (float64 [M], p_m), L_clients
