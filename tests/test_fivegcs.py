@@ -235,7 +235,7 @@ def test_importance_probabilities(cancer):
 def test_claim_exact_convergence_under_client_sampling(cancer):
     """5GCS with C = 5 of 20 label-sorted clients reaches 1e-6 of the initial gap (measured: 62
     rounds); FedAvg with the same cohorts (the same seed draws them) plateaus above it (min
-    4.4e-5 with K = 1, 7.1e-4 with K = 10, over 150 rounds). The duals converge to
+    1.4e-4 with K = 1, 9.4e-4 with K = 10, over 150 rounds). The duals converge to
     grad psi_m(x*) and v stays the mean of the duals."""
     B = make(cancer)
     five = FiveGCS(B, cohort=5, seed=0)
@@ -303,9 +303,9 @@ def test_claim_importance_sampling_beats_uniform(cancer):
 
 def test_both_local_solvers_converge(cancer):
     """Local GD and local AGD (Nesterov) both reach 1e-6 of the initial gap within 120 rounds
-    with C = 5 (measured: 62 and 64). The control: GD with 16 times the default local step, past
-    the local problems' stability limit (the gap stays near 4 times its start), fails the same
-    assertion."""
+    with C = 5 (measured: 62 and 69 rounds, K = 3 and 13). The control: GD with 16 times the
+    default local step, past the local problems' stability limit (the gap stays near 4 times its
+    start), fails the same assertion."""
     B = make(cancer)
     ref = FiveGCS(B, cohort=5)
     found = {}

@@ -49,19 +49,23 @@ sampling, = the mean of the L_m for importance sampling with alpha = 1 when no p
 so gamma tau = q (given one of gamma, tau, the other follows from gamma tau = q); the local step
 is 1 / (max_m L_m - mu + tau), the local problem's smoothness constant, and with the local
 condition number kappa_loc = (max_m L_m - mu + tau) / tau the local steps are
-K = max(1, ceil(log kappa_loc)) for "gd" and K = max(1, ceil(sqrt kappa_loc)) for "agd". AGD is
-Nesterov's method with the momentum min((t - 1) / (t + 2), (sqrt(kappa) - 1) / (sqrt(kappa) + 1))
-at its step t >= 1 (kappa = 1 / (local_lr tau)): the constant strongly convex momentum alone,
-with K < sqrt(kappa_loc) steps, overshoots and made the outer method diverge in the measurements.
-5GCS-CC keeps the same gamma and tau: dividing q by 1 + omega (a smaller gamma tau) cost more
-uplink floats to reach 1e-6 of the initial gap in every measured case.
+K = max(1, ceil(log kappa_loc)) for "gd" and K = max(1, ceil(sqrt(kappa_loc) log kappa_loc)) for
+"agd". GD from the warm start contracts the distance to the local solution at every step, and a
+few steps are enough; Nesterov's bound, ||y_K - y*||^2 <= (kappa_loc + 1) (1 - 1/sqrt(kappa_loc))^K
+||y_0 - y*||^2, only guarantees no expansion after about sqrt(kappa_loc) log kappa_loc steps, and
+with ceil(sqrt kappa_loc) steps the outer method diverged in the measurements (l2 = 0.001, C = 2).
+AGD is Nesterov's method with the momentum min((t - 1) / (t + 2), (sqrt(kappa) - 1) /
+(sqrt(kappa) + 1)) at its step t >= 1 (kappa = 1 / (local_lr tau)); the constant strongly convex
+momentum alone overshot with few steps. 5GCS-CC keeps the same gamma and tau: dividing q by
+1 + omega (a smaller gamma tau) cost more uplink floats to reach 1e-6 of the initial gap in every
+measured case.
 
 Measured on breast_cancer (20 label-sorted clients, logistic, l2 = 0.1 / 0.01 / 0.001, C = 2,
-5, 10, 20; 100 clients and iid splits at l2 = 0.1, 0.01), these defaults reach 1e-6 of the
-initial gap in every case but one: full participation at l2 = 0.001 (kappa = 7600) with "gd",
-where K = 5 local steps are too few (K >= 16 converges; so do "agd" and GAMMA_SCALE = 0.5).
-Larger gamma (2 to 4 times) is faster in many of these cases but diverges in others. These are
-not the papers' constants.
+5, 10, 20, uniform and importance sampling, GD and AGD, Rand-4; 100 clients and iid splits at
+l2 = 0.1, 0.01), these defaults reach 1e-6 of the initial gap in every case but one: full
+participation at l2 = 0.001 (kappa = 7600) with "gd", where K = 5 local steps are too few
+(K = 16 converges, as do "agd" and GAMMA_SCALE = 0.5). A gamma 2 to 4 times larger is faster in
+many of these cases but diverges in others. These are not the papers' constants.
 
 History (``FederatedMethod``'s metrics, per round; index 0 = the start point): "floats_up" (floats
 one participating client sent: d, or k with Rand-k), "floats_down" (d: y_hat), "local_steps" (K)
@@ -262,8 +266,8 @@ class FiveGCS(FederatedMethod):
         self.local_lr = v.positive("local_lr", 1.0 / smooth if local_lr is None else local_lr)
         if local_steps is None:
             kappa_loc = smooth / self.tau
-            grow = math.log if local_solver == "gd" else math.sqrt
-            local_steps = max(1, math.ceil(grow(kappa_loc)))
+            grow = 1.0 if local_solver == "gd" else math.sqrt(kappa_loc)  # see the docs
+            local_steps = max(1, math.ceil(grow * math.log(kappa_loc)))
         self.K = v.integer("local_steps", local_steps, 1)
         # Nesterov's momentum for the tau-strongly convex local problem at step local_lr
         kappa = max(1.0, 1.0 / (self.local_lr * self.tau))
