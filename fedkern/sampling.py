@@ -13,6 +13,8 @@ Cohorts:
   importance(L, c, alpha=)             probabilities proportional to L_m**alpha, summing to c,
                                        capped at 1 (the input of ``independent``)
   reshuffled(n, c, seed=, epoch=)      a meta-epoch: every client exactly once, in cohorts of c
+  slot_permutation(c, seed=, step=)    a uniform permutation of the c cohort slots (TAMUNA's
+                                       compression pattern: slot j -> cohort row)
 Coins and counts:
   coin(p, seed=, step=)                True with probability p
   geometric(p, seed=, step=)           K >= 1 with P(K = k) = (1 - p)^(k - 1) p
@@ -28,6 +30,7 @@ import torch
 from fedkern import validation as v
 from fedkern.random import (
     STREAM_COHORT,
+    STREAM_PATTERN,
     STREAM_RESHUFFLE,
     STREAM_UNIFORM,
     permutation_tensor,
@@ -40,6 +43,7 @@ __all__ = [
     "importance",
     "independent",
     "reshuffled",
+    "slot_permutation",
     "uniform",
     "uniform_floats",
 ]
@@ -181,6 +185,24 @@ def reshuffled(n: int, c: int, *, seed: int, epoch: int) -> list[torch.Tensor]:
     c = v.integer("c", c, 1, n)
     perm = permutation_tensor(n, seed, epoch, stream=STREAM_RESHUFFLE)
     return [torch.sort(part).values for part in torch.split(perm, c)]
+
+
+def slot_permutation(c: int, *, seed: int, step: int) -> torch.Tensor:
+    """A uniform permutation of 0..c-1: entry j is the cohort row that takes pattern slot j.
+
+    TAMUNA's compression pattern gives coordinate r to the slots (s*r + j) mod c, j < s; this
+    permutation assigns the slots to the cohort's rows afresh each round (stream STREAM_PATTERN at
+    (seed, step), so the clients can rebuild their pattern from (seed, step) alone).
+
+    Args:
+        c: cohort size, int >= 1.
+        seed, step: ints in [0, 2**63).
+
+    Returns:
+        int64 CPU tensor [c].
+    """
+    c = v.integer("c", c, 1)
+    return permutation_tensor(c, seed, step, stream=STREAM_PATTERN)
 
 
 def coin(p: float, *, seed: int, step: int) -> bool:
