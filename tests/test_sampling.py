@@ -566,6 +566,16 @@ def test_draws_are_pure_and_leave_the_global_generators_alone():
     assert _all_draws(s, 6) != first and _all_draws(s + 1, 5) != first
 
 
+def test_numpy_integers_are_accepted_as_sizes_and_keys():
+    s = fresh_seed("numpy keys seed")
+    i64 = np.int64
+    assert torch.equal(sampling.uniform(i64(9), i64(4), seed=i64(s), step=i64(7)),
+                       sampling.uniform(9, 4, seed=s, step=7))  # fmt: skip
+    assert sampling.coin(0.5, seed=i64(s), step=np.uint32(7)) == sampling.coin(0.5, seed=s, step=7)
+    got = sampling.reshuffled(np.int32(7), np.int32(3), seed=i64(s), epoch=i64(2))
+    assert [t.tolist() for t in got] == oracle_reshuffled(7, 3, s, 2)
+
+
 def test_streams_are_independent(shared):
     """At the same (seed, step): the cohort, the coin, the geometric count, the participation
     floats and the reshuffle are uncorrelated over many steps; and so are adjacent steps and two
