@@ -599,6 +599,18 @@ def test_streams_are_independent(shared):
     assert same == 0
 
 
+@pytest.mark.xfail(strict=True, reason="found here: sampling.coin's stream (STREAM_UNIFORM + 0) is "
+                   "the default stream of fedkern.random.uniforms, which Quartic.uniform_points "
+                   "draws its data from at step 0; left for the lead (fixing it moves either the "
+                   "coins or the quartic data)")  # fmt: skip
+def test_coin_stream_is_not_shared_with_the_default_uniform_stream():
+    from fedkern.problems import Quartic
+
+    s = fresh_seed("collision seed")
+    u0 = float(Quartic.uniform_points(1, 1, low=0.0, high=1.0, seed=s)[0, 0])
+    assert sampling.coin(u0, seed=s, step=0) or not sampling.coin(u0 + 1e-9, seed=s, step=0)
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 U, IND, IMP, R, C, G, F = (sampling.uniform, sampling.independent, sampling.importance,
