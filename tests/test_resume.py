@@ -2,8 +2,9 @@
 loaded into a freshly built object and run on equals the uninterrupted run bit for bit (CPU).
 
 Covered: every method of ``fedkern.algorithms`` (the test below fails when a registered method has
-no case here): GD, FedAvg, FedProx, Scaffold, ProxSkip in both prox forms, Scaffnew, TAMUNA (exact and deferred), MARINA, DIANA,
-EF21, L-SVRG, PAGE, the (L0,L1) clipped methods on the quartic, BiasedSGD with its estimators,
+no case here): GD, FedAvg, FedProx, Scaffold, ProxSkip in both prox forms, Scaffnew, TAMUNA
+(exact and deferred), MARINA, DIANA, EF21, L-SVRG, PAGE, the (L0,L1) clipped methods on the
+quartic, BiasedSGD with its estimators,
 R-SGD / R-LSVRG / R-PAGE / R-MARINA on PCA, Byz-VR-MARINA-PP and PP+ with stateful aggregators,
 compressors and attacks), ``fedkern.robust.Aggregator`` (bucketing's call counter, centered
 clipping's warm start), and the stateless batched clients (``ClientBatch``, ``ModuleClients``):
@@ -36,6 +37,7 @@ from fedkern.algorithms import (
     RMARINA,
     RPAGE,
     RSGD,
+    TAMUNA,
     BiasedSGD,
     ByzVRMarinaPP,
     ClipLocalGDJ,
@@ -49,7 +51,6 @@ from fedkern.algorithms import (
     ProxSkip,
     Scaffnew,
     Scaffold,
-    TAMUNA,
     federated,
 )
 from fedkern.clients import ClientBatch, ModuleClients

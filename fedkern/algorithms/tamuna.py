@@ -37,7 +37,6 @@ from fedkern.algorithms.federated import (
     OPT_COHORT,
     OPT_GAMMA,
     OPT_P,
-    SLOT_COHORT,
     SLOT_COIN,
     SLOT_PATTERN,
     FederatedMethod,
