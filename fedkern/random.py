@@ -39,6 +39,7 @@ __all__ = [
     "STREAM_BERNOULLI",
     "STREAM_SKETCH",
     "STREAM_PARTITION",
+    "STREAM_PATTERN",
     "draw_key",
     "draw_keys_tensor",
     "gaussian",
@@ -61,6 +62,8 @@ STREAM_SHUFFLE = 0x53484646  # "SHFF"
 STREAM_COHORT = 0x434F4854  # "COHT"
 STREAM_RESHUFFLE = 0x52534846  # "RSHF"
 STREAM_UNIFORM = 0x554E4946  # "UNIF"
+#: Stream tag of TAMUNA's per-round slot permutation (``fedkern.sampling.slot_permutation``).
+STREAM_PATTERN = 0x50415454  # "PATT"
 #: Stream tags of the Gaussian draws (``gaussian``: the frozen RAC-LoRA factors; and the
 #: directions of ``fedkern.estimators.ZerothOrder``) and ``bernoulli`` (the Bernoulli sketches), and
 #: of the Feistel round keys of the Rand-K and partition sketches (fedkern.sketch).

@@ -518,7 +518,7 @@ def cmd_run(args, parser) -> int:
     )
     for name, val, dist, up, sec, div in rows:
         status = "ok" if div is None else f"diverged at round {div}"
-        print(f"{name:10s} {val:12.4e} {dist:12.4e} {up:12d} {sec:8.2f}  {status}")
+        print(f"{name:10s} {val:12.4e} {dist:12.4e} {up:12.0f} {sec:8.2f}  {status}")
     meta = {"problem": spec.name, "rounds": args.rounds, "seed": args.seed, **meta}
     _write_atomic(
         out / "metrics.json",  # fmt: skip

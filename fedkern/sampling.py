@@ -13,6 +13,8 @@ Cohorts:
   importance(L, c, alpha=)             probabilities proportional to L_m**alpha, summing to c,
                                        capped at 1 (the input of ``independent``)
   reshuffled(n, c, seed=, epoch=)      a meta-epoch: every client exactly once, in cohorts of c
+  slot_permutation(c, seed=, step=)    a uniform permutation of the c cohort slots (TAMUNA's
+                                       compression pattern: slot j -> cohort row)
 Coins and counts:
   coin(p, seed=, step=)                True with probability p
   geometric(p, seed=, step=)           K >= 1 with P(K = k) = (1 - p)^(k - 1) p
@@ -28,6 +30,7 @@ import torch
 from fedkern import validation as v
 from fedkern.random import (
     STREAM_COHORT,
+    STREAM_PATTERN,
     STREAM_RESHUFFLE,
     STREAM_UNIFORM,
     permutation_tensor,
@@ -40,6 +43,7 @@ __all__ = [
     "importance",
     "independent",
     "reshuffled",
+    "slot_permutation",
     "uniform",
     "uniform_floats",
 ]
@@ -47,10 +51,20 @@ __all__ = [
 #: Offsets of the uniform-float draws inside STREAM_UNIFORM, so that a coin, a geometric count
 #: and the independent-participation floats of one (seed, step) are distinct words.
 _COIN, _GEOMETRIC, _INDEPENDENT = 0, 1, 2
+_MAX_KEY = (1 << 63) - 1
+#: The largest population of ``uniform`` / ``reshuffled``: the Feistel network works on int64
+#: values of 2h <= 62 bits (a larger n would need 64-bit values, which overflow int64).
+MAX_CLIENTS = 1 << 62
 
 
 def _uniform_stream(which: int) -> int:
     return (STREAM_UNIFORM + which) & 0xFFFFFFFF
+
+
+def _key(name: str, value) -> int:
+    """A seed / step / epoch: an int in [0, 2**63) (numpy integers accepted), as a Python int;
+    checked here so that every function rejects a bad key, including on its fast paths."""
+    return v.integer(name, value, 0, _MAX_KEY)
 
 
 def uniform(n: int, c: int, *, seed: int, step: int) -> torch.Tensor:
@@ -60,15 +74,16 @@ def uniform(n: int, c: int, *, seed: int, step: int) -> torch.Tensor:
     of ``fedkern.random.permutation_tensor``, stream STREAM_COHORT at (seed, step)): O(c) work.
 
     Args:
-        n: number of clients, int >= 1.
+        n: number of clients, int in [1, 2**62].
         c: cohort size, int in [1, n].
         seed, step: ints in [0, 2**63).
 
     Returns:
         int64 CPU tensor [c], ascending client ids.
     """
-    n = v.integer("n", n, 1)
+    n = v.integer("n", n, 1, MAX_CLIENTS)
     c = v.integer("c", c, 1, n)
+    seed, step = _key("seed", seed), _key("step", step)
     if c == n:
         return torch.arange(n, dtype=torch.int64)
     ids = permutation_tensor(n, seed, step, stream=STREAM_COHORT, count=c)
@@ -77,7 +92,10 @@ def uniform(n: int, c: int, *, seed: int, step: int) -> torch.Tensor:
 
 def uniform_floats(n: int, *, seed: int, step: int) -> torch.Tensor:
     """n independent uniform floats in [0, 1): float64 CPU tensor [n] (``fedkern.random.uniforms``
-    on the participation stream; entry m is client m's draw in ``independent``)."""
+    on the participation stream; entry m is client m's draw in ``independent``). n: int >= 0;
+    seed, step: ints in [0, 2**63)."""
+    n = v.integer("n", n, 0)
+    seed, step = _key("seed", seed), _key("step", step)
     return uniforms(n, seed=seed, step=step, stream=_uniform_stream(_INDEPENDENT))
 
 
@@ -89,9 +107,12 @@ def _probabilities(name: str, probs) -> torch.Tensor:
                              f"{tuple(probs.shape)}")  # fmt: skip
     else:
         try:
-            q = torch.as_tensor(probs, dtype=torch.float64).reshape(-1)
+            q = torch.as_tensor(probs, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{name} must be a 1-D sequence or tensor of floats") from exc
+        if q.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one probability per client), got shape "
+                             f"{tuple(q.shape)}")  # fmt: skip
     if q.numel() < 1:
         raise ValueError(f"{name} must hold at least one probability")
     bad = ~((q > 0) & (q <= 1))  # also catches NaN
@@ -115,8 +136,30 @@ def independent(probs, *, seed: int, step: int) -> torch.Tensor:
         int64 CPU tensor of the ascending ids that joined (possibly empty).
     """
     q = _probabilities("probs", probs)
+    seed, step = _key("seed", seed), _key("step", step)
     u = uniform_floats(q.numel(), seed=seed, step=step)
     return torch.nonzero(u < q).flatten()
+
+
+def _weights(name: str, L) -> torch.Tensor:
+    if isinstance(L, torch.Tensor):
+        if L.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one weight per client), got shape "
+                             f"{tuple(L.shape)}")  # fmt: skip
+        w = L.detach().to("cpu", torch.float64)
+    else:
+        try:
+            w = torch.as_tensor(L, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be a 1-D sequence or tensor of real numbers") from exc
+        if w.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one weight per client), got shape "
+                             f"{tuple(w.shape)}")  # fmt: skip
+    if w.numel() < 1:
+        raise ValueError(f"{name} must hold at least one weight")
+    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+        raise ValueError(f"{name} must hold positive finite values")
+    return w
 
 
 def importance(L, c: float, alpha: float = 1.0) -> torch.Tensor:
@@ -127,40 +170,42 @@ def importance(L, c: float, alpha: float = 1.0) -> torch.Tensor:
     until no value exceeds 1 (water-filling; at most n passes). The result is the unique capped
     proportional allocation, so ``independent(importance(L, c), ...)`` has expected size c.
 
+    The powers are formed in log space relative to the largest (alpha < 0: smallest) free weight,
+    so any finite alpha works (L**alpha itself may overflow float64). A share too small for float64
+    (below about 1e-308 of the largest) is stored as the smallest normal float64, 2**-1022, so
+    every probability stays positive and the result is always a valid input of ``independent``.
+
     Args:
-        L: n positive finite weights (smoothness constants L_m), tensor or sequence.
-        c: expected cohort size, a real number in (0, n].
+        L: n positive finite weights (smoothness constants L_m), a 1-D tensor or sequence (not
+            modified).
+        c: expected cohort size, a real number in (0, n] (c = n gives all ones).
         alpha: the exponent, a finite real number (0 gives uniform probabilities c / n).
 
     Returns:
         float64 CPU tensor [n] of probabilities in (0, 1].
     """
-    if isinstance(L, torch.Tensor):
-        w = L.detach().to("cpu", torch.float64).reshape(-1)
-    else:
-        w = torch.as_tensor(L, dtype=torch.float64).reshape(-1)
-    n = w.numel()
-    if n < 1:
-        raise ValueError("L must hold at least one weight")
-    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
-        raise ValueError("L must hold positive finite values")
+    logw = torch.log(_weights("L", L))
+    n = logw.numel()
     alpha = v.finite("alpha", alpha)
     c = v.finite("c", c)
     if not 0 < c <= n:
         raise ValueError(f"c must be in (0, n={n}], got {c}")
-    w = w**alpha
-    w = w / w.max()  # large exponents: keep the powers in range
-    p = torch.zeros(n, dtype=torch.float64)
+    if c == n:
+        return torch.ones(n, dtype=torch.float64)
     capped = torch.zeros(n, dtype=torch.bool)
-    for _ in range(n + 1):
+    for _ in range(n):
         free = ~capped
+        # alpha * (log L - the extreme free log L) <= 0, 0 at the heaviest free client: the
+        # powers relative to it, in [0, 1], without overflow (alpha = 0 gives exactly 1)
+        ref = logw[free].max() if alpha >= 0 else logw[free].min()
+        w = torch.where(free, torch.exp(alpha * (logw - ref)), torch.zeros_like(logw))
         mass = c - float(capped.sum())
-        p = torch.where(capped, torch.ones_like(w), mass * w / float(w[free].sum()))
+        p = torch.where(capped, torch.ones_like(w), mass * w / float(w.sum()))
         over = free & (p > 1)
         if not bool(over.any()):
             break
         capped |= over
-    return p.clamp(max=1.0)
+    return p.clamp(min=2.0**-1022, max=1.0)
 
 
 def reshuffled(n: int, c: int, *, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -170,17 +215,36 @@ def reshuffled(n: int, c: int, *, seed: int, epoch: int) -> list[torch.Tensor]:
     holds the n mod c clients left over (a documented rule: no client is dropped or repeated).
 
     Args:
-        n: number of clients, int >= 1.
+        n: number of clients, int in [1, 2**62].
         c: cohort size, int in [1, n].
         seed, epoch: ints in [0, 2**63) (the permutation of stream STREAM_RESHUFFLE).
 
     Returns:
         A list of ceil(n / c) int64 CPU tensors, each ascending.
     """
-    n = v.integer("n", n, 1)
+    n = v.integer("n", n, 1, MAX_CLIENTS)
     c = v.integer("c", c, 1, n)
+    seed, epoch = _key("seed", seed), _key("epoch", epoch)
     perm = permutation_tensor(n, seed, epoch, stream=STREAM_RESHUFFLE)
     return [torch.sort(part).values for part in torch.split(perm, c)]
+
+
+def slot_permutation(c: int, *, seed: int, step: int) -> torch.Tensor:
+    """A uniform permutation of 0..c-1: entry j is the cohort row that takes pattern slot j.
+
+    TAMUNA's compression pattern gives coordinate r to the slots (s*r + j) mod c, j < s; this
+    permutation assigns the slots to the cohort's rows afresh each round (stream STREAM_PATTERN at
+    (seed, step), so the clients can rebuild their pattern from (seed, step) alone).
+
+    Args:
+        c: cohort size, int >= 1.
+        seed, step: ints in [0, 2**63).
+
+    Returns:
+        int64 CPU tensor [c].
+    """
+    c = v.integer("c", c, 1)
+    return permutation_tensor(c, seed, step, stream=STREAM_PATTERN)
 
 
 def coin(p: float, *, seed: int, step: int) -> bool:
@@ -193,6 +257,7 @@ def coin(p: float, *, seed: int, step: int) -> bool:
     p = v.finite("p", p)
     if not 0 <= p <= 1:
         raise ValueError(f"p must be in [0, 1], got {p}")
+    seed, step = _key("seed", seed), _key("step", step)
     u = float(uniforms(1, seed=seed, step=step, stream=_uniform_stream(_COIN))[0])
     return u < p
 
@@ -205,10 +270,13 @@ def geometric(p: float, *, seed: int, step: int) -> int:
     communication round).
 
     Args:
-        p: a probability in (0, 1].
+        p: a probability in [1e-300, 1] (below, the counts exceed the float64 range).
         seed, step: ints in [0, 2**63).
     """
     p = v.probability("p", p)
+    if p < 1e-300:
+        raise ValueError(f"p must be >= 1e-300 (smaller p gives counts beyond float64), got {p}")
+    seed, step = _key("seed", seed), _key("step", step)
     if p == 1.0:
         return 1
     u = float(uniforms(1, seed=seed, step=step, stream=_uniform_stream(_GEOMETRIC))[0])

@@ -264,6 +264,34 @@ MUTANTS = [
         "for (int64_t k = 0; k < d; ++k) u[k] = u[k] + mu * (a[k] - x[k]);",
         ["tests/test_kernels_clients_cpu.py"],
     ),
+    (
+        "tamuna-eta-default",
+        "fedkern/algorithms/tamuna.py",
+        'self.p * chi(c, self.s) if eta is None else eta',
+        'self.p if eta is None else eta',
+        ["tests/test_tamuna_method.py", "-k", "defaults or dense"],
+    ),
+    (
+        "tamuna-pattern-key",
+        "fedkern/algorithms/tamuna.py",
+        "step=self.key(SLOT_PATTERN))",
+        "step=self.key(SLOT_COIN))",
+        ["tests/test_tamuna_method.py", "-k", "dense or nothing"],
+    ),
+    (
+        "tamuna-h-not-stored",
+        "fedkern/algorithms/tamuna.py",
+        "        self.H[S] = H\n        self.x = x_new",
+        "        self.x = x_new",
+        ["tests/test_tamuna_method.py", "-k", "dense or sum_h"],
+    ),
+    (
+        "tamuna-reference-drops-a-holder",
+        "fedkern/reference/tamuna.py",
+        "for j in range(1, s):",
+        "for j in range(1, s - 1):",
+        ["tests/test_tamuna_method.py", "-k", "dense or scaffnew"],
+    ),
 ]
 
 

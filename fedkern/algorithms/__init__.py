@@ -4,6 +4,8 @@
   history, divergence as a result, exact ``state_dict`` resume;
 - ``GD``, ``FedAvg``, ``FedProx``, ``Scaffold``, ``ProxSkip``, ``Scaffnew`` on a
   ``fedkern.clients.ClientBatch`` (batched local training; ``fedkern.algorithms.federated``);
+- ``TAMUNA``: local training, compression and partial participation with the fused pattern
+  aggregation (``fedkern.algorithms.tamuna``);
 - ``ByzVRMarinaPP``: Byzantine-robust variance reduction with partial participation and clipped
   gradient differences (``plus=True``: the PP+ variant);
 - ``ClipLocalGDJ``, ``ClippedGD``, ``CLERR``, ``NASTYA``, ``ClippedRRCLI``, ``LocalClippedSGD``,
@@ -57,10 +59,12 @@ from fedkern.algorithms.raclora import (
     RACLoRA,
 )
 from fedkern.algorithms.riemannian import RLSVRG, RMARINA, RPAGE, RSGD
+from fedkern.algorithms.tamuna import TAMUNA
 from fedkern.algorithms.vr import LSVRG, PAGE
 
 REGISTRY = {
-    cls.name: cls for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew, ByzVRMarinaPP)
+    cls.name: cls
+    for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew, TAMUNA, ByzVRMarinaPP)
 }
 REGISTRY.update({cls.name: cls for cls in (ClipLocalGDJ, ClippedGD, CLERR, NASTYA, ClippedRRCLI,
                                            LocalClippedSGD, ClippedFedAvg, LocalGD,
@@ -109,4 +113,5 @@ __all__ = [
     "ProxSkip",
     "Scaffnew",
     "Scaffold",
+    "TAMUNA",
 ]
