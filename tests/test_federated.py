@@ -9,9 +9,10 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from fedkern import cli, data
-from fedkern.algorithms import GD, REGISTRY, FedAvg, ProxSkip, Scaffnew
+from fedkern.algorithms import GD, REGISTRY, FedAvg, ProxSkip, Scaffnew, Scaffold
 from fedkern.clients import ClientBatch
 from fedkern.problems import Problem
 
@@ -167,3 +168,20 @@ def test_cli_run_bad_input(argv, match, capsys):
         cli.main(argv)
     err = capsys.readouterr().err
     assert re.search(match, err), err
+
+
+@pytest.mark.parametrize("cls", [FedAvg, Scaffold])
+def test_one_client_cohort_does_not_alias_the_server_model(cancer, cls):
+    """A cohort of one: the local start point is a copy of x (an expand(1, -1).contiguous() view
+    would let the in-place local steps overwrite x). Checked against the definition
+    x+ = x + server_lr (y - x), y from local steps started at a separate copy."""
+    B = batch(cancer, 0.1)
+    m = cls(B, cohort=1, local_steps=3, server_lr=0.5, seed=4)
+    m.run(2)
+    x0 = m.x.clone()
+    S = m._cohort(1)
+    H = None if cls is FedAvg else (m.C[S] - m.c).contiguous()
+    Y = x0.clone()[None, :]
+    B.local_steps_(Y, gamma=m.gamma, steps=3, clients=S, H=H, round=m.rounds)
+    m.step()
+    assert torch.equal(m.x, x0 + 0.5 * (Y[0] - x0))

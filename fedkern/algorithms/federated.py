@@ -167,7 +167,7 @@ class GD(FederatedMethod):
         super().__init__(batch, **kw)
 
     def step(self) -> None:
-        X = self.x.expand(self.batch.n, -1).contiguous()
+        X = self.x.repeat(self.batch.n, 1)
         self._local(X, 1)
         self.x = self.batch.mean(X)
         self.rounds += 1
@@ -202,7 +202,7 @@ class FedAvg(FederatedMethod):
 
     def step(self) -> None:
         S = self._cohort(self.cohort_size)
-        Y = self.x.expand(S.numel(), -1).contiguous()
+        Y = self.x.repeat(S.numel(), 1)
         self._local(Y, self.K, clients=S, mu=self.mu, anchor=self.x if self.mu else None)
         self.x = self.x + self.server_lr * (self.batch.mean(Y) - self.x)
         self.rounds += 1
@@ -241,7 +241,7 @@ class Scaffold(FedAvg):
 
     def step(self) -> None:
         S = self._cohort(self.cohort_size)
-        Y = self.x.expand(S.numel(), -1).contiguous()
+        Y = self.x.repeat(S.numel(), 1)
         H = (self.C[S] - self.c).contiguous()
         self._local(Y, self.K, clients=S, H=H)
         c_new = H + (self.x - Y) / (self.K * self.gamma)  # c_i - c + (x - y_i)/(K gamma)
@@ -303,7 +303,7 @@ class ProxSkip(FederatedMethod):
     def step(self) -> None:
         K = self.geometric(self.p, SLOT_COIN)
         S = self._cohort(self.cohort_size)
-        X = self.x.expand(S.numel(), -1).contiguous()
+        X = self.x.repeat(S.numel(), 1)
         H = self.H[S].contiguous()
         self._local(X, K, clients=S, H=H)
         if self.prox == "consensus":

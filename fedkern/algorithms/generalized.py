@@ -277,7 +277,7 @@ class ClipLocalGDJ(_Jump):
 
     def step(self) -> None:
         n = self.batch.n
-        Y = self.x.expand(n, -1).contiguous()
+        Y = self.x.repeat(n, 1)
         G = self._full_norm(self.x)
         self._local(Y, self.K)
         self.x = self._jump(Y, self.x, self._w_all, 1.0 / (self.gamma * self.K), self.c0, self.c1,
@@ -356,7 +356,7 @@ class CLERR(_Jump):
 
     def step(self) -> None:
         n = self.batch.n
-        Y = self.x.expand(n, -1).contiguous()
+        Y = self.x.repeat(n, 1)
         G = self._full_norm(self.x)
         self._local(Y, 1)
         self.x = self._jump(Y, self.x, self._a, self._S, self.c0, self.c1, G)
@@ -430,7 +430,7 @@ class ClippedRRCLI(_Jump):
         for S in cohorts:
             w = 1.0 / (S.numel() * self.gamma * self._steps[S].to(F64))
             total = float(w.sum())
-            Y = z.expand(S.numel(), -1).contiguous()
+            Y = z.repeat(S.numel(), 1)
             self._local(Y, 1, clients=S)
             # z - eta * sum_m w_m (z - y_m): the jump with theta = eta (c0 = 1/eta, c1 = 0)
             z = clip_jump(Y, z, (w / total).to(self.batch.device), total, 1.0 / self.eta, 0.0,
@@ -476,7 +476,7 @@ class LocalClippedSGD(_Jump):
 
     def step(self) -> None:
         S = None if self.cohort_size == self.batch.n else self._cohort(self.cohort_size)
-        Y = self.x.expand(self.cohort_size, -1).contiguous()
+        Y = self.x.repeat(self.cohort_size, 1)
         self._local(Y, self.K, clients=S, clip=self.lam)
         self.x = self.batch.mean(Y)
         self.rounds += 1
@@ -520,7 +520,7 @@ class ClippedFedAvg(_Jump):
         from fedkern.robust import clip_rows_
 
         S = None if self.cohort_size == self.batch.n else self._cohort(self.cohort_size)
-        Y = self.x.expand(self.cohort_size, -1).contiguous()
+        Y = self.x.repeat(self.cohort_size, 1)
         self._local(Y, self.K, clients=S)
         U = (self.x - Y) / self.K
         clip_rows_(U, self.lam)

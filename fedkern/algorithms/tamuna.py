@@ -147,7 +147,7 @@ class TAMUNA(FederatedMethod):
         c, s, d = self.cohort_size, self.s, self.batch.p
         K = self.geometric(self.p, SLOT_COIN)
         S = self._cohort(c)
-        X = self.x.expand(c, -1).contiguous()
+        X = self.x.repeat(c, 1)
         H = self.H[S].contiguous()
         if self.deferred:
             self._apply_pending(S, H)
