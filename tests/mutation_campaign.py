@@ -267,8 +267,8 @@ MUTANTS = [
     (
         "tamuna-eta-default",
         "fedkern/algorithms/tamuna.py",
-        'self.p * chi(c, self.s) if eta is None else eta',
-        'self.p if eta is None else eta',
+        "self.p * chi(c, self.s) if eta is None else eta",
+        "self.p if eta is None else eta",
         ["tests/test_tamuna_method.py", "-k", "defaults or dense"],
     ),
     (

@@ -439,3 +439,16 @@ def test_local_steps_l2_keyword(backend, cancer, gen):
         with pytest.raises(exc, match="l2"):
             B.local_steps_(Z, gamma=lr, steps=K, clients=S, l2=bad)
         assert torch.equal(Z, X0)
+
+
+def test_k_is_the_randk_shorthand(cancer):
+    B = make(cancer)
+    a = FiveGCS(B, cohort=5, k=6, seed=2)
+    b = FiveGCS(B, cohort=5, compressor=RandK(6, seed=2), seed=2)
+    a.run(4)
+    b.run(4)
+    assert torch.equal(a.x, b.x) and a.history["floats_up"][-1] == 6
+    with pytest.raises(ValueError, match="not both"):
+        FiveGCS(B, k=6, compressor=RandK(6))
+    with pytest.raises(ValueError, match="k must"):
+        FiveGCS(B, k=0)

@@ -3,8 +3,8 @@ loaded into a freshly built object and run on equals the uninterrupted run bit f
 
 Covered: every method of ``fedkern.algorithms`` (the test below fails when a registered method has
 no case here): GD, FedAvg, FedProx, Scaffold, ProxSkip in both prox forms, Scaffnew, TAMUNA
-(exact and deferred), MARINA, DIANA, EF21, L-SVRG, PAGE, the (L0,L1) clipped methods on the
-quartic, BiasedSGD with its estimators,
+(exact and deferred), 5GCS / 5GCS-CC, MARINA, DIANA, EF21, L-SVRG, PAGE, the (L0,L1) clipped
+methods on the quartic, BiasedSGD with its estimators,
 R-SGD / R-LSVRG / R-PAGE / R-MARINA on PCA, Byz-VR-MARINA-PP and PP+ with stateful aggregators,
 compressors and attacks), ``fedkern.robust.Aggregator`` (bucketing's call counter, centered
 clipping's warm start), and the stateless batched clients (``ClientBatch``, ``ModuleClients``):
@@ -46,6 +46,7 @@ from fedkern.algorithms import (
     ClippedRRCLI,
     FedAvg,
     FedProx,
+    FiveGCS,
     LocalClippedSGD,
     LocalGD,
     ProxSkip,
@@ -157,6 +158,10 @@ FEDERATED = {
     "scaffnew": lambda B: Scaffnew(B, p=0.3, cohort=6, mode="rr", batch_size=7, seed=2),
     "tamuna": lambda B: TAMUNA(B, cohort=6, s=3, p=0.3, mode="sgd", batch_size=4, seed=2),
     "tamuna_deferred": lambda B: TAMUNA(B, cohort=5, s=2, p=0.5, deferred=True, seed=2),
+    "fivegcs": lambda B: FiveGCS(
+        B, cohort=4, sampling="importance", compressor=RandK(6, seed=3), local_solver="agd", seed=2
+    ),  # fmt: skip
+    "fivegcs_uniform": lambda B: FiveGCS(B, cohort=3, mode="sgd", batch_size=4, seed=2),
     "marina": lambda B: MARINA(B, k=4, p=0.4, mode="sgd", batch_size=3, seed=2),
     "diana": lambda B: DIANA(B, k=4, mode="sgd", batch_size=5, seed=2),
     "ef21": lambda B: EF21(B, k=4, seed=2),

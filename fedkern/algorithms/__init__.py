@@ -5,7 +5,8 @@
 - ``GD``, ``FedAvg``, ``FedProx``, ``Scaffold``, ``ProxSkip``, ``Scaffnew`` on a
   ``fedkern.clients.ClientBatch`` (batched local training; ``fedkern.algorithms.federated``);
 - ``TAMUNA``: local training, compression and partial participation with the fused pattern
-  aggregation (``fedkern.algorithms.tamuna``);
+  aggregation (``fedkern.algorithms.tamuna``); ``FiveGCS``: 5GCS / 5GCS-CC with uniform or
+  importance client sampling (``fedkern.algorithms.fivegcs``);
 - ``ByzVRMarinaPP``: Byzantine-robust variance reduction with partial participation and clipped
   gradient differences (``plus=True``: the PP+ variant);
 - ``ClipLocalGDJ``, ``ClippedGD``, ``CLERR``, ``NASTYA``, ``ClippedRRCLI``, ``LocalClippedSGD``,
@@ -38,6 +39,7 @@ from fedkern.algorithms.federated import (
     Scaffnew,
     Scaffold,
 )
+from fedkern.algorithms.fivegcs import FiveGCS
 from fedkern.algorithms.generalized import (
     CLERR,
     NASTYA,
@@ -64,7 +66,7 @@ from fedkern.algorithms.vr import LSVRG, PAGE
 
 REGISTRY = {
     cls.name: cls
-    for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew, TAMUNA, ByzVRMarinaPP)
+    for cls in (GD, FedAvg, FedProx, Scaffold, ProxSkip, Scaffnew, TAMUNA, FiveGCS, ByzVRMarinaPP)
 }
 REGISTRY.update({cls.name: cls for cls in (ClipLocalGDJ, ClippedGD, CLERR, NASTYA, ClippedRRCLI,
                                            LocalClippedSGD, ClippedFedAvg, LocalGD,
@@ -107,6 +109,7 @@ __all__ = [
     "REGISTRY",
     "ByzVRMarinaPP",
     "FedAvg",
+    "FiveGCS",
     "FedProx",
     "FederatedMethod",
     "Method",

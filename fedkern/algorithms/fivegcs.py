@@ -166,6 +166,8 @@ class FiveGCS(FederatedMethod):
         gamma, tau: the server step and the local proximal weight (finite, > 0; defaults in the
             module docstring).
         local_lr: the local step size (default 1 / (max_m L_m - mu + tau)).
+        k: shorthand for ``compressor=RandK(k, seed=seed)`` (an int in [1, d]; not with
+            compressor).
         seed: keys cohorts and masks (``Method.key``).
         x0, mode, batch_size, diverge_factor: as in ``FederatedMethod``. mode "sgd" / "rr" make
             the local steps stochastic (u_m+ is still the full local gradient): the method then
@@ -198,6 +200,8 @@ class FiveGCS(FederatedMethod):
                              "help": "fivegcs importance exponent: p_m ~ L_m^alpha (default 1)"},
         "local_solver": {"flag": "--local-solver", "choices": SOLVERS,
                          "help": "fivegcs local solver (default gd)"},
+        "k": {"flag": "--k", "type": int,
+              "help": "fivegcs: 5GCS-CC with unbiased Rand-k of k coordinates (default: 5GCS)"},
         "tau": {"flag": "--tau", "type": float,
                 "help": "fivegcs local proximal weight (default C / (M gamma))"},
     }  # fmt: skip
@@ -206,9 +210,13 @@ class FiveGCS(FederatedMethod):
                  alpha: float = 1.0, compressor: RandK | None = None,
                  local_steps: int | None = None, local_solver: str = "gd",
                  gamma: float | None = None, tau: float | None = None,
-                 local_lr: float | None = None, **kw):  # fmt: skip
+                 local_lr: float | None = None, k: int | None = None, **kw):  # fmt: skip
         P = _require_batch(batch).problem
         M, d = batch.n, batch.p
+        if k is not None:
+            if compressor is not None:
+                raise ValueError("give compressor or k (its shorthand), not both")
+            compressor = RandK(v.integer("k", k, 1, d), seed=kw.get("seed", 0))
         L = client_smoothness(P)
         self.alpha = v.finite("alpha", alpha)
         if isinstance(sampling, torch.Tensor):
