@@ -378,3 +378,21 @@ def test_aggregate_property(prop_backend, data):
     if H is not None:
         assert bits_equal(H, want_h)
     assert same_bits(X, X0)
+
+
+# ---- the benchmark's two sides ------------------------------------------------------------------
+
+
+def test_benchmark_sides_agree():
+    """bench/bench_tamuna.py's fedkern call and eager baseline compute the same step (to rounding:
+    the eager masked sum adds in row order, the op in slot order)."""
+    from fedkern import benchmarks as B
+
+    case = B.Case("tamuna_aggregate_", 3001, 4, torch.float32, 10)
+    p = case.setup("cpu")
+    p.rearm_fedkern()
+    p.rearm_eager()
+    a, b = p.fedkern(), p.eager()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p.tensors["H_fedkern"], p.tensors["H_eager"], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(p.tensors["H_fedkern"], p.tensors["H0"])  # both sides did update H
