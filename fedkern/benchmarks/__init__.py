@@ -5,9 +5,9 @@ The same cases drive ``fedkern bench`` (fedkern.cli) and the pytest-benchmark su
 :func:`run_suite`, :func:`suite`) and the registry; every other module of this package is one op
 family (``topk``, ``randk``, ``sparse``, ``microadam``, ``robust``, ``gram``, ``rowops``,
 ``diffclip``, ``clients``, ``tamuna``) with its eager baselines, input setups, byte counts and case
-lists; its docstring lists its baselines and cases. Importing this package imports every module in it, and
-each module registers its ops and cases when imported: a new family adds a module here and edits
-nothing else.
+lists; its docstring lists its baselines and cases. Importing this package imports every module in
+it, and each module registers its ops and cases when imported: a new family adds a module here and
+edits nothing else.
 
 Registry API (``fedkern.benchmarks.core``), used by a family module at import time:
 
