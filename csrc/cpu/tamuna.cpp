@@ -22,8 +22,8 @@ constexpr int64_t kMinWork = 1 << 15;  // held entries per block at least
 constexpr int64_t kStackHolders = 64;  // s up to this: the gathered values live on the stack
 
 // Coordinates [r0, r1): xbar and (H non-null) the held entries of H. off: c + s - 1 row offsets.
-void aggregate_block(const float* X, float* H, const int64_t* off, int64_t c, int64_t s,
-                     float coef, float* xbar, int64_t r0, int64_t r1, float* held) {
+void aggregate_block(const float* X, float* H, const int64_t* off, int64_t c, int64_t s, float coef,
+                     float* xbar, int64_t r0, int64_t r1, float* held) {
   const float fs = static_cast<float>(s);
   int64_t b = s * r0 % c;  // s * r0 < c * p (the size of X): no int64 overflow
   for (int64_t r = r0; r < r1; ++r) {
