@@ -233,6 +233,27 @@ def test_holders_changes_sum_to_zero(backend):
     assert not bool((wrong.abs() <= bound).all())
 
 
+@pytest.mark.parametrize("grain, blocks", [(1, 3), (7, 5), (100, 64)])
+def test_cpu_blocking_does_not_change_bits(grain, blocks):
+    """The C++ core cut into many coordinate blocks (its test hook: minimum block size and block
+    count) gives the bits of one block: each block starts its slot walk at (s * r0) mod c."""
+    C = pytest.importorskip("fedkern._C")
+    gen = torch.Generator().manual_seed(fresh_seed())
+    c, p, s = 13, 1001, 5
+    X, H, perm = inputs(c, p, gen)
+    H0, H2 = H.clone(), H.clone()
+    with fedkern.backend("cpu"):
+        C._blocking(grain, blocks)
+        try:
+            got = agg(X, H, perm, s, 0.3)
+        finally:
+            C._blocking(0, 0)
+        want = agg(X, H2, perm, s, 0.3)
+    assert same_bits(got, want) and same_bits(H, H2)
+    ex_x, ex_h = exact32(X, H0, perm, s, 0.3)
+    assert bits_equal(got, ex_x) and bits_equal(H, ex_h)
+
+
 def test_check_perm_false_gives_the_same_result(backend):
     gen = torch.Generator().manual_seed(fresh_seed())
     X, H, perm = inputs(6, 50, gen)
