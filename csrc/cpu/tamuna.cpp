@@ -18,7 +18,7 @@
 namespace fedkern {
 namespace {
 
-constexpr int64_t kMinWork = 1 << 15;  // held entries per block at least
+constexpr int64_t kMinWork = 1 << 13;  // held entries per block at least (~20 us)
 constexpr int64_t kStackHolders = 64;  // s up to this: the gathered values live on the stack
 
 // Coordinates [r0, r1): xbar and (H non-null) the held entries of H. off: c + s - 1 row offsets.
