@@ -95,9 +95,11 @@ def inputs(c, p, gen, with_h=True):
 
 # ---- values -------------------------------------------------------------------------------------
 
-# (c, p, s): sizes 1, odd, s = 1, s = c, s * p < c (rows holding nothing), c > p, large p
+# (c, p, s): sizes 1, odd, s = 1, s = c, s * p < c (rows holding nothing), c > p, large p; the
+# pattern's period c / gcd(s, c) both small (the C++ core walks residues) and large (coordinates)
 SHAPES = [(1, 1, 1), (2, 1, 1), (3, 7, 2), (5, 37, 5), (7, 13, 1), (100, 10, 4), (9, 4, 2),
-          (10, 41, 4), (6, 5000, 3), (64, 2049, 7), (100, 10_000, 4)]  # fmt: skip
+          (10, 41, 4), (6, 5000, 3), (64, 2049, 7), (101, 700, 3), (250, 3001, 6),
+          (100, 10_000, 4)]  # fmt: skip
 
 
 def shrink(backend, c, p):
@@ -234,12 +236,14 @@ def test_holders_changes_sum_to_zero(backend):
 
 
 @pytest.mark.parametrize("grain, blocks", [(1, 3), (7, 5), (100, 64)])
-def test_cpu_blocking_does_not_change_bits(grain, blocks):
-    """The C++ core cut into many coordinate blocks (its test hook: minimum block size and block
-    count) gives the bits of one block: each block starts its slot walk at (s * r0) mod c."""
+@pytest.mark.parametrize("c, s", [(13, 5), (101, 3)], ids=["residues", "coordinates"])
+def test_cpu_blocking_does_not_change_bits(grain, blocks, c, s):
+    """The C++ core split over several threads' blocks of tiles (its test hook: minimum block size
+    and block count) gives the bits of one block, for both of its walks (period 13: by residue,
+    101: coordinate by coordinate); each tile starts its slot walk at (s * r0) mod c."""
     C = pytest.importorskip("fedkern._C")
     gen = torch.Generator().manual_seed(fresh_seed())
-    c, p, s = 13, 1001, 5
+    p = 3 * 1024 + 17  # several tiles of 1024 coordinates
     X, H, perm = inputs(c, p, gen)
     H0, H2 = H.clone(), H.clone()
     with fedkern.backend("cpu"):
