@@ -9,7 +9,9 @@ Op (namespace ``fedkern``):
       check_perm: verify that perm is a permutation of 0..c-1 (reads its values: on CUDA a host
           synchronization; callers that build perm themselves pass False).
       Returns xbar [p] float32 on X's device.
-The math and the summation order are in ``fedkern.reference.tamuna``.
+The math and the summation order are in ``fedkern.reference.tamuna``. Backends (IMPLS): the
+reference, the C++ core (csrc/cpu/tamuna.cpp, CPU) and Triton (kernels/tamuna.py, CUDA; CPU under
+TRITON_INTERPRET=1), bit-identical.
 """
 
 from __future__ import annotations
