@@ -45,7 +45,7 @@ def _aggregate_kernel(x_ptr, h_ptr, perm_ptr, xbar_ptr, c, p, s, coef, HAS_H: tl
         row = tl.load(perm_ptr + slot)
         acc = acc + tl.load(x_ptr + row * p + cols, mask=cmask, other=0.0)
         j += 1
-    xbar = tl.math.div_rn(acc, tl.full([BLOCK], s, tl.float32))
+    xbar = tl.math.div_rn(acc, tl.zeros_like(acc) + s.to(tl.float32))  # IEEE division
     tl.store(xbar_ptr + cols, xbar, mask=cmask)
     if HAS_H:
         slot = first
