@@ -54,7 +54,7 @@ def _aggregate_kernel(x_ptr, h_ptr, perm_ptr, xbar_ptr, c, p, s, coef, HAS_H: tl
             offs = tl.load(perm_ptr + slot) * p + cols
             xv = tl.load(x_ptr + offs, mask=cmask, other=0.0)
             hv = tl.load(h_ptr + offs, mask=cmask, other=0.0)
-            tl.store(h_ptr + offs, hv + coef * xbar - coef * xv, mask=cmask)
+            tl.store(h_ptr + offs, hv + coef * (xbar - xv), mask=cmask)
             slot = slot + 1
             slot = tl.where(slot >= c64, slot - c64, slot)
             j += 1
