@@ -16,11 +16,12 @@ A round on the client (``train.fedkern``):
 1. checks the message (protocol version, a method it serves, the seed it expects if one was given,
    its own client id, sane numbers); a bad message gets an error reply and changes nothing;
 2. completes its previous update if it is pending and the server says it was aggregated
-   (``agg_round`` equals its round): h[held] += coef (x[held] - xhat) with the model x just
-   received -- exact when that model is the server model of the pending round (the next round
-   under full participation), otherwise the authors' deferred update; a pending update the server
-   did not aggregate (a failed, rejected or lost reply, or a round lost to a server restart) is
-   dropped, so a client's h only moves with rounds the server used. This step is committed;
+   (``agg_round`` equals its round): h[held] += coef (x+[held] - xhat) with x+ the catch-up
+   values the server resent for that round if any, else the model x just received -- exact when
+   that model is the server model of the pending round (the next round under full
+   participation), otherwise the authors' deferred update; a pending update the server did not
+   aggregate (a failed, rejected or lost reply, or a round lost to a server restart) is dropped,
+   so a client's h only moves with rounds the server used. This step is committed;
 3. runs the trainer from x with h: x_i = trainer(x, h, K, gamma, config);
 4. replies with x_i's values at its held coordinates (``protocol.held_mask`` of (slot, s, c, p))
    and keeps them as the pending update. If the trainer raises, the reply is an error and this
@@ -180,17 +181,19 @@ class MethodClient:
         context.state[akey] = ArrayRecord(arrays)
         context.state[ckey] = ConfigRecord(conf)
 
-    def control_variate(self, context: Context, method: str, x=None) -> torch.Tensor:
+    def control_variate(self, context: Context, method: str, x=None,
+                        agg_round: int | None = None) -> torch.Tensor:  # fmt: skip
         """This node's control variate h of ``method`` (float32 [p] CPU; zeros of size 0 before
         the first round). With x (the current server model, [p]), a pending update is applied
-        to the copy returned, as the node would apply it on receiving x (for inspection and
-        tests; the state is not changed)."""
+        to the copy returned, as the node would apply it on receiving x with ``agg_round`` (the
+        strategy's ``last_agg`` of this client; None: as if aggregated). For inspection and
+        tests; the state is not changed."""
         ckey, akey = self._keys(method)
         arrays = context.state.array_records.get(akey)
         if arrays is None:
             return torch.zeros(0)
         h, pending = self._load(context, method, int(arrays["h"].numpy().size))
-        if x is not None and pending is not None:
+        if x is not None and pending is not None and agg_round in (None, pending["round"]):
             x = torch.as_tensor(x, dtype=torch.float32).reshape(-1)
             held = P.held_mask(h.numel(), pending["c"], pending["s"], pending["slot"])
             h[held] = h[held] + pending["coef"] * (x[held] - pending["xhat"])
@@ -272,7 +275,15 @@ class MethodClient:
         if pending is not None:
             if pending["round"] == agg_round and pending["round"] < rnd:
                 held = P.held_mask(p, pending["c"], pending["s"], pending["slot"])
-                h[held] = h[held] + pending["coef"] * (x[held] - pending["xhat"])
+                xplus = x[held]
+                catch = msg.content.array_records.get(P.CATCHUP)
+                if catch is not None and cfg.get("catchup_round") == pending["round"]:
+                    vals = catch["values"].numpy() if "values" in catch else None
+                    if vals is None or vals.dtype != np.float32 or vals.shape != xplus.shape:
+                        why = f"catch-up values must be float32 {tuple(xplus.shape)}"
+                        return self._error(msg, _Reject(P.ERR_PROTOCOL, why))
+                    xplus = torch.from_numpy(np.array(vals))
+                h[held] = h[held] + pending["coef"] * (xplus - pending["xhat"])
             else:
                 log(INFO, "fedkern client %s: dropped the pending %s update of round %s (the "
                     "server aggregated round %s)", cid, method, pending["round"],

@@ -34,8 +34,15 @@ logged as a warning) are left out of the round: the client's control variate doe
 averages the live clients; TAMUNA averages, per coordinate, its live holders, and a coordinate
 whose holders all failed keeps its value. Both keep sum_i h_i = 0, because the h updates of a
 coordinate's live holders sum to zero. With no live reply the round changes nothing (metric
-``skipped`` = 1). A sync message that fails leaves that client's update pending: it is applied at
-its next participation with that round's model (the deferred form; metric ``sync_failures``).
+``skipped`` = 1).
+
+Catch-up: when the server cannot be sure that an aggregated client received the model its update
+needs -- its sync message failed (metric ``sync_failures``), or, in sync mode "next" under full
+participation, its next train message failed -- it keeps that model's values at the client's
+held coordinates and resends them (ArrayRecord ``protocol.CATCHUP``, counted in floats_down) with
+the client's next train message, until a reply of the client is aggregated again. The client
+completes its pending update with them, so failures never make the control variates inexact.
+(With ``deferred`` the later model is the method's definition: no catch-up.)
 
 Metrics (per round, ``Result.train_metrics_clientapp`` keyed by the Flower round t + 1 counted
 across restarts, and ``strategy.history``): round, local_steps (K), cohort (c), clients (live
@@ -92,6 +99,7 @@ class _Plan:
         self.node = {}  # row -> node id (rows whose client is connected)
         self.held = {}  # slot -> bool [p]
         self.live: list[int] = []  # rows aggregated
+        self.x_start: torch.Tensor | None = None  # the model sent this round
         self.metrics: dict = {}
         self.sync: dict = {}  # row -> float32 values to send back
 
@@ -134,13 +142,18 @@ class MethodStrategy(FedAvg):
             if bad in kwargs:
                 raise TypeError(f"{bad} is not an option of {type(self).__name__}: the method "
                                 f"draws its cohort (cohort=)")  # fmt: skip
-        kwargs.setdefault("fraction_evaluate", 0.0)
         kwargs.setdefault("min_available_nodes", n)
-        super().__init__(**kwargs)
+        evaluate = kwargs.pop("fraction_evaluate", 0.0)
+        super().__init__(fraction_evaluate=1.0, **kwargs)  # (0.0 here would log a warning)
+        self.fraction_evaluate = evaluate
+        if evaluate == 0.0:
+            self.min_evaluate_nodes = 0
         self.rounds = 0
         self.x: torch.Tensor | None = None
         self.layout: list[tuple[str, tuple]] | None = None
-        self.last_agg: dict[int, int] = {}
+        self.last_agg: dict[int, int] = {}  # client -> last round its reply was aggregated
+        self.last_slot: dict[int, int] = {}  # client -> its pattern slot in that round
+        self.catchup: dict[int, tuple[int, torch.Tensor]] = {}  # client -> (round, values)
         self.history: dict[str, list] = {}
         self.nodes: dict[int, int] = {}
         self._plan: _Plan | None = None
@@ -295,6 +308,7 @@ class MethodStrategy(FedAvg):
                                "or call set_initial_arrays / load_state_dict first")  # fmt: skip
         K, S, perm = self.draw()
         plan = self._plan = _Plan(self.rounds, K, S, perm, self.s)
+        plan.x_start = self.x.detach().cpu().clone()
         model = self.global_arrays
         config = ConfigRecord() if config is None else config
         config["server-round"] = server_round
@@ -310,9 +324,13 @@ class MethodStrategy(FedAvg):
                        "n": self.num_clients, "c": self.cohort_size, "s": plan.s,
                        "slot": plan.slot[row], "agg_round": self.last_agg.get(cid, -1),
                        "sync": self.sync_mode, "layout": keys, "arrays": self.arrayrecord_key,
-                       "config": self.configrecord_key})  # fmt: skip
-            content = RecordDict({self.arrayrecord_key: model, self.configrecord_key: config,
-                                  P.RECORD: ConfigRecord(fk)})  # fmt: skip
+                       "config": self.configrecord_key, "catchup_round": -1})  # fmt: skip
+            content = RecordDict({self.arrayrecord_key: model, self.configrecord_key: config})
+            if cid in self.catchup:
+                fk["catchup_round"], vals = self.catchup[cid]
+                content[P.CATCHUP] = ArrayRecord({"values": Array(vals.numpy())})
+                down += vals.numel()
+            content[P.RECORD] = ConfigRecord(fk)
             msgs.append(Message(content, dst_node_id=int(node), message_type=P.ACTION_TRAIN,
                                 group_id=str(server_round)))  # fmt: skip
             down += self.dim
@@ -403,8 +421,18 @@ class MethodStrategy(FedAvg):
             return None, MetricRecord(plan.metrics)
         x_new = self.aggregate_values(X.to(self.device), plan).to(self.device)
         self.x = x_new
+        if self.sync_mode == P.SYNC_NEXT and self.cohort_size == self.num_clients:
+            # a client aggregated last round whose message failed may have missed x+ of that
+            # round (= the model sent this round): keep it for its catch-up
+            for row in set(range(self.cohort_size)) - set(plan.live):
+                cid = plan.cohort[row]
+                if self.last_agg.get(cid) == plan.round - 1 and cid not in self.catchup:
+                    held = P.held_mask(self.dim, self.cohort_size, plan.s, self.last_slot[cid])
+                    self.catchup[cid] = (plan.round - 1, plan.x_start[held].contiguous())
         for row in plan.live:
-            self.last_agg[plan.cohort[row]] = plan.round
+            cid = plan.cohort[row]
+            self.last_agg[cid], self.last_slot[cid] = plan.round, plan.slot[row]
+            self.catchup.pop(cid, None)
         if self.sync_mode == P.SYNC_EXCHANGE:
             xc = x_new.cpu()
             plan.sync = {row: xc[self._held(plan, row)].contiguous() for row in plan.live}
@@ -424,16 +452,17 @@ class MethodStrategy(FedAvg):
         return msgs
 
     def aggregate_sync(self, server_round: int, replies) -> None:
-        """Count the sync replies that failed (their update stays pending on the client)."""
+        """Count the sync messages that failed and keep their values for the catch-up."""
         plan = self._plan
         rows = sorted(plan.sync)
-        good, failures, rejected = self._replies(list(replies), plan, rows, "sync")
-        bad = len(rows) - len(good)
+        good, _, _ = self._replies(list(replies), plan, rows, "sync")
+        bad = [r for r in rows if r not in good]
+        for row in bad:
+            self.catchup[plan.cohort[row]] = (plan.round, plan.sync[row])
         if bad:
-            log(WARNING, "%s: round %s: %s sync messages failed; those clients apply the update "
-                "at their next participation (deferred)", self.method, server_round,
-                bad)  # fmt: skip
-        plan.metrics["sync_failures"] = bad
+            log(WARNING, "%s: round %s: %s sync messages failed; resent with those clients' "
+                "next train message", self.method, server_round, len(bad))  # fmt: skip
+        plan.metrics["sync_failures"] = len(bad)
 
     def run_round(self, grid: Grid, *, timeout: float = 3600,
                   train_config: ConfigRecord | None = None):  # fmt: skip
@@ -519,6 +548,8 @@ class MethodStrategy(FedAvg):
                 "config": self.config(),
                 "x": None if self.x is None else self.x.detach().cpu().clone(),
                 "layout": copy.deepcopy(self.layout), "last_agg": dict(self.last_agg),
+                "last_slot": dict(self.last_slot),
+                "catchup": {k: (r, t.clone()) for k, (r, t) in self.catchup.items()},
                 "history": copy.deepcopy(self.history)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
@@ -547,6 +578,8 @@ class MethodStrategy(FedAvg):
         self.x = None if x is None else x.clone().to(self.device)
         self.layout = None if layout is None else [(k, tuple(s)) for k, s in layout]
         self.last_agg = {int(k): int(r) for k, r in state["last_agg"].items()}
+        self.last_slot = {int(k): int(r) for k, r in state["last_slot"].items()}
+        self.catchup = {int(k): (int(r), t.clone()) for k, (r, t) in state["catchup"].items()}
         self.history = copy.deepcopy(state["history"])
         self._plan = None
 

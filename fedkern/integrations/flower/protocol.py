@@ -37,6 +37,7 @@ __all__ = [
     "ACTION_HELLO",
     "ACTION_SYNC",
     "ACTION_TRAIN",
+    "CATCHUP",
     "PROTOCOL",
     "RECORD",
     "SYNC_EXCHANGE",
@@ -54,6 +55,8 @@ ACTION_SYNC = "train.fedkern_sync"
 RECORD = "fedkern"
 #: The ArrayRecord of the held values (array "values").
 VALUES = "fedkern.values"
+#: The ArrayRecord of a resent server model (array "values"; see ``methods``: catch-up).
+CATCHUP = "fedkern.catchup"
 #: Sync modes. SYNC_EXCHANGE: the client's control-variate update uses the new server model's
 #: held coordinates, sent back in a second message of the same round. SYNC_NEXT: the update is
 #: applied when the client next receives the model (exact when that is the next round, i.e. full
