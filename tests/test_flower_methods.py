@@ -284,7 +284,7 @@ def test_claim_linear_convergence_where_flower_fedavg_plateaus(cancer):
     Scaffnew through Flower converge linearly to the exact optimum (gap <= 1e-7 gap0 after 200
     rounds, each window of rounds gaining a steady factor); Flower's own FedAvg strategy with the
     same cohort size and 3 local GD steps plateaus (the control fails the same assertion).
-    Measured: TAMUNA 3e-9, Scaffnew 3e-12 (float32 floor), FedAvg about 1e-4 of gap0."""
+    Measured: TAMUNA 3e-9, Scaffnew 3e-12 (float32 floor), FedAvg 1e-4 to 2e-3 of gap0."""
     from flwr.serverapp.strategy import FedAvg
 
     B = make_batch(cancer, l2=0.1)

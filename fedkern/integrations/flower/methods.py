@@ -232,7 +232,7 @@ class MethodStrategy(FedAvg):
             if layout != self.layout:
                 raise ValueError(f"initial_arrays have the layout {layout}; the strategy's model "
                                  f"(checkpoint) has {self.layout}")  # fmt: skip
-            log(INFO, "%s: resuming at round %s with the checkpoint's model", self.method,
+            log(INFO, "%s: resuming after round %s with the checkpoint's model", self.method,
                 self.rounds)  # fmt: skip
             return
         self.layout = layout
@@ -363,11 +363,11 @@ class MethodStrategy(FedAvg):
             if row is None or row in got:
                 why = "not asked" if row is None else "repeated"
                 log(WARNING, "%s: round %s: %s reply from node %s ignored (%s)", self.method,
-                    plan.round, what, node, why)  # fmt: skip
+                    plan.round + 1, what, node, why)  # fmt: skip
                 continue
             if msg.has_error():
                 failures += 1
-                log(INFO, "%s: round %s: client %s failed (%s): %s", self.method, plan.round,
+                log(INFO, "%s: round %s: client %s failed (%s): %s", self.method, plan.round + 1,
                     plan.cohort[row], what, msg.error.reason)  # fmt: skip
                 got[row] = None
                 continue
@@ -377,7 +377,7 @@ class MethodStrategy(FedAvg):
             if why is not None:
                 rejected += 1
                 log(WARNING, "%s: round %s: %s reply of client %s skipped: %s", self.method,
-                    plan.round, what, plan.cohort[row], why)  # fmt: skip
+                    plan.round + 1, what, plan.cohort[row], why)  # fmt: skip
                 got[row] = None
                 continue
             got[row] = msg
