@@ -191,11 +191,24 @@ class MethodStrategy(FedAvg):
         as ``fedkern.algorithms.base.Method.key``."""
         return (self.rounds + 1) * SLOTS + v.integer("slot", slot, 0, SLOTS - 1)
 
+    def cohort(self, n: int, c: int, slot: int = SLOT_COHORT) -> torch.Tensor:
+        """``fedkern.sampling.uniform(n, c)`` at this round's ``key(slot)``: int64 [c] CPU,
+        ascending (``Method.cohort``)."""
+        return sampling.uniform(n, c, seed=self.seed, step=self.key(slot))
+
+    def coin(self, p: float, slot: int = SLOT_COIN) -> bool:
+        """``fedkern.sampling.coin(p)`` at this round's ``key(slot)`` (``Method.coin``)."""
+        return sampling.coin(p, seed=self.seed, step=self.key(slot))
+
+    def geometric(self, p: float, slot: int = SLOT_COIN) -> int:
+        """``fedkern.sampling.geometric(p)`` at this round's ``key(slot)``
+        (``Method.geometric``)."""
+        return sampling.geometric(p, seed=self.seed, step=self.key(slot))
+
     def draw(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """This round's (K, cohort ids int64 [c] ascending, slot -> row permutation [c])."""
-        K = sampling.geometric(self.p, seed=self.seed, step=self.key(SLOT_COIN))
-        S = sampling.uniform(self.num_clients, self.cohort_size, seed=self.seed,
-                             step=self.key(SLOT_COHORT))  # fmt: skip
+        K = self.geometric(self.p, SLOT_COIN)
+        S = self.cohort(self.num_clients, self.cohort_size, SLOT_COHORT)
         return K, S, self.pattern()
 
     # ---- the model and its layout --------------------------------------------------------------
@@ -219,9 +232,10 @@ class MethodStrategy(FedAvg):
         return rec
 
     def set_initial_arrays(self, arrays: ArrayRecord) -> None:
-        """Adopt ``arrays`` as the model (names, shapes; values as float32). After
-        ``load_state_dict`` the arrays must have the checkpoint's names and shapes and their
-        values are ignored (the run resumes from the checkpoint's model)."""
+        """Adopt ``arrays`` (an ArrayRecord of floating-point arrays) as the model: names and
+        shapes, values as float32. When the strategy already has a model (``load_state_dict``,
+        or an earlier ``start``) the arrays must have its names and shapes and their values are
+        ignored: the run continues from the strategy's model."""
         if not isinstance(arrays, ArrayRecord):
             raise TypeError(f"arrays must be a flwr.app.ArrayRecord, got {type(arrays).__name__}")
         layout = [(k, tuple(arrays[k].shape)) for k in arrays.keys()]
