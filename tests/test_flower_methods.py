@@ -23,6 +23,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+from conftest import BACKEND_PARAMS, device_for  # noqa: E402
 from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
@@ -231,6 +232,31 @@ def test_equals_the_simulator_bit_for_bit(cancer, kind, mode):
     assert h["failures"] == [0] * 12 and h["rejected"] == [0] * 12
     if not deferred:
         assert drift(H) < 1e-5
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKEND_PARAMS if p.values[0] != "cuda"])
+@pytest.mark.parametrize("kind", ["scaffnew-partial", "tamuna"])
+def test_server_aggregation_on_every_backend_equals_the_simulator(cancer, kind, backend):
+    """The server's aggregation forced to each backend of its op (reference, C++, Triton: the
+    interpreter on the CPU, or the GPU with the model on CUDA) gives the simulator's run (default
+    backend, CPU) bit for bit: the backends agree bit for bit and the protocol adds nothing."""
+    import fedkern
+
+    B = make_batch(cancer)
+    strategy, args = strategy_of(kind, B, device=device_for(backend))
+    aggregate = strategy.aggregate_values
+
+    def forced(X, plan):
+        with fedkern.backend(backend):
+            return aggregate(X, plan)
+
+    strategy.aggregate_values = forced
+    res, grid, _ = flower_run(strategy, B, 5)
+    sim = simulator_of(kind, B, args)
+    sim.run(5)
+    assert strategy.x.device.type == device_for(backend)
+    assert torch.equal(model(res), sim.x)
+    assert torch.equal(client_H(grid, strategy), sim.H)
 
 
 def test_tamuna_clients_send_only_their_held_coordinates(cancer):
