@@ -84,11 +84,12 @@ class InProcessGrid(Grid):
     reply at all (a timeout)."""
 
     def __init__(self, app, node_ids=NODES, fault=None, node_config=None):
+        """node_config(i) -> dict gives node i's node_config (default {"partition-id": i})."""
         self.app, self.fault = app, fault
+        node_config = node_config or (lambda i: {"partition-id": i})
         self.contexts = {
             nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config={},
-                         node_config=(node_config or {"partition-id": i}) if node_config is None
-                         or not callable(node_config) else node_config(i))
+                         node_config=node_config(i))
             for i, nid in enumerate(node_ids)
         }  # fmt: skip
 
