@@ -15,6 +15,12 @@ residual in the node's persistent ``context.state``. It works with Message-API `
 functions and with legacy ``NumPyClient`` apps; both strategies decode its replies (``codec``: the
 wire format). Updates travel and are aggregated in float32 whatever the model's dtype.
 
+Methods (Message API): ``ScaffnewStrategy`` and ``TamunaStrategy`` (``methods``; the base
+``MethodStrategy``) run fedkern's federated methods on Flower, equal to ``fedkern.algorithms`` on
+the same seeds; the clients register ``MethodClient(trainer)`` (``method_client``) on their
+ClientApp, with ``ConvexTrainer`` (fedkern's convex problems) or ``ModuleTrainer`` (a PyTorch
+module) or any ``trainer(x, h, K, gamma, config)``. The wire protocol is in ``protocol``.
+
 Simulation: Flower's simulation engine (``flwr.simulation.run_simulation``) needs Ray (``pip install
 "flwr[simulation]"``); the example app in examples/flower-app runs there with ``flwr run .``.
 """
@@ -29,19 +35,33 @@ from fedkern.integrations.flower.codec import (
     is_compressed,
 )
 from fedkern.integrations.flower.legacy import LegacyFedkernStrategy
+from fedkern.integrations.flower.method_client import (
+    ConvexTrainer,
+    MethodClient,
+    ModuleTrainer,
+    module_arrays,
+)
+from fedkern.integrations.flower.methods import MethodStrategy, ScaffnewStrategy, TamunaStrategy
 from fedkern.integrations.flower.mod import CompressMod, make_compress_mod
 from fedkern.integrations.flower.strategy import FedkernStrategy
 
 __all__ = [
     "CompressMod",
+    "ConvexTrainer",
     "FORMAT_VERSION",
     "FedkernStrategy",
     "KIND_RANDK",
     "KIND_SPARSE",
     "LegacyFedkernStrategy",
     "MAGIC",
+    "MethodClient",
+    "MethodStrategy",
+    "ModuleTrainer",
+    "ScaffnewStrategy",
+    "TamunaStrategy",
     "compress_update",
     "decompress",
     "is_compressed",
     "make_compress_mod",
+    "module_arrays",
 ]

@@ -1,0 +1,90 @@
+"""The wire protocol of fedkern's federated methods on Flower (``methods`` and ``method_client``).
+
+Shared by the server strategies (``methods.MethodStrategy`` and its subclasses) and the client
+helper (``method_client.MethodClient``). Version ``PROTOCOL`` = 1. Message types (Flower's
+"<category>.<action>" routing, so an app keeps its own default train / evaluate functions):
+
+  ACTION_HELLO "query.fedkern_hello"  server -> every node, once per ``strategy.start``;
+      content: ConfigRecord RECORD {protocol, method, seed};
+      reply:   ConfigRecord RECORD {protocol, methods (list of str), client_id}.
+  ACTION_TRAIN "train.fedkern"        server -> each cohort client, once per round;
+      content: the model ArrayRecord (the strategy's ``arrayrecord_key``), the user's train
+               ConfigRecord (``configrecord_key``) and ConfigRecord RECORD {protocol, method, seed,
+               round, key, K, gamma, coef, n, c, s, row, slot, client_id, agg_round, sync, layout};
+      reply:   ConfigRecord RECORD {protocol, method, seed, round, client_id, row} and ArrayRecord
+               VALUES {"values": float32 [k]}: the trained model's values at the k coordinates the
+               client holds this round (all p for Scaffnew; ``held_mask``).
+  ACTION_SYNC  "train.fedkern_sync"   server -> the aggregated cohort clients, same round (only
+      when the round's sync mode is SYNC_EXCHANGE);
+      content: ConfigRecord RECORD {protocol, method, seed, round, client_id, row} and ArrayRecord
+               VALUES {"values": float32 [k]}: the new server model at the client's held
+               coordinates;
+      reply:   ConfigRecord RECORD {protocol, method, seed, round, client_id, row}.
+
+Randomness crosses the wire as numbers: the seed, the round and its key (``Method.key``'s stream
+position), K, and the client's pattern slot with (s, c); the client rebuilds its held set from
+(slot, s, c, p) with ``held_mask``. Masks are never sent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedkern.reference.tamuna import held_by_slot
+
+__all__ = [
+    "ACTION_HELLO",
+    "ACTION_SYNC",
+    "ACTION_TRAIN",
+    "CATCHUP",
+    "PROTOCOL",
+    "RECORD",
+    "SYNC_EXCHANGE",
+    "SYNC_NEXT",
+    "VALUES",
+    "flatten",
+    "held_mask",
+]
+
+PROTOCOL = 1
+ACTION_HELLO = "query.fedkern_hello"
+ACTION_TRAIN = "train.fedkern"
+ACTION_SYNC = "train.fedkern_sync"
+#: The ConfigRecord of fedkern's protocol fields in every message and reply.
+RECORD = "fedkern"
+#: The ArrayRecord of the held values (array "values").
+VALUES = "fedkern.values"
+#: The ArrayRecord of a resent server model (array "values"; see ``methods``: catch-up).
+CATCHUP = "fedkern.catchup"
+#: Sync modes. SYNC_EXCHANGE: the client's control-variate update uses the new server model's
+#: held coordinates, sent back in a second message of the same round. SYNC_NEXT: the update is
+#: applied when the client next receives the model (exact when that is the next round, i.e. full
+#: participation; otherwise the authors' deferred update, with that later round's model).
+SYNC_EXCHANGE, SYNC_NEXT = "exchange", "next"
+
+#: Error codes of the client's error replies.
+ERR_PROTOCOL, ERR_METHOD, ERR_SEED, ERR_STATE, ERR_TRAIN, ERR_CLIENT = 71, 72, 73, 74, 75, 76
+
+
+def held_mask(p: int, c: int, s: int, slot: int) -> torch.Tensor:
+    """bool [p] CPU: the coordinates that pattern slot ``slot`` holds in a cohort of c with s
+    holders per coordinate (TAMUNA's pattern: coordinate r goes to slots (s*r + j) mod c, j < s;
+    every coordinate when s = c)."""
+    if s == c:
+        return torch.ones(p, dtype=torch.bool)
+    return held_by_slot(p, c, s, slot)
+
+
+def flatten(record, keys) -> torch.Tensor:
+    """The arrays of an ArrayRecord named by ``keys``, flattened in that order: float32 [p] CPU
+    (a copy). Raises ValueError when a key is missing or an array is not floating point."""
+    parts = []
+    for k in keys:
+        if k not in record:
+            raise ValueError(f"the model record has no array {k!r}")
+        a = record[k].numpy()
+        if a.dtype.kind != "f":
+            raise ValueError(f"array {k!r} must be floating point, got {a.dtype}")
+        parts.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(-1)))
+    return torch.cat(parts) if parts else torch.zeros(0)
