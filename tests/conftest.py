@@ -298,3 +298,63 @@ def tolerance(op: str, dtype=torch.float32, scale: float = 1.0) -> dict:
     r, a = entry
     eps = EPS[dtype]
     return {"rtol": r * eps, "atol": a * eps * scale + 1e-300}
+
+
+_GRID_CLASS: list = []
+
+
+def in_process_grid():
+    """A Flower ``Grid`` (flwr.serverapp.grid) that runs each node's ClientApp in this process
+    with a persistent ``Context`` per node: ``InProcessGrid(app, node_ids, node_config=None)``
+    (node_config(i) -> dict, default {"partition-id": i}); ``send_and_receive`` delivers every
+    message to ``deliver(message, context)`` (override it to inject failures). The class is built
+    on first use, so this module does not import flwr."""
+    if _GRID_CLASS:
+        return _GRID_CLASS[0]
+    from flwr.app import Context, Message, RecordDict
+    from flwr.serverapp.grid import Grid
+
+    class InProcessGrid(Grid):
+        def __init__(self, app, node_ids, node_config=None):
+            self.app = app
+            node_config = node_config or (lambda i: {"partition-id": i})
+            self.contexts = {
+                nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config={},
+                             node_config=node_config(i))
+                for i, nid in enumerate(node_ids)
+            }  # fmt: skip
+
+        # Grid's run bookkeeping and asynchronous push / pull are not used in process
+        def set_run(self, run):
+            raise NotImplementedError("an in-process grid has no run to set")
+
+        @property
+        def run(self):
+            raise NotImplementedError("an in-process grid has no run")
+
+        def push_messages(self, messages):
+            raise NotImplementedError("an in-process grid only answers send_and_receive")
+
+        def pull_messages(self, message_ids):
+            raise NotImplementedError("an in-process grid only answers send_and_receive")
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
+                           group_id=group_id)  # fmt: skip
+
+        def get_node_ids(self):
+            return list(self.contexts)
+
+        def deliver(self, message, context):
+            return self.app(message, context)
+
+        def send_and_receive(self, messages, *, timeout=None):
+            out = []
+            for m in messages:
+                reply = self.deliver(m, self.contexts[m.metadata.dst_node_id])
+                if reply is not None:
+                    out.append(reply)
+            return out
+
+    _GRID_CLASS.append(InProcessGrid)
+    return InProcessGrid

@@ -20,6 +20,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+from conftest import in_process_grid  # noqa: E402
 from flwr.app import (  # noqa: E402
     ArrayRecord,
     ConfigRecord,
@@ -43,7 +44,6 @@ from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 from flwr.server import Server, SimpleClientManager  # noqa: E402
 from flwr.server.compat.grid_client_proxy import GridClientProxy  # noqa: E402
-from flwr.serverapp.grid import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 import fedkern.robust as R  # noqa: E402
@@ -711,44 +711,7 @@ class _BadShapeClient(NumPyClient):
 # ---------------------------------------------------------------------------------------------
 
 
-class _InProcessGrid(Grid):
-    """A Grid that runs each node's ClientApp in this process with a persistent Context."""
-
-    def __init__(self, app, node_ids):
-        self.app = app
-        self.contexts = {
-            n: Context(
-                run_id=1,
-                node_id=n,
-                node_config={"partition-id": i},
-                state=RecordDict(),
-                run_config={},
-            )  # fmt: skip
-            for i, n in enumerate(node_ids)
-        }
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id)  # fmt: skip
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+_InProcessGrid = in_process_grid()
 
 
 def _regression(num_clients=6, dim=20, seed=0):

@@ -23,7 +23,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import BACKEND_PARAMS, device_for  # noqa: E402
+from conftest import BACKEND_PARAMS, device_for, in_process_grid  # noqa: E402
 from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
@@ -36,7 +36,6 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.serverapp.grid import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedkern import data, sampling  # noqa: E402
@@ -74,8 +73,8 @@ def make_batch(cancer, l2=0.05, n=N):
     return ClientBatch(Problem(A, y, data.split(y, n, "label_sorted"), "logistic", l2), seed=3)
 
 
-class InProcessGrid(Grid):
-    """Runs each node's ClientApp in this process with a persistent Context.
+class InProcessGrid(in_process_grid()):
+    """Runs each node's ClientApp in this process with a persistent Context (conftest's grid).
 
     ``fault(action, round, client_id)`` (optional) injects failures: None delivers the message;
     "drop" answers with an error reply without delivering it (the node never sees it); "lose"
@@ -85,53 +84,24 @@ class InProcessGrid(Grid):
 
     def __init__(self, app, node_ids=NODES, fault=None, node_config=None):
         """node_config(i) -> dict gives node i's node_config (default {"partition-id": i})."""
-        self.app, self.fault = app, fault
-        node_config = node_config or (lambda i: {"partition-id": i})
-        self.contexts = {
-            nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config={},
-                         node_config=node_config(i))
-            for i, nid in enumerate(node_ids)
-        }  # fmt: skip
+        super().__init__(app, node_ids, node_config)
+        self.fault = fault
 
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for m in messages:
-            ctx = self.contexts[m.metadata.dst_node_id]
-            cfg = m.content.config_records.get(P.RECORD, {})
-            what = None
-            if self.fault is not None:
-                what = self.fault(m.metadata.message_type, cfg.get("round"), cfg.get("client_id"))
-            if what == "drop":
-                out.append(Message(Error(code=1, reason="dropped"), reply_to=m))
-                continue
-            reply = self.app(m, ctx)
-            if what == "vanish":
-                continue
-            if what == "lose":
-                reply = Message(Error(code=2, reason="reply lost"), reply_to=m)
-            elif callable(what):
-                reply = what(reply, m)
-            out.append(reply)
-        return out
+    def deliver(self, m, ctx):
+        cfg = m.content.config_records.get(P.RECORD, {})
+        what = None
+        if self.fault is not None:
+            what = self.fault(m.metadata.message_type, cfg.get("round"), cfg.get("client_id"))
+        if what == "drop":
+            return Message(Error(code=1, reason="dropped"), reply_to=m)
+        reply = self.app(m, ctx)
+        if what == "vanish":
+            return None
+        if what == "lose":
+            return Message(Error(code=2, reason="reply lost"), reply_to=m)
+        if callable(what):
+            return what(reply, m)
+        return reply
 
     def context(self, client_id):
         return self.contexts[NODES[client_id]]
