@@ -99,22 +99,29 @@ def uniform_floats(n: int, *, seed: int, step: int) -> torch.Tensor:
     return uniforms(n, seed=seed, step=step, stream=_uniform_stream(_INDEPENDENT))
 
 
-def _probabilities(name: str, probs) -> torch.Tensor:
-    if isinstance(probs, torch.Tensor):
-        q = probs.detach().to("cpu", torch.float64).reshape(-1)
-        if probs.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (one probability per client), got shape "
-                             f"{tuple(probs.shape)}")  # fmt: skip
+def _client_vector(name: str, x, what: str, items: str) -> torch.Tensor:
+    """x as a float64 CPU vector with one ``what`` per client (a 1-D tensor or sequence of
+    ``items``); ValueError / TypeError naming ``name`` otherwise."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one {what} per client), got shape "
+                             f"{tuple(x.shape)}")  # fmt: skip
+        out = x.detach().to("cpu", torch.float64)
     else:
         try:
-            q = torch.as_tensor(probs, dtype=torch.float64)
+            out = torch.as_tensor(x, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{name} must be a 1-D sequence or tensor of floats") from exc
-        if q.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (one probability per client), got shape "
-                             f"{tuple(q.shape)}")  # fmt: skip
-    if q.numel() < 1:
-        raise ValueError(f"{name} must hold at least one probability")
+            raise TypeError(f"{name} must be a 1-D sequence or tensor of {items}") from exc
+        if out.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one {what} per client), got shape "
+                             f"{tuple(out.shape)}")  # fmt: skip
+    if out.numel() < 1:
+        raise ValueError(f"{name} must hold at least one {what}")
+    return out
+
+
+def _probabilities(name: str, probs) -> torch.Tensor:
+    q = _client_vector(name, probs, "probability", "floats")
     bad = ~((q > 0) & (q <= 1))  # also catches NaN
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
@@ -142,21 +149,7 @@ def independent(probs, *, seed: int, step: int) -> torch.Tensor:
 
 
 def _weights(name: str, L) -> torch.Tensor:
-    if isinstance(L, torch.Tensor):
-        if L.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (one weight per client), got shape "
-                             f"{tuple(L.shape)}")  # fmt: skip
-        w = L.detach().to("cpu", torch.float64)
-    else:
-        try:
-            w = torch.as_tensor(L, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{name} must be a 1-D sequence or tensor of real numbers") from exc
-        if w.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (one weight per client), got shape "
-                             f"{tuple(w.shape)}")  # fmt: skip
-    if w.numel() < 1:
-        raise ValueError(f"{name} must hold at least one weight")
+    w = _client_vector(name, L, "weight", "real numbers")
     if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
         raise ValueError(f"{name} must hold positive finite values")
     return w
