@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from conftest import backend_fixture, close64, device_for, fresh_seed, interpreted, same_bits
+from conftest import (
+    backend_fixture,
+    close64,
+    device_for,
+    fresh_seed,
+    interpreted,
+    require,
+    same_bits,
+)
 from torch import nn
 
 import fedkern
@@ -137,6 +145,61 @@ def test_native_same_bits_as_reference(backend, gen):
                 want = run(dev="cpu")
             for a, b in zip(got, want, strict=True):
                 assert same_bits(a, b)
+
+
+def test_bernoulli_cpu_blocks_threads_and_isa(gen):
+    """The C++ Bernoulli kernels over several 4096-coordinate work items and a ragged last mask
+    word: every thread split (1, 2, 5 blocks of items), the AVX2 build on an AVX-512 CPU and the
+    baseline-ISA build (scalar Philox) give the default build's bits, which equal the
+    reference's, and the kept set is the independent oracle's (``fedkern.random.bernoulli``).
+    Probabilities: tiny (T = 1, 2), 1 % and 1 (T = 2^24, the keep limit 2^32 itself), and one per
+    coordinate; apply with / without v, steps on per-node and shared x."""
+    C = require("fedkern._C", in_ci=True)
+    seed = fresh_seed("sketch seed")
+    d, R = 3 * 4096 + 37, 3
+    ids = torch.tensor([0, 5, 2])
+    p_vec = torch.rand(d, generator=gen) * 0.9 + 0.05
+    p_vec[:7] = torch.tensor([1.0, 2**-24, 1e-7, 0.5, 1.0, 0.01, 2**-23])
+    X = torch.randn(R, d, generator=gen)
+    G = torch.randn(R, d, generator=gen)
+    v = torch.randn(d, generator=gen)
+    for s in (sk.Bernoulli(2**-24), sk.Bernoulli(1e-7), sk.Bernoulli(0.01), sk.Bernoulli(1.0),
+              sk.Bernoulli(p_vec)):  # fmt: skip
+
+        def run(s=s):
+            Y = X.clone()
+            sk.grad_step_(s, Y, G, 0.1, seed=seed, step=3, node=ids)
+            y = v.clone()
+            sk.grad_step_(s, y, G, 0.1, seed=seed, step=3, node=ids)
+            return [sk.apply(s, X, v, seed=seed, step=3, node=ids),
+                    sk.apply(s, v, None, seed=seed, step=3, node=ids), Y, y]  # fmt: skip
+
+        with fedkern.backend("reference"):
+            want = run()
+        with fedkern.backend("cpu"):
+            got = [run()]
+            try:
+                for grain, blocks in ((1, 1), (1, 2), (1, 5)):
+                    C._blocking(grain, blocks)
+                    got.append(run())
+            finally:
+                C._blocking(0, 0)
+            was = C._force_no_avx512(True)  # the AVX2 build (on an AVX-512 CPU)
+            try:
+                got.append(run())
+            finally:
+                C._force_no_avx512(was)
+            was = C._force_baseline(True)
+            try:
+                got.append(run())
+            finally:
+                C._force_baseline(was)
+        for outs in got:
+            assert all(same_bits(a, b) for a, b in zip(outs, want, strict=True))
+        for r in range(R):
+            D = oracle_diag(s, d, seed, 3, int(ids[r]))
+            assert torch.equal(want[1][r] != 0, D != 0)  # kept where the oracle keeps (v != 0)
+            assert same_bits(want[0][r][D == 0], v[D == 0])
 
 
 def test_batched_equals_one_node_at_a_time(gen):
