@@ -10,6 +10,7 @@
     gram       the fp64 Gram matrix of a stack (Krum, NNM distances)
     rowops     gather-mean, geometric median, centered clipping, row clipping
     diffclip   per-row difference -> top-k / rand-k / dense -> clipping
+    tamuna     TAMUNA's fused server step (holders' average, control-variate update)
     _common    the dtype helpers and launch shapes every file shares
 
 Launchers take validated, contiguous fp32/bf16 tensors on one device (CUDA, or CPU when

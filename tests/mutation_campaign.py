@@ -292,6 +292,41 @@ MUTANTS = [
         "for j in range(1, s - 1):",
         ["tests/test_tamuna_method.py", "-k", "dense or scaffnew"],
     ),
+    (
+        "cpp-tamuna-stride-sum-skips-last-holder",
+        "csrc/cpu/tamuna.cpp",
+        "    for (int64_t j = 1; j < s; ++j) {\n      x = X + o[j] + start;",
+        "    for (int64_t j = 1; j < s - 1; ++j) {\n      x = X + o[j] + start;",
+        ["tests/test_tamuna.py", "-k", "cpu or triton"],
+    ),
+    (
+        "cpp-tamuna-coordinate-h-sign",
+        "csrc/cpu/tamuna.cpp",
+        "const float step = coef * (m - X[o[j] + r]);",
+        "const float step = coef * (X[o[j] + r] - m);",
+        ["tests/test_tamuna.py", "-k", "cpu or triton"],
+    ),
+    (
+        "cpp-tamuna-next-slot",
+        "csrc/cpu/tamuna.cpp",
+        "    b += s;\n    if (b >= c) b -= c;\n  }\n}",
+        "    b += s - 1;\n    if (b >= c) b -= c;\n  }\n}",
+        ["tests/test_tamuna.py", "-k", "cpu or triton"],
+    ),
+    (
+        "triton-tamuna-wrap",
+        "kernels/tamuna.py",
+        "slot = tl.where(slot >= c64, slot - c64, slot)\n        row = tl.load(perm_ptr + slot)",
+        "slot = tl.where(slot > c64, slot - c64, slot)\n        row = tl.load(perm_ptr + slot)",
+        ["tests/test_tamuna.py", "-k", "cpu or triton"],
+    ),
+    (
+        "triton-tamuna-h-fma",
+        "kernels/tamuna.py",
+        "tl.store(h_ptr + offs, hv + coef * (xbar - xv), mask=cmask)",
+        "tl.store(h_ptr + offs, hv + coef * xbar - coef * xv, mask=cmask)",
+        ["tests/test_tamuna.py", "-k", "cpu or triton"],
+    ),
 ]
 
 

@@ -133,10 +133,15 @@ def test_suites():
     assert {c.op for c in quick} == set(B.OPS) - peer_ops  # the peers run only with --peers
     assert "topk_compress-n1e7-k1e5-bf16" in ids
     assert "sparse_add_batched_-n1e7-m16-k1e5-fp32" in ids
-    sized = [c for c in quick if c.family != "clients" and c.op != "sparse_add_batched_"]
+    sized = [c for c in quick if c.family not in ("clients", "tamuna", "tamuna_rounds")
+             and c.op != "sparse_add_batched_"]  # fmt: skip
     assert {c.n for c in sized} == {10**6, 10**7}
     # the clients cases: one round for 1000 clients of 50 samples, K = 10 local steps
     assert {(c.n, c.k, c.m) for c in quick if c.family == "clients"} == {(1000, 10, 50)}
+    # TAMUNA's server step: p = 1e4 coordinates, s = 4 holders, a cohort of c = 100
+    assert {(c.n, c.k, c.m) for c in quick if c.family == "tamuna"} == {(10**4, 4, 100)}
+    # one TAMUNA and one 5GCS round of 1000 clients (50 samples, K = 10) against a client loop
+    assert {(c.n, c.k, c.m) for c in quick if c.family == "tamuna_rounds"} == {(1000, 10, 50)}
     full_gpu = B.suite(full=True, device="cuda")
     assert set(quick) <= set(full_gpu)
     assert {c.n for c in full_gpu} >= {10**8, 10**9}
@@ -267,6 +272,8 @@ QUICK_IDS = [
     "centered_clip-n1e6-m16-k3-fp32", "clip_rows_-n1e6-m16-k0-fp32",
     "diff_compress_clip-n1e6-m16-k1e4-fp32", "local_steps_vs_loop-n1e3-m50-k10-fp32",
     "local_steps_vs_vmap-n1e3-m50-k10-fp32", "module_steps_vs_loop-n1e3-m50-k10-fp32",
+    "tamuna_aggregate_-n1e4-m100-k4-fp32", "tamuna_round_vs_loop-n1e3-m50-k10-fp32",
+    "fivegcs_round_vs_loop-n1e3-m50-k10-fp32",
 ]  # fmt: skip
 
 

@@ -132,6 +132,29 @@ def test_server_ops(backend, gen):
     assert float(H.double().sum(0).abs().max()) < 1e-4  # sum_i h_i stays 0
 
 
+def test_scaffnew_sync_bits_match_the_row_order_sum(backend, gen):
+    """Every backend's scaffnew_sync_ returns the bits of the documented order: the rows added in
+    fp32 one after the other, then one division by c (NumPy float32 here, independent of torch's
+    reduction order); H += coef (xbar - X) rounded per operation."""
+    import numpy as np
+
+    c, p = (6, 33) if interpreted(backend) else (257, 301)
+    P = make_problem("least_squares", [2] * c, p, gen)
+    B = ClientBatch(P)
+    X = torch.randn(c, p, generator=gen) * 10
+    H = torch.randn(c, p, generator=gen)
+    Xn, Hn = X.numpy().copy(), H.numpy().copy()
+    acc = Xn[0].copy()
+    for r in range(1, c):
+        acc = (acc + Xn[r]).astype(np.float32)
+    want = (acc / np.float32(c)).astype(np.float32)
+    coef = np.float32(0.25 / 0.5)
+    want_h = (Hn + (coef * (want[None, :] - Xn)).astype(np.float32)).astype(np.float32)
+    xbar = B.scaffnew_sync_(X, H, p=0.25, gamma=0.5)
+    assert np.array_equal(xbar.numpy().view(np.int32), want.view(np.int32))
+    assert np.array_equal(H.numpy().view(np.int32), want_h.view(np.int32))
+
+
 def test_bad_input(gen):
     P = make_problem("logistic", [4, 5, 6], 3, gen)
     B = ClientBatch(P)

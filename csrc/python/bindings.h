@@ -47,5 +47,6 @@ void bind_manifolds(py::module_& m);
 void bind_random(py::module_& m);  // bind_random.cpp: Gaussian / Bernoulli fills (Philox)
 void bind_sketch(py::module_& m);  // bind_sketch.cpp: MAST sketch apply / gradient step
 void bind_lora(py::module_& m);    // bind_lora.cpp: fused RAC-LoRA merge
+void bind_tamuna(py::module_& m);  // bind_tamuna.cpp: TAMUNA's fused server step
 
 }  // namespace fedkern::py_bind

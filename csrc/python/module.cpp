@@ -220,6 +220,7 @@ PYBIND11_MODULE(_C, m) {
   fedkern::py_bind::bind_manifolds(m);
   fedkern::py_bind::bind_quartic(m);
   fedkern::py_bind::bind_clipjump(m);
+  fedkern::py_bind::bind_tamuna(m);
 
   m.def(
       "_force_baseline",

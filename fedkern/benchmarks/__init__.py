@@ -4,10 +4,10 @@ The same cases drive ``fedkern bench`` (fedkern.cli) and the pytest-benchmark su
 ``core`` holds the machinery (:class:`Case`, :class:`Prepared`, timing, :func:`run_case`,
 :func:`run_suite`, :func:`suite`) and the registry; every other module of this package is one op
 family (``topk``, ``randk``, ``sparse``, ``microadam``, ``robust``, ``gram``, ``rowops``,
-``diffclip``, ``clients``) with its eager baselines, input setups, byte counts and case lists; its
-docstring lists its baselines and cases. Importing this package imports every module in it, and
-each module registers its ops and cases when imported: a new family adds a module here and edits
-nothing else.
+``diffclip``, ``clients``, ``tamuna``) with its eager baselines, input setups, byte counts and case
+lists; its docstring lists its baselines and cases. Importing this package imports every module in
+it, and each module registers its ops and cases when imported: a new family adds a module here and
+edits nothing else.
 
 Registry API (``fedkern.benchmarks.core``), used by a family module at import time:
 
@@ -30,8 +30,8 @@ impl_op=None, full_pass=False, footprint=None, ops_module=None)`` -- one benchma
   ef14_topk_ 120, ef21_topk_ 130, ef14_randk_ 140, ef21_randk_ 150, sparse_add_batched_ 200,
   microadam_step_ 300, microadam_vs_adamw 310, coordinate_median 400, trimmed_mean 410, krum 500,
   nnm 600, geometric_median 610, centered_clip 620, clip_rows_ 630, diff_compress_clip 700,
-  local_steps_vs_loop 800, local_steps_vs_vmap 810, module_steps_vs_loop 820. A new family takes
-  a free number (e.g. 900 and up).
+  local_steps_vs_loop 800, local_steps_vs_vmap 810, module_steps_vs_loop 820, tamuna_aggregate_
+  910. A new family takes a free number (e.g. 900 and up).
 - ``by_size``: the cases of by-size ops run size by size, interleaved with the other by-size
   families' (1-D ops); the others run after them, in position order.
 - ``stacked``: the case has m client vectors or messages (the table shows m next to n).
@@ -68,7 +68,7 @@ The quick suite (``fedkern bench``) runs, in this order: the 1-D ops at n = 1e6 
 (k = 1%; topk_compress also in bf16 at 1e7; sparse_add_batched_ of 16 messages of 1e5 into 1e7;
 a MicroAdam step on 1e7 parameters against both baselines), then the stacked cases
 (coordinate-wise aggregators over m = 64 vectors of 1e6, the whole-row ones over m = 16, a round
-of local steps for 1000 clients).
+of local steps for 1000 clients, TAMUNA's server step for a cohort of 100 at p = 1e4).
 """
 
 from __future__ import annotations

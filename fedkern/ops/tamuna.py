@@ -9,7 +9,9 @@ Op (namespace ``fedkern``):
       check_perm: verify that perm is a permutation of 0..c-1 (reads its values: on CUDA a host
           synchronization; callers that build perm themselves pass False).
       Returns xbar [p] float32 on X's device.
-The math and the summation order are in ``fedkern.reference.tamuna``.
+The math and the summation order are in ``fedkern.reference.tamuna``. Backends (IMPLS): the
+reference, the C++ core (csrc/cpu/tamuna.cpp, CPU) and Triton (kernels/tamuna.py, CUDA; CPU under
+TRITON_INTERPRET=1), bit-identical.
 """
 
 from __future__ import annotations
@@ -18,15 +20,27 @@ import torch
 
 from fedkern import validation as v
 from fedkern.ops._dispatch import pick
+from fedkern.ops._native import cpu_core, lazy
 from fedkern.reference import tamuna as ref
 
 Tensor = torch.Tensor
 F32 = torch.float32
 
 
+def _cpu_aggregate(X: Tensor, H: Tensor | None, perm: Tensor, s: int, coef: float) -> Tensor:
+    """The C++ core (csrc/cpu/tamuna.cpp) on validated CPU tensors; returns xbar [p] float32."""
+    c, p = X.shape
+    xbar = torch.empty(p, dtype=F32)
+    h = 0 if H is None else H.data_ptr()
+    cpu_core().tamuna_aggregate(X.data_ptr(), h, perm.data_ptr(), c, p, s, coef, xbar.data_ptr())
+    return xbar
+
+
 IMPLS = {
     "tamuna_aggregate_": {
         "reference": ref.tamuna_aggregate_,
+        "cpu": _cpu_aggregate,
+        "triton": lazy("fedkern.kernels.tamuna", "tamuna_aggregate_"),
     },
 }
 

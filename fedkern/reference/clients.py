@@ -77,8 +77,14 @@ def local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode
 
 
 def scaffnew_sync_(X, H, coef: float):
-    """xbar = mean of the rows of X; H += coef (xbar - X); X = xbar. Returns xbar [p]."""
-    xbar = X.sum(0) / torch.tensor(float(X.shape[0]), dtype=torch.float32)
+    """xbar = mean of the rows of X; H += coef (xbar - X); X = xbar. Returns xbar [p].
+
+    The rows are added in row order in fp32 (as the C++ and Triton kernels do; torch's sum(0)
+    may reorder), then divided by c, so every backend returns the same bits."""
+    acc = X[0].clone()
+    for r in range(1, X.shape[0]):
+        acc = acc + X[r]
+    xbar = acc / torch.tensor(float(X.shape[0]), dtype=torch.float32, device=X.device)
     H += coef * (xbar - X)
     X.copy_(xbar.expand_as(X))
     return xbar
