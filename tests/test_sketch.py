@@ -24,12 +24,15 @@ from fedkern import sketch as sk
 from fedkern.ops import sketch as ops
 from fedkern.ops.sketch import IMPLS
 from fedkern.random import (
+    STREAM_BERNOULLI,
     STREAM_PARTITION,
     STREAM_SKETCH,
     bernoulli,
     client_seed,
+    draw_key,
     feistel_keys,
     permutation_tensor,
+    philox4x32,
 )
 from fedkern.reference.randk import randk_indices
 
@@ -200,6 +203,38 @@ def test_bernoulli_cpu_blocks_threads_and_isa(gen):
             D = oracle_diag(s, d, seed, 3, int(ids[r]))
             assert torch.equal(want[1][r] != 0, D != 0)  # kept where the oracle keeps (v != 0)
             assert same_bits(want[0][r][D == 0], v[D == 0])
+
+
+def _oracle_bern_words(d, seed, step, node):
+    """The Philox words of node's Bernoulli draw, entry j = lane j % 4 of group j // 4, from the
+    scalar Python Philox (``fedkern.random.philox4x32``): int64 [d]."""
+    k = draw_key(client_seed(seed, node), step, stream=STREAM_BERNOULLI)
+    out = []
+    for g in range((d + 3) // 4):
+        out += philox4x32((g & 0xFFFFFFFF, g >> 32, k[2], k[3]), (k[0], k[1]))
+    return torch.tensor(out[:d], dtype=torch.int64)
+
+
+def test_bernoulli_keep_test_is_strict(backend):
+    """keep iff (word >> 8) < ceil(p 2^24), strictly: with p = (word_j >> 8) 2^-24 coordinate j
+    is dropped, with one more 2^-24 it is kept (scalar p at a few chosen coordinates, and a
+    per-coordinate p at every coordinate, alternately on and just past the boundary)."""
+    dev = device_for(backend)
+    seed = fresh_seed("sketch seed")
+    d = 100 if interpreted(backend) else 1000
+    top = _oracle_bern_words(d, seed, 4, 1) >> 8
+    ones = torch.ones(d, device=dev)
+    for j in (0, 3, 4, d - 1, 517 % d):
+        for extra in (0, 1):
+            if top[j] + extra == 0:
+                continue  # p = 0 is not a probability (2^-24 odds)
+            s = sk.Bernoulli(float(top[j] + extra) / 2**24)
+            w = sk.apply(s, ones, seed=seed, step=4, node=1).cpu()
+            assert bool(w[j] != 0) == bool(extra), (j, extra)
+    on = (torch.arange(d) % 2 == 0) & (top > 0)  # p_j on the boundary: dropped
+    p = (top + (~on).long()).double() / 2**24
+    w = sk.apply(sk.Bernoulli(p), ones, seed=seed, step=4, node=1).cpu()
+    assert torch.equal(w != 0, ~on)
 
 
 def test_batched_equals_one_node_at_a_time(gen):
