@@ -415,7 +415,21 @@ MUTANTS = [
         "cpp-sketch-avx512-tail-kept",
         "csrc/cpu/sketch.cpp",
         "masks[m + h] = bits & tail_bits(valid);",
-        "masks[m + h] = bits & (tail_bits(valid) | 1);",
+        "masks[m + h] = bits;",
+        ["tests/test_sketch.py", "-k", "not triton"],
+    ),
+    (
+        "cpp-sketch-base-tail-kept",
+        "csrc/cpu/sketch.cpp",
+        "    masks[m] = bits & tail_bits(valid);\n  }\n}\n\n#if",
+        "    masks[m] = bits;\n  }\n}\n\n#if",
+        ["tests/test_sketch.py", "-k", "not triton"],
+    ),
+    (
+        "cpp-sketch-avx2-tail-kept",
+        "csrc/cpu/sketch.cpp",
+        "    masks[m] = bits & tail_bits(valid);\n  }\n}\n\n// AVX-512",
+        "    masks[m] = bits;\n  }\n}\n\n// AVX-512",
         ["tests/test_sketch.py", "-k", "not triton"],
     ),
     (

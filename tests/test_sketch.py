@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -215,26 +216,47 @@ def _oracle_bern_words(d, seed, step, node):
     return torch.tensor(out[:d], dtype=torch.int64)
 
 
+@contextlib.contextmanager
+def _isa(name: str):
+    """Run the C++ kernels' default build, or their AVX2 ("avx2") or baseline ("baseline") one."""
+    if name == "default":
+        yield
+        return
+    C = require("fedkern._C", in_ci=True)
+    hook = C._force_baseline if name == "baseline" else C._force_no_avx512
+    was = hook(True)
+    try:
+        yield
+    finally:
+        hook(was)
+
+
 def test_bernoulli_keep_test_is_strict(backend):
     """keep iff (word >> 8) < ceil(p 2^24), strictly: with p = (word_j >> 8) 2^-24 coordinate j
-    is dropped, with one more 2^-24 it is kept (scalar p at a few chosen coordinates, and a
-    per-coordinate p at every coordinate, alternately on and just past the boundary)."""
+    is dropped, with one more 2^-24 it is kept (scalar p at a few chosen coordinates, among them
+    words whose low byte is 0, i.e. word = 256 T exactly; and a per-coordinate p at every
+    coordinate, alternately on and just past the boundary). The C++ backend in each of its
+    builds (default, AVX2, baseline)."""
     dev = device_for(backend)
     seed = fresh_seed("sketch seed")
-    d = 100 if interpreted(backend) else 1000
-    top = _oracle_bern_words(d, seed, 4, 1) >> 8
+    d = 100 if interpreted(backend) else 4096
+    words = _oracle_bern_words(d, seed, 4, 1)
+    top = words >> 8
+    low_zero = torch.nonzero((words & 0xFF) == 0).flatten()[:4].tolist()  # ~16 in 4096
     ones = torch.ones(d, device=dev)
-    for j in (0, 3, 4, d - 1, 517 % d):
-        for extra in (0, 1):
-            if top[j] + extra == 0:
-                continue  # p = 0 is not a probability (2^-24 odds)
-            s = sk.Bernoulli(float(top[j] + extra) / 2**24)
-            w = sk.apply(s, ones, seed=seed, step=4, node=1).cpu()
-            assert bool(w[j] != 0) == bool(extra), (j, extra)
     on = (torch.arange(d) % 2 == 0) & (top > 0)  # p_j on the boundary: dropped
     p = (top + (~on).long()).double() / 2**24
-    w = sk.apply(sk.Bernoulli(p), ones, seed=seed, step=4, node=1).cpu()
-    assert torch.equal(w != 0, ~on)
+    for isa in ("default", "avx2", "baseline") if backend == "cpu" else ("default",):
+        with _isa(isa):
+            for j in (0, 3, 4, d - 1, 517 % d, *low_zero):
+                for extra in (0, 1):
+                    if top[j] + extra == 0:
+                        continue  # p = 0 is not a probability (2^-24 odds)
+                    s = sk.Bernoulli(float(top[j] + extra) / 2**24)
+                    w = sk.apply(s, ones, seed=seed, step=4, node=1).cpu()
+                    assert bool(w[j] != 0) == bool(extra), (isa, j, extra)
+            w = sk.apply(sk.Bernoulli(p), ones, seed=seed, step=4, node=1).cpu()
+            assert torch.equal(w != 0, ~on), isa
 
 
 def test_batched_equals_one_node_at_a_time(gen):
