@@ -297,6 +297,8 @@ template <class Fn>
 FEDKERN_INLINE void for_kept(const uint64_t* masks, int64_t j0, int64_t n, Fn&& fn) {
   for (int64_t m = 0; m * kMaskCoords < n; ++m) {
     for (uint64_t bits = masks[m]; bits; bits &= bits - 1) {
+      FEDKERN_DCHECK(m * kMaskCoords + __builtin_ctzll(bits) < n,
+                     "Bernoulli kept coordinate past its block (mask tail not cleared)");
       fn(j0 + m * kMaskCoords + __builtin_ctzll(bits));
     }
   }
