@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
 import pytest
 import torch
-from conftest import backend_fixture, close64, device_for, fresh_seed, interpreted, same_bits
+from conftest import (
+    backend_fixture,
+    close64,
+    device_for,
+    fresh_seed,
+    interpreted,
+    require,
+    same_bits,
+)
 from torch import nn
 
 import fedkern
@@ -16,12 +25,15 @@ from fedkern import sketch as sk
 from fedkern.ops import sketch as ops
 from fedkern.ops.sketch import IMPLS
 from fedkern.random import (
+    STREAM_BERNOULLI,
     STREAM_PARTITION,
     STREAM_SKETCH,
     bernoulli,
     client_seed,
+    draw_key,
     feistel_keys,
     permutation_tensor,
+    philox4x32,
 )
 from fedkern.reference.randk import randk_indices
 
@@ -137,6 +149,114 @@ def test_native_same_bits_as_reference(backend, gen):
                 want = run(dev="cpu")
             for a, b in zip(got, want, strict=True):
                 assert same_bits(a, b)
+
+
+def test_bernoulli_cpu_blocks_threads_and_isa(gen):
+    """The C++ Bernoulli kernels over several 4096-coordinate work items and a ragged last mask
+    word: every thread split (1, 2, 5 blocks of items), the AVX2 build on an AVX-512 CPU and the
+    baseline-ISA build (scalar Philox) give the default build's bits, which equal the
+    reference's, and the kept set is the independent oracle's (``fedkern.random.bernoulli``).
+    Probabilities: tiny (T = 1, 2), 1 % and 1 (T = 2^24, the keep limit 2^32 itself), and one per
+    coordinate; apply with / without v, steps on per-node and shared x."""
+    C = require("fedkern._C", in_ci=True)
+    seed = fresh_seed("sketch seed")
+    d, R = 3 * 4096 + 37, 3
+    ids = torch.tensor([0, 5, 2])
+    p_vec = torch.rand(d, generator=gen) * 0.9 + 0.05
+    p_vec[:7] = torch.tensor([1.0, 2**-24, 1e-7, 0.5, 1.0, 0.01, 2**-23])
+    X = torch.randn(R, d, generator=gen)
+    G = torch.randn(R, d, generator=gen)
+    v = torch.randn(d, generator=gen)
+    for s in (sk.Bernoulli(2**-24), sk.Bernoulli(1e-7), sk.Bernoulli(0.01), sk.Bernoulli(1.0),
+              sk.Bernoulli(p_vec)):  # fmt: skip
+
+        def run(s=s):
+            Y = X.clone()
+            sk.grad_step_(s, Y, G, 0.1, seed=seed, step=3, node=ids)
+            y = v.clone()
+            sk.grad_step_(s, y, G, 0.1, seed=seed, step=3, node=ids)
+            return [sk.apply(s, X, v, seed=seed, step=3, node=ids),
+                    sk.apply(s, v, None, seed=seed, step=3, node=ids), Y, y]  # fmt: skip
+
+        with fedkern.backend("reference"):
+            want = run()
+        with fedkern.backend("cpu"):
+            got = [run()]
+            try:
+                for grain, blocks in ((1, 1), (1, 2), (1, 5)):
+                    C._blocking(grain, blocks)
+                    got.append(run())
+            finally:
+                C._blocking(0, 0)
+            was = C._force_no_avx512(True)  # the AVX2 build (on an AVX-512 CPU)
+            try:
+                got.append(run())
+            finally:
+                C._force_no_avx512(was)
+            was = C._force_baseline(True)
+            try:
+                got.append(run())
+            finally:
+                C._force_baseline(was)
+        for outs in got:
+            assert all(same_bits(a, b) for a, b in zip(outs, want, strict=True))
+        for r in range(R):
+            D = oracle_diag(s, d, seed, 3, int(ids[r]))
+            assert torch.equal(want[1][r] != 0, D != 0)  # kept where the oracle keeps (v != 0)
+            assert same_bits(want[0][r][D == 0], v[D == 0])
+
+
+def _oracle_bern_words(d, seed, step, node):
+    """The Philox words of node's Bernoulli draw, entry j = lane j % 4 of group j // 4, from the
+    scalar Python Philox (``fedkern.random.philox4x32``): int64 [d]."""
+    k = draw_key(client_seed(seed, node), step, stream=STREAM_BERNOULLI)
+    out = []
+    for g in range((d + 3) // 4):
+        out += philox4x32((g & 0xFFFFFFFF, g >> 32, k[2], k[3]), (k[0], k[1]))
+    return torch.tensor(out[:d], dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def _isa(name: str):
+    """Run the C++ kernels' default build, or their AVX2 ("avx2") or baseline ("baseline") one."""
+    if name == "default":
+        yield
+        return
+    C = require("fedkern._C", in_ci=True)
+    hook = C._force_baseline if name == "baseline" else C._force_no_avx512
+    was = hook(True)
+    try:
+        yield
+    finally:
+        hook(was)
+
+
+def test_bernoulli_keep_test_is_strict(backend):
+    """keep iff (word >> 8) < ceil(p 2^24), strictly: with p = (word_j >> 8) 2^-24 coordinate j
+    is dropped, with one more 2^-24 it is kept (scalar p at a few chosen coordinates, among them
+    words whose low byte is 0, i.e. word = 256 T exactly; and a per-coordinate p at every
+    coordinate, alternately on and just past the boundary). The C++ backend in each of its
+    builds (default, AVX2, baseline)."""
+    dev = device_for(backend)
+    seed = fresh_seed("sketch seed")
+    d = 100 if interpreted(backend) else 4096
+    words = _oracle_bern_words(d, seed, 4, 1)
+    top = words >> 8
+    low_zero = torch.nonzero((words & 0xFF) == 0).flatten()[:4].tolist()  # ~16 in 4096
+    ones = torch.ones(d, device=dev)
+    on = (torch.arange(d) % 2 == 0) & (top > 0)  # p_j on the boundary: dropped
+    p = (top + (~on).long()).double() / 2**24
+    for isa in ("default", "avx2", "baseline") if backend == "cpu" else ("default",):
+        with _isa(isa):
+            for j in (0, 3, 4, d - 1, 517 % d, *low_zero):
+                for extra in (0, 1):
+                    if top[j] + extra == 0:
+                        continue  # p = 0 is not a probability (2^-24 odds)
+                    s = sk.Bernoulli(float(top[j] + extra) / 2**24)
+                    w = sk.apply(s, ones, seed=seed, step=4, node=1).cpu()
+                    assert bool(w[j] != 0) == bool(extra), (isa, j, extra)
+            w = sk.apply(sk.Bernoulli(p), ones, seed=seed, step=4, node=1).cpu()
+            assert torch.equal(w != 0, ~on), isa
 
 
 def test_batched_equals_one_node_at_a_time(gen):

@@ -234,6 +234,17 @@ PYBIND11_MODULE(_C, m) {
       "returns the old flag.");
 
   m.def(
+      "_force_no_avx512",
+      [](bool force) {
+        const bool was = fedkern::detail::force_no_avx512();
+        fedkern::detail::force_no_avx512() = force;
+        return was;
+      },
+      arg("force"),
+      "Test hook (kernels with an AVX-512 build: the Bernoulli sketches): run their AVX2 build "
+      "even on a CPU with AVX-512; returns the old flag.");
+
+  m.def(
       "_blocking",
       [](int64_t grain, int max_blocks) {
         fedkern::detail::blocking_override() = fedkern::detail::BlockingOverride{grain, max_blocks};

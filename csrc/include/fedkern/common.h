@@ -99,6 +99,23 @@ inline bool& force_baseline() {
   return force;
 }
 
+// Test hook (tests, fedkern._C._force_no_avx512): when true, a kernel that also has an AVX-512
+// build runs its AVX2 build instead, so that an AVX-512 CPU can compare the two bit for bit.
+inline bool& force_no_avx512() {
+  static bool force = false;
+  return force;
+}
+
+// Whether a kernel may run its AVX-512 (F) build: the CPU and OS support it and neither test hook
+// (force_baseline, force_no_avx512) is on.
+inline bool use_avx512() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return !force_baseline() && !force_no_avx512() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 // Whether a kernel may run its AVX2 build (x86 GCC/Clang only): the CPU has AVX2, and FMA too when
 // `fma` is true, and the test hook force_baseline() is off.
 inline bool use_avx2(bool fma = false) {

@@ -16,9 +16,10 @@
 //               With x shared (x_stride = 0) the rows are applied one after the other in row
 //               order (x -= gamma sum_r S_r^T g_r, every coordinate's updates in row order).
 // Only kept coordinates of x, v and g are read by the perm kernels (O(hi - lo) work per row, plus
-// the dense write of out for apply); the bernoulli kernels draw a word per coordinate and read x,
-// g only where kept. fp32 arithmetic without FMA; dtype float32 or bfloat16 (round = to dtype).
-// Results never depend on the number of threads.
+// the dense write of out for apply); the bernoulli kernels draw a word per coordinate (Philox runs
+// 8 or 4 instances per register in the AVX-512 / AVX2 builds, chosen at run time; the words are
+// the same in every build) and read x, g only where kept. fp32 arithmetic without FMA; dtype
+// float32 or bfloat16 (round = to dtype). Results never depend on the number of threads or ISA.
 #pragma once
 
 #include <cstdint>
