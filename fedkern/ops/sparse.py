@@ -97,7 +97,7 @@ def check_index_values(indices: Tensor, n: int) -> None:
 def _run(dense, values, indices, alpha):
     if values.numel() == 0:
         return
-    fn = pick("sparse_add_batched_", IMPLS["sparse_add_batched_"], dense.device)
+    fn = pick("sparse_add_batched_", IMPLS["sparse_add_batched_"], dense.device, dense.numel())
     fn(dense.view(-1), values.contiguous(), indices.contiguous(), alpha)
 
 
