@@ -4,7 +4,9 @@ Ops (torch.library namespace "fedkern", dispatched to the C++ core on CPU, Trito
 GPU, plain PyTorch elsewhere): ``topk_compress``, ``randk_compress``, ``ef14_topk_``,
 ``ef21_topk_``, ``ef14_randk_``, ``ef21_randk_``, ``sparse_add_``, ``sparse_add_batched_``.
 Backends: ``fedkern.backends()`` reports what is usable; ``with fedkern.backend(name):`` or
-FEDKERN_BACKEND forces one. Building blocks: ``fedkern.compress``; optimizers: ``fedkern.optim``
+FEDKERN_BACKEND forces one; ``fedkern.crossovers()`` lists the sizes below which "auto" runs the
+plain-PyTorch path on a GPU (``fedkern.set_crossover`` or FEDKERN_CROSSOVER override them).
+Building blocks: ``fedkern.compress``; optimizers: ``fedkern.optim``
 (``MicroAdam``); robust aggregation: ``fedkern.robust``; methods: ``fedkern.algorithms``; data and
 problems: ``fedkern.data``, ``fedkern.problems``; manifolds (sphere, Stiefel, fused Riemannian
 steps, PCA): ``fedkern.manifolds``. Arrays of other libraries (NumPy, CuPy, JAX) are
@@ -15,12 +17,14 @@ from fedkern import algorithms, compress, data, interop, manifolds, optim, probl
 from fedkern.ops import (
     backend,
     backends,
+    crossovers,
     current_backend,
     ef14_randk_,
     ef14_topk_,
     ef21_randk_,
     ef21_topk_,
     randk_compress,
+    set_crossover,
     sparse_add_,
     sparse_add_batched_,
     topk_compress,
@@ -40,6 +44,7 @@ __all__ = [
     "backend",
     "backends",
     "compress",
+    "crossovers",
     "current_backend",
     "data",
     "interop",
@@ -52,6 +57,7 @@ __all__ = [
     "problems",
     "randk_compress",
     "robust",
+    "set_crossover",
     "sparse_add_",
     "sparse_add_batched_",
     "topk_compress",

@@ -143,7 +143,9 @@ def markdown(meta: dict, results: list[dict]) -> str:
             if meta["suite"] == "peers"
             else ""
         )
-        + "ratio = eager ms / fedkern ms (> 1: fedkern faster); GB/s = bytes the op must move / "
+        + "backend = the implementation that ran (with the op's size crossover on this device, if "
+        "it has one: below it 'auto' runs the reference); "
+        "ratio = eager ms / fedkern ms (> 1: fedkern faster); GB/s = bytes the op must move / "
         "fedkern time; x read = fedkern time / one read of the input at copy bandwidth; "
         "peak = memory one call adds at its peak ("
         + ("torch.cuda.max_memory_allocated" if meta["device"] == "cuda" else "process peak RSS")
@@ -158,7 +160,10 @@ def markdown(meta: dict, results: list[dict]) -> str:
         n = B.fmt_n(r["n"])
         if r["case"] in B.STACKED:
             n = f"{n} (m={r['m']})"
-        head = f"| {r['case']} | {n} | {B.fmt_n(r['k'])} | {r['dtype']} | {r.get('backend') or '-'}"
+        backend = r.get("backend") or "-"
+        if r.get("crossover"):  # the op has a size crossover on this device: say which side ran
+            backend += f" (crossover {B.fmt_n(r['crossover'])})"
+        head = f"| {r['case']} | {n} | {B.fmt_n(r['k'])} | {r['dtype']} | {backend}"
         if r["status"] != "ok":
             lines.append(f"{head} | {r['status']} | | | | | | |")
             notes.append(f"- {r['id']}: {r['status']}: {r.get('note', '')}")
@@ -295,6 +300,11 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
             parser.error("--backend cuda needs --device cuda")
     if args.peers and (args.full or args.sizes):
         parser.error("--peers runs its own cases: it does not combine with --full or --sizes")
+    if args.crossover:
+        if args.full or args.peers or args.backend != "auto":
+            parser.error("--crossover times kernel against reference itself: it does not combine "
+                         "with --full, --peers or --backend")  # fmt: skip
+        return cmd_crossover(args, device)
     cases = B.suite(full=args.full, device=args.device, sizes=args.sizes, peers=args.peers)
     if args.peers and not cases:
         parser.error("--peers: no peer library is installed (pip install byzfl torchao "
@@ -347,8 +357,59 @@ def cmd_bench(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def cmd_crossover(args, device: torch.device) -> int:
+    """``fedkern bench --crossover``: the measured crossovers (fedkern.benchmarks.crossover)."""
+    from fedkern.benchmarks import crossover as X
+
+    dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
+    budget = None
+    if args.reps is not None:
+        budget = B.Budget(warmup=1, min_reps=args.reps, max_reps=args.reps, seconds=0.0)
+
+    def progress(i, total, rec):
+        if rec["status"] == "ok":
+            what = (f"size {rec['size']}: {rec['kernel']} {rec['kernel_ms']:.3f} ms, reference "
+                    f"{rec['reference_ms']:.3f} ms")  # fmt: skip
+        else:
+            what = f"{rec['status']}: {rec.get('note', '')}"
+        print(f"[{i + 1}/{total}] {rec['op']} {rec['dtype']}: {what}", file=sys.stderr, flush=True)
+
+    wanted = [f for f in (args.filter or "").split(",") if f] or None
+    records = X.measure(device, args.sizes, dtypes=dtypes, filter_ops=wanted, budget=budget,
+                        deadline=deadline, progress=progress)  # fmt: skip
+    md = X.report(records, device.type)
+    print(md, end="")
+    meta = environment(device)
+    meta.update(
+        suite="crossover",
+        backend_choice="kernel vs reference",
+        timestamp=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    found = {f"{op}:{dt}": c for (op, dt), c in X.crossovers(records, device.type).items()}
+    doc = json.dumps({"meta": meta, "results": records, "crossovers": found}, indent=2,
+                     default=str) + "\n"  # fmt: skip
+    out_dir = Path(args.out) if args.out else default_out_dir()
+    stamp = meta["timestamp"].replace(":", "").replace("-", "")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for stem in (f"crossover-{device.type}-{stamp}", f"latest-crossover-{device.type}"):
+            for ext, text in ((".json", doc), (".md", md)):
+                path = out_dir / (stem + ext)
+                path.write_text(text, encoding="utf-8")
+                written.append(path)
+    except OSError as exc:
+        print(f"fedkern bench: error: cannot write results to {out_dir}: {exc}", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 1 if any(r["status"] == "error" for r in records) else 0
+
+
 def cmd_backends(args, parser) -> int:
     print(json.dumps(fedkern.backends(), indent=2))
+    print("size crossovers of 'auto' (calls smaller than these run the reference): "
+          + json.dumps(fedkern.crossovers()), file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -404,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time fedkern against the peer libraries installed here (ByzFL, Flower's "
         "aggregation functions, torchao and bitsandbytes low-bit AdamW) instead of eager PyTorch",
+    )
+    bench.add_argument(
+        "--crossover",
+        action="store_true",
+        help="time each op's kernel against its plain-PyTorch reference over sizes and print the "
+        "measured size crossovers of 'auto' (a replacement for fedkern.ops._crossover.TABLE)",
     )
     # Undocumented knobs for smoke tests and time-boxed runs.
     bench.add_argument("--sizes", type=_sizes, default=None, help=argparse.SUPPRESS)

@@ -31,14 +31,21 @@ Tensor = torch.Tensor
 
 
 def _cohort(clients, n: int, device) -> Tensor:
+    return _cohorts(clients, n, device)[0]
+
+
+def _cohorts(clients, n: int, device) -> tuple[Tensor, Tensor]:
+    """The cohort's ids (default 0..n-1) on ``device`` and on the host, checked on the host: the
+    keys drawn from the ids use the host copy, so a round never reads ids back from the device
+    (a host synchronization on CUDA). Ids given as a device tensor are read once, here."""
     if clients is None:
-        return torch.arange(n, device=device)
-    c = torch.as_tensor(clients, dtype=torch.int64).reshape(-1)
+        return torch.arange(n, device=device), torch.arange(n)
+    c = torch.as_tensor(clients, dtype=torch.int64).reshape(-1).cpu()
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= n):
         raise ValueError(f"clients must be ids in [0, {n})")
     if torch.unique(c).numel() != c.numel():
         raise ValueError("clients must not repeat an id")
-    return c.to(device)
+    return c.to(device), c
 
 
 @functools.lru_cache(maxsize=4096)
@@ -149,7 +156,7 @@ class ClientBatch:
         Errors (before anything is modified): shapes, dtypes, devices, gamma not finite or <= 0,
         clip <= 0, l2 < 0 or not finite, unknown mode, clients out of range or repeated.
         """
-        c = _cohort(clients, self.n, self.device)
+        c, c_host = _cohorts(clients, self.n, self.device)
         if mode not in MODE_TAG:
             raise ValueError(f"mode must be one of {', '.join(MODE_TAG)}, got {mode!r}")
         K = v.integer("steps", steps, 0)
@@ -173,7 +180,7 @@ class ClientBatch:
         keys = None
         if mode != "gd" and K > 0:
             # full cohort: the cached host seeds (no read of the device ids, no synchronization)
-            seeds = self._seeds if clients is None else client_seeds(self.seed, c.cpu())
+            seeds = self._seeds if clients is None else client_seeds(self.seed, c_host)
             keys = randk_keys_tensor(seeds[:, None], r * K + torch.arange(K)[None, :])
             keys = keys.to(self.device)
         if self.kind == "quartic":
@@ -183,10 +190,12 @@ class ClientBatch:
                                      v.integer("batch_size", batch_size, 1), keys,
                                      clip or 0.0, False)  # fmt: skip
             return X
+        # offsets come from the Problem and the cohort was checked on the host by _cohort: the
+        # op's value checks (device reads, a host synchronization on CUDA) are skipped
         ops.local_steps_(X, c, self.A, self.y, self.offsets, KIND_TAG[self.kind], self.classes,
                          K, float(gamma), float(l2), H, MODE_TAG[mode],
                          v.integer("batch_size", batch_size, 1), keys, clip or 0.0, mu,
-                         anchor)  # fmt: skip
+                         anchor, False)  # fmt: skip
         return X
 
     def grads(self, X: Tensor, *, clients=None, mode: str = "gd", batch_size: int = 1,
@@ -217,7 +226,7 @@ class ClientBatch:
         Errors (TypeError / ValueError naming the argument): shapes, dtypes, devices, unknown
         mode, clients out of range or repeated, sample indices out of range.
         """
-        c = _cohort(clients, self.n, self.device)
+        c, c_host = _cohorts(clients, self.n, self.device)
         v.tensor("X", X)
         if X.dim() == 1 and X.shape[0] == self.p:
             X = X.expand(c.numel(), -1)
@@ -234,11 +243,12 @@ class ClientBatch:
             tag = GRAD_MODE_TAG[mode]
             if mode == "sgd":
                 t = v.integer("step", step, 0)
-                keys = minibatch_keys(self.seed, c, t).to(self.device)
+                keys = minibatch_keys(self.seed, c_host, t).to(self.device)
         b = v.integer("batch_size", batch_size, 1)
+        # value checks only for caller-given samples (offsets and cohort: as in local_steps_)
         return ops.client_grads(X.contiguous(), c, self.A, self.y, self.offsets,
                                 KIND_TAG[self.kind], self.classes, self.problem.l2, tag, b, keys,
-                                smp)  # fmt: skip
+                                smp, smp is not None)  # fmt: skip
 
     # ---- server side ---------------------------------------------------------------------------
 

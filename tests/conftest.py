@@ -358,3 +358,21 @@ def in_process_grid():
 
     _GRID_CLASS.append(InProcessGrid)
     return InProcessGrid
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts the Python calls that read a tensor's values on the host (``bool``, ``int``,
+    ``float``, ``item``, ``tolist``, ``cpu``, ``numpy``): each is a host synchronization on CUDA.
+    ``host_reads()`` gives the count so far; a test asserts a hot-path call makes none."""
+    count = [0]
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu",
+                 "numpy"):  # fmt: skip
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _orig=orig, **kwargs):
+            count[0] += 1
+            return _orig(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return lambda: count[0]

@@ -227,3 +227,30 @@ def test_libsvm_loader(tmp_path):
     bad.write_text("+1 1:x\n")
     with pytest.raises(ValueError, match="bad.libsvm:1: not LibSVM format"):
         data.load_libsvm(bad)
+
+
+def test_client_batch_reads_no_device_values(gen, host_reads):
+    """ClientBatch.local_steps_ / grads call the ops with check=False (offsets from the Problem,
+    the cohort checked on the host), so a round reads no tensor value (on CUDA each read is a
+    host synchronization); calling the op with its default check=True is the control, and gives
+    the same result bit for bit. The default still rejects bad offsets, naming them."""
+    from fedkern.ops import clients as ops
+
+    P = make_problem("logistic", [5, 0, 7, 3], 6, gen)
+    B = ClientBatch(P, seed=3)
+    X0 = torch.randn(4, B.p, generator=gen)
+    before = host_reads()
+    X1 = B.local_steps_(X0.clone(), gamma=0.1, steps=3)
+    G1 = B.grads(X0)
+    assert host_reads() == before
+    c = torch.arange(4)
+    args = (c, B.A, B.y, B.offsets, 0, 1, 3, 0.1, float(P.l2), None, 0, 1, None, 0.0, 0.0, None)
+    X2 = X0.clone()
+    ops.local_steps_(X2, *args)
+    G2 = ops.client_grads(X0, c, B.A, B.y, B.offsets, 0, 1, float(P.l2), 0, 1, None, None)
+    assert host_reads() > before  # the control reads offsets and clients
+    assert torch.equal(X1, X2) and torch.equal(G1, G2)
+    bad = B.offsets.clone()
+    bad[-1] += 1
+    with pytest.raises(ValueError, match="offsets must rise from 0"):
+        ops.local_steps_(X0.clone(), c, B.A, B.y, bad, *args[4:])

@@ -477,8 +477,41 @@ def _optimizers(rank, world):
     return results
 
 
+def _no_index_checks(rank, world):
+    """Calls of the value-reading index check (a host sync on CUDA) during 3 compressed steps of
+    each hook, and, as the control, during one default ``sparse_add_`` call."""
+    import fedkern
+    import fedkern.ops.sparse as sparse_ops
+
+    real, calls = sparse_ops.check_index_values, [0]
+
+    def counting(*args):
+        calls[0] += 1
+        return real(*args)
+
+    sparse_ops.check_index_values = counting
+    try:
+        results = {}
+        x, y = _batch(rank, 0)
+        for hook in ("topk_ef14", "topk_ef21", "randk", "randk_ef21"):
+            ddp = DDP(_mlp(2), **TWO_BUCKETS)
+            fddp.register(ddp, hook, RATIO, start_iter=0, seed=1)
+            calls[0] = 0
+            for _ in range(3):
+                ddp.zero_grad()
+                _loss(ddp, x, y).backward()
+            results[hook] = calls[0]
+        calls[0] = 0
+        fedkern.sparse_add_(torch.zeros(4), torch.ones(1), torch.tensor([2]))
+        results["control: sparse_add_ default"] = calls[0]
+        return results
+    finally:
+        sparse_ops.check_index_values = real
+
+
 SCENARIOS = {
     "exactness": _exactness,
+    "no_index_checks": _no_index_checks,
     "training": _training,
     "bfloat16": _bfloat16,
     "checkpoint": _checkpoint,
@@ -582,6 +615,16 @@ def test_hook_equals_hand_computed_average(ranks, case):
         assert buckets[0] == 2 and buckets[-1] == 1, buckets  # the EF state changed buckets
     else:
         assert min(buckets) == 2, buckets
+
+
+def test_hooks_skip_the_index_check(ranks):
+    """The hooks build their indices and pass check_indices=False: no call of the check that
+    reads index values (a host synchronization on CUDA) in 3 steps of each hook; the control, a
+    default sparse_add_ in the same rank, calls it once."""
+    world, results = ranks
+    for r, res in enumerate(_get(results, "no_index_checks")):
+        assert res.pop("control: sparse_add_ default") == 1, f"rank {r}: the control is broken"
+        assert res == dict.fromkeys(("topk_ef14", "topk_ef21", "randk", "randk_ef21"), 0), res
 
 
 def test_training_reaches_dense_loss(ranks):

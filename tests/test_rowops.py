@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, EPS, backend_fixture, interpreted, same_bits
+from conftest import DTYPES, EPS, backend_fixture, device_for, interpreted, same_bits
 
 import fedkern
 from fedkern import robust as R
@@ -254,3 +254,34 @@ def test_opcheck(gen):
     torch.library.opcheck(ops.geometric_median.default, (X, torch.zeros(12), 3, 0.1))
     torch.library.opcheck(ops.centered_clip.default, (X, torch.zeros(12), 3, 0.5))
     torch.library.opcheck(ops.clip_rows_.default, (X.clone(), mn))
+
+
+def test_no_host_reads_on_the_hot_path(backend, gen, host_reads):
+    """clip_rows_ with a float bound, Krum and Multi-Krum read no tensor value on the host (on
+    CUDA each read is a synchronization): the float is checked on the host and the selection's
+    rows go to gather_mean with check_indices=False. Controls in the same test: a tensor bound is
+    read once, and gather_mean's default index check reads."""
+    from fedkern.ops import rowops as ops
+
+    dev = device_for(backend)
+    X = stack(9, 40, torch.float32, gen).to(dev)
+    idx = torch.tensor([[0, 3, 5], [2, 7, -1]], device=dev)
+    reads = {}
+    for name, call in {
+        "clip float": lambda: R.clip_rows_(X.clone(), 1.5),
+        "krum": lambda: R.krum(X, 2),
+        "multi-krum": lambda: R.krum(X, 2, 3),
+        "gather unchecked": lambda: ops.gather_mean(X, idx, False),
+        "control: clip tensor": lambda: R.clip_rows_(X.clone(), torch.full((9,), 1.5)),
+        "control: gather checked": lambda: ops.gather_mean(X, idx),
+    }.items():
+        before = host_reads()
+        call()
+        reads[name] = host_reads() - before
+    assert reads.pop("control: clip tensor") == 1 and reads.pop("control: gather checked") > 0
+    assert reads == dict.fromkeys(reads, 0), reads
+    # same results with and without the index check; bad bounds still raise, naming the argument
+    assert same_bits(ops.gather_mean(X, idx, False), ops.gather_mean(X, idx))
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="max_norm must be finite and > 0"):
+            R.clip_rows_(X.clone(), bad)

@@ -91,6 +91,9 @@ def test_opcheck(backend, gen):
         torch.ops.fedkern.sparse_add_.default, (dense, values[0], indices[0], 2.0)
     )
     torch.library.opcheck(torch.ops.fedkern.sparse_add_batched_.default, (dense, values, indices))
+    torch.library.opcheck(
+        torch.ops.fedkern.sparse_add_batched_.default, (dense, values, indices, 1.0, False)
+    )
 
 
 def _bad(kind):
@@ -132,3 +135,73 @@ def test_sparse_add_bad_alpha(alpha):
 def test_sparse_add_batched_wants_2d():
     with pytest.raises(ValueError, match=r"values must have shape \[m, k\]"):
         fedkern.sparse_add_batched_(torch.zeros(4), torch.ones(2), torch.tensor([0, 1]))
+
+
+def test_check_indices_false_reads_no_index_values(backend, gen, monkeypatch, host_reads):
+    """check_indices=False skips the value-reading check (no call of check_index_values, no
+    host read of any tensor) and gives the default's result bit for bit; the default (the
+    negative control, same assertions) does call it and does read."""
+    import fedkern.ops.sparse as sparse_ops
+
+    dev = device_for(backend)
+    calls = []
+    real = sparse_ops.check_index_values
+    monkeypatch.setattr(sparse_ops, "check_index_values",
+                        lambda *a: calls.append(a) or real(*a))  # fmt: skip
+    for dtype in DTYPES:
+        values, indices = messages(5, 60, 700, dtype, gen, dev)
+        dense = rand(700, dtype, gen, dev)
+        runs = {}
+        for flag in (True, False):
+            del calls[:]
+            before = host_reads()
+            d1 = fedkern.sparse_add_batched_(dense.clone(), values, indices, alpha=0.7,
+                                             check_indices=flag)  # fmt: skip
+            d2 = fedkern.sparse_add_(dense.clone(), values[0], indices[0], check_indices=flag)
+            runs[flag] = (d1, d2, len(calls), host_reads() - before)
+        assert runs[True][2] == 2 and runs[True][3] > 0  # the control reads the indices
+        assert runs[False][2] == 0 and runs[False][3] == 0
+        assert same_bits(runs[True][0], runs[False][0]) and same_bits(runs[True][1], runs[False][1])
+
+
+@pytest.mark.parametrize("kind", ["range", "negative", "unsorted", "dup"])
+def test_check_indices_default_still_raises(kind):
+    """The default checks the index values, and check_indices=True is that default."""
+    args, exc, msg = _bad(kind)
+    before = args[0].clone()
+    for kwargs in ({}, {"check_indices": True}):
+        with pytest.raises(exc, match=msg):
+            fedkern.sparse_add_(*args, **kwargs)
+        with pytest.raises(exc, match=msg):
+            fedkern.sparse_add_batched_(args[0], args[1].view(1, -1), args[2].view(1, -1), **kwargs)
+    assert torch.equal(args[0], before)
+
+
+@pytest.mark.parametrize("flag", [1, None, "no", torch.tensor(True)])
+def test_check_indices_must_be_bool(flag):
+    d = torch.zeros(4)
+    with pytest.raises(TypeError, match="check_indices must be a bool"):
+        fedkern.sparse_add_(d, torch.ones(1), torch.tensor([2]), check_indices=flag)
+    with pytest.raises(TypeError, match="check_indices must be a bool"):
+        fedkern.sparse_add_batched_(d, torch.ones(1, 1), torch.tensor([[2]]), check_indices=flag)
+    assert not d.any()
+
+
+def test_unchecked_bad_indices_never_write_out_of_bounds():
+    """The C++ core with check_indices=False: negative, too large and out-of-order indices are
+    dropped, never written outside dense. The guard zones around dense (a view into a larger
+    buffer) stay untouched (before the C++ guard, the -7 of the unsorted row was written at
+    dense[-7]); the in-range entries of the ascending row still land."""
+    ok, why = fedkern.ops._dispatch.backend_status("cpu")
+    if not ok:
+        pytest.skip(why)
+    for dtype in DTYPES:
+        buf = torch.zeros(3 * 40_000, dtype=dtype)
+        dense = buf[40_000:80_000]  # contiguous view with guard zones on both sides
+        idx = torch.tensor([[-40_000, -1, 3, 39_999, 40_000, 79_999],
+                            [5, 2, -7, 45_000, 17, 1]])  # fmt: skip
+        vals = torch.ones(idx.shape, dtype=dtype)
+        with fedkern.backend("cpu"):
+            fedkern.sparse_add_batched_(dense, vals, idx, check_indices=False)
+        assert not buf[:40_000].any() and not buf[80_000:].any()
+        assert dense[3] == 1 and dense[39_999] == 1

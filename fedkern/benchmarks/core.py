@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fedkern
+from fedkern.ops import _crossover
 
 SEED = 1234
 
@@ -437,6 +438,19 @@ def resolve_backend(op: str, device, choice: str = "auto") -> str | None:
     return next((backend for backend, f in impls.items() if f is fn), "auto")
 
 
+def ran(calls: list, op: str, default: str | None) -> dict:
+    """``{"backend": ..., "crossover": ...}`` from the dispatch decisions of one call
+    (``fedkern.ops._crossover.recording``): the last decision for ``op`` and, when the crossover
+    table has an entry for it on that device type, the entry; ``default`` when ``op`` was not
+    dispatched by name (a composed function)."""
+    mine = [c for c in calls if c[0] == op]
+    if not mine:
+        return {"backend": default}
+    op_name, device_type, _, name = mine[-1]
+    limit = _crossover.threshold(op_name, device_type)
+    return {"backend": name, **({"crossover": limit} if limit else {})}
+
+
 @dataclass
 class Budget:
     """Repetitions per case: at least ``min_reps``, then until ``seconds`` of timed calls."""
@@ -450,7 +464,9 @@ class Budget:
 def run_case(case: Case, device, backend: str = "auto", budget: Budget | None = None) -> dict:
     """Time ``case`` on ``device`` with fedkern forced to ``backend``; one result record.
 
-    Returns a dict with the case fields, ``backend`` (used), ``fedkern_ms`` / ``eager_ms``
+    Returns a dict with the case fields, ``backend`` (the implementation that ran: under "auto",
+    the one the op's dispatch chose at this size, "reference" below a size crossover, with
+    ``crossover`` the table's size for the op when it has one), ``fedkern_ms`` / ``eager_ms``
     (medians), their minima, ``ratio``, ``bytes``, ``gbps``, ``eager_gbps``, peak memory
     (``fedkern_peak_bytes`` / ``eager_peak_bytes``, None when unknown), ``copy_gbps`` and
     ``x_read`` (fedkern time over one read of the input at copy bandwidth) for ops that read
@@ -479,6 +495,10 @@ def run_case(case: Case, device, backend: str = "auto", budget: Budget | None = 
     copy_bw = copy_bandwidth(case.n, case.dtype, device) if case.full_pass() else None
     with fedkern.backend(backend):
         p = case.setup(device)
+        p.rearm_fedkern()
+        with _crossover.recording() as calls:  # which implementation the op's dispatch chose
+            time_call(p.fedkern, device)
+        rec.update(ran(calls, case.spec.impl_op or case.op, rec["backend"]))
         for _ in range(max(1, budget.warmup)):
             p.rearm_fedkern()
             t = time_call(p.fedkern, device)

@@ -56,6 +56,11 @@ dense all-reduce n*b; top-k k*(4 + b) (indices as int32 when n < 2**31, else int
 receives W*k*(4 + b) (all_gather grows with W, all-reduce does not); rand-k k*b.
 ``state.compression_stats()`` counts them.
 
+No host synchronization: the hooks build every index they add themselves (from the fused top-k /
+rand-k ops, or the ranks' all_gathered top-k messages), so they call ``sparse_add_`` /
+``sparse_add_batched_`` with ``check_indices=False``, which skips the check that reads the indices
+(on CUDA a device-to-host copy that would stall DDP's overlap of communication and backward).
+
 State (the contract of PyTorch's PowerSGD hook): one ``DDPCompressionState`` holds the
 hyperparameters, the iteration counter and the error-feedback buffers, one flat buffer per bucket
 keyed by bucket index. Unlike PowerSGD's, the buffers are also addressed per parameter, so they
@@ -454,9 +459,13 @@ def _exchange(state, buf, group, world: int, values, indices, server):
         all_values = out[:, split:].contiguous().view(buf.dtype)
         if server is None:  # EF14: the average of the messages
             buf.zero_()
-            sparse_add_batched_(buf, all_values, all_indices, alpha=1.0 / world)
+            sparse_add_batched_(
+                buf, all_values, all_indices, alpha=1.0 / world, check_indices=False
+            )
         else:  # EF21: s_bar += average of the messages; the gradient estimate is s_bar
-            sparse_add_batched_(server, all_values, all_indices, alpha=1.0 / world)
+            sparse_add_batched_(
+                server, all_values, all_indices, alpha=1.0 / world, check_indices=False
+            )
             buf.copy_(server)
         return buf
 
@@ -482,7 +491,7 @@ def _randk(state, bucket, buf, group, world: int, step: int, k: int):
     def finish(fut):
         fut.value()
         buf.zero_()
-        sparse_add_(buf, values, indices, alpha=1.0 / world)
+        sparse_add_(buf, values, indices, alpha=1.0 / world, check_indices=False)
         return buf
 
     return fut.then(finish)
@@ -503,7 +512,7 @@ def _randk_ef21(state, bucket, buf, group, world: int, step: int, k: int):
 
     def finish(fut):
         fut.value()
-        sparse_add_(bufs["server"], values, indices, alpha=1.0 / world)
+        sparse_add_(bufs["server"], values, indices, alpha=1.0 / world, check_indices=False)
         buf.copy_(bufs["server"])
         return buf
 

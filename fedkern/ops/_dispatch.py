@@ -5,8 +5,10 @@ chosen from, in order: the innermost ``with fedkern.backend(name)`` block, the F
 environment variable (read once, at import), or "auto". "auto" picks the op's first usable backend
 for the tensors' device: on CPU the C++ core, on CUDA the op's CUDA C++ kernel if it has one and
 CuPy works, else its Triton kernel; everything else (and any missing native backend) falls back to
-the plain-PyTorch reference. A forced backend that cannot run the call is an error, never a silent
-fallback.
+the plain-PyTorch reference. On a device type with a size crossover for the op
+(``fedkern.ops._crossover``: measured, documented, overridable), "auto" runs the reference for
+calls smaller than the crossover, where it is faster than launching the kernel. A forced backend
+that cannot run the call is an error, never a silent fallback; it ignores the crossovers.
 
 Logging (the standard ``logging`` module, logger "fedkern"): the first time "auto" falls back to
 the reference because a native backend that would have run the call failed to load (the C++ core
@@ -26,6 +28,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
+
+from fedkern.ops import _crossover
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
@@ -167,8 +171,20 @@ def _device_ok(name: str, device: torch.device) -> bool:
     return False
 
 
-def pick(op: str, impls: dict[str, Callable], device: torch.device) -> Callable:
-    """The implementation of ``op`` that runs on ``device`` under the current backend choice."""
+def pick(
+    op: str, impls: dict[str, Callable], device: torch.device, size: int | None = None
+) -> Callable:
+    """The implementation of ``op`` that runs on ``device`` under the current backend choice.
+
+    ``size``: the numel of the op's first tensor argument, for the size crossovers of "auto"
+    (``fedkern.ops._crossover``); None skips them (ops without a crossover entry need not pass it).
+    """
+    name = _choose(op, impls, device, size)
+    _crossover.record(op, device.type, size, name)
+    return impls[name]
+
+
+def _choose(op: str, impls: dict[str, Callable], device: torch.device, size: int | None) -> str:
     name = current_backend()
     if name != "auto":
         if name not in impls:
@@ -180,18 +196,21 @@ def pick(op: str, impls: dict[str, Callable], device: torch.device) -> Callable:
             raise RuntimeError(f"backend {name!r} is forced but unusable: {why}")
         if not _device_ok(name, device):
             raise RuntimeError(f"backend {name!r} cannot run fedkern.{op} on {device.type} tensors")
-        return impls[name]
+        return name
+    if size is not None and size < _crossover.threshold(op, device.type):
+        if _crossover.SMALL in impls:
+            return _crossover.SMALL
     order = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
     failed = []
     for cand in order:
         if cand in impls:
             ok, why = backend_status(cand)
             if ok:
-                return impls[cand]
+                return cand
             failed.append((cand, why))
     for cand, why in failed:
         _warn_fallback(cand, op, why)
-    return impls["reference"]
+    return "reference"
 
 
 def _warn_fallback(name: str, op: str, why: str) -> None:

@@ -2,13 +2,18 @@
 
 Ops (namespace ``fedkern``):
   local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu,
-               anchor) -> X                 K local steps for every cohort row of X [c, p], in place
-  client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples) -> G
+               anchor, check) -> X          K local steps for every cohort row of X [c, p], in place
+  client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples, check) -> G
                                             one gradient per cohort row of X [c, p] (G [c, p])
   scaffnew_sync_(X, H, coef) -> xbar        xbar = mean X; H += coef (xbar - X); X = xbar
   weighted_sum(X, w) -> [p]                 sum_r w[r] X[r] (float64 accumulation)
 The math is in ``fedkern.reference.clients``; the public entry point is ``fedkern.clients``, which
 builds every argument (this module only checks them, before any kernel runs).
+``check=False`` (default True) skips the checks that read tensor values (offsets rising from 0 to
+the rows of A, client ids in range, client_grads' sample indices in range), which are host
+synchronizations on CUDA: for callers that built those tensors themselves (``ClientBatch``:
+offsets from its Problem, cohorts checked on the host); invalid values are then undefined
+behaviour (the kernels index A and X with them), as in the quartic family.
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ def _f32_matrix(name: str, t, rows: int | None, cols: int, device) -> Tensor:
 
 
 def check_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys,
-                      clip, mu, anchor) -> None:  # fmt: skip
+                      clip, mu, anchor, check=True) -> None:  # fmt: skip
     """Every argument of local_steps_; raises before anything is modified."""
     v.tensor("A", A)
     if A.dtype != F32 or A.dim() != 2:
@@ -122,7 +127,7 @@ def check_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H,
                              f"{dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
     if offsets.dim() != 1 or offsets.shape[0] < 2:
         raise ValueError("offsets must be [n + 1] with n >= 1")
-    if not isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
+    if check and not isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
         o = offsets.cpu()
         if int(o[0]) != 0 or int(o[-1]) != A.shape[0] or bool((o[1:] < o[:-1]).any()):
             raise ValueError(f"offsets must rise from 0 to {A.shape[0]} (the rows of A)")
@@ -152,12 +157,13 @@ def check_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H,
 def local_steps_(
     X: Tensor, clients: Tensor, A: Tensor, y: Tensor, offsets: Tensor, kind: int, classes: int,
     K: int, gamma: float, l2: float, H: Tensor | None, mode: int, b: int, keys: Tensor | None,
-    clip: float, mu: float, anchor: Tensor | None,
+    clip: float, mu: float, anchor: Tensor | None, check: bool = True,
 ) -> None:  # fmt: skip
-    """K local steps for every cohort row of X, in place (see fedkern.reference.clients)."""
+    """K local steps for every cohort row of X, in place (see fedkern.reference.clients;
+    ``check`` in the module docstring)."""
     args = (X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu,
             anchor)  # fmt: skip
-    check_local_steps(*args)
+    check_local_steps(*args, check=v.boolean("check", check))
     if X.shape[0] == 0 or K == 0:
         return
     contiguous = [a.contiguous() if isinstance(a, Tensor) else a for a in args[1:]]
@@ -165,12 +171,13 @@ def local_steps_(
 
 
 @local_steps_.register_fake
-def _(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu, anchor):
+def _(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip, mu, anchor,
+      check=True):  # fmt: skip
     return None
 
 
 def check_client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys,
-                       samples) -> None:  # fmt: skip
+                       samples, check=True) -> None:  # fmt: skip
     """Every argument of client_grads; raises before any kernel runs."""
     v.tensor("A", A)
     if A.dtype != F32 or A.dim() != 2:
@@ -208,7 +215,7 @@ def check_client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, ke
             or (samples.device != dev)
         ):
             raise ValueError(f"samples must be an int64 tensor [{c}, s] on {dev}")
-    if isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
+    if not check or isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
         return
     o = offsets.cpu()
     if int(o[0]) != 0 or int(o[-1]) != A.shape[0] or bool((o[1:] < o[:-1]).any()):
@@ -227,11 +234,12 @@ def check_client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, ke
 @torch.library.custom_op("fedkern::client_grads", mutates_args=())
 def client_grads(
     X: Tensor, clients: Tensor, A: Tensor, y: Tensor, offsets: Tensor, kind: int, classes: int,
-    l2: float, mode: int, b: int, keys: Tensor | None, samples: Tensor | None,
+    l2: float, mode: int, b: int, keys: Tensor | None, samples: Tensor | None, check: bool = True,
 ) -> Tensor:  # fmt: skip
-    """One gradient per cohort row of X, G [c, p] float32 (see fedkern.reference.clients)."""
+    """One gradient per cohort row of X, G [c, p] float32 (see fedkern.reference.clients;
+    ``check`` in the module docstring)."""
     args = (X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples)
-    check_client_grads(*args)
+    check_client_grads(*args, check=v.boolean("check", check))
     if X.shape[0] == 0:
         return torch.empty_like(X)
     contiguous = [a.contiguous() if isinstance(a, Tensor) else a for a in args]
@@ -239,7 +247,7 @@ def client_grads(
 
 
 @client_grads.register_fake
-def _(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples):
+def _(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys, samples, check=True):
     return torch.empty_like(X)
 
 

@@ -5,6 +5,9 @@ bfloat16, one client per row):
   diff_topk_clip(G_new, G_old, k, max_norm) -> (values [n, k], indices [n, k], norms [n])
   diff_randk_clip(G_new, G_old, k, keys, scale, max_norm) -> (values, indices, norms)
   diff_clip(G_new, G_old, max_norm) -> (out [n, d], norms [n])
+each with a trailing ``check_bounds=True``: False skips the finite-and-positive check of the
+max_norm values (a host synchronization on CUDA), for callers that filled max_norm from a float
+they checked on the host (``fedkern.robust.diff_compress_clip``).
 The math and the exact numerics are in ``fedkern.reference.diffclip``; the public, documented
 entry point is ``fedkern.robust.diff_compress_clip``. Every argument is checked here, before any
 kernel runs.
@@ -116,48 +119,51 @@ def _run(op: str, x: Tensor, *args):
 
 @torch.library.custom_op("fedkern::diff_topk_clip", mutates_args=())
 def diff_topk_clip(
-    g_new: Tensor, g_old: Tensor, k: int, max_norm: Tensor
+    g_new: Tensor, g_old: Tensor, k: int, max_norm: Tensor, check_bounds: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per row: top-k of G_new - G_old, clipped to max_norm[i]: (values, indices, norms)."""
     check_pair(g_new, g_old)
     k = v.k_for(k, g_new.shape[1], "a row of G_new")
-    v.row_bounds("max_norm", max_norm, g_new)
+    v.row_bounds("max_norm", max_norm, g_new, v.boolean("check_bounds", check_bounds))
     return _run("diff_topk_clip", g_new, g_new.contiguous(), g_old.contiguous(), k, max_norm)
 
 
 @diff_topk_clip.register_fake
-def _(g_new, g_old, k, max_norm):
+def _(g_new, g_old, k, max_norm, check_bounds=True):
     return _message(g_new, k)
 
 
 @torch.library.custom_op("fedkern::diff_randk_clip", mutates_args=())
 def diff_randk_clip(
-    g_new: Tensor, g_old: Tensor, k: int, keys: Tensor, scale: float, max_norm: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+    g_new: Tensor, g_old: Tensor, k: int, keys: Tensor, scale: float, max_norm: Tensor,
+    check_bounds: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Per row: rand-k (round keys keys[i]) of G_new - G_old, scaled, clipped: (values, indices,
     norms)."""
     check_pair(g_new, g_old)
     k = v.k_for(k, g_new.shape[1], "a row of G_new")
     if keys.dtype != torch.int64 or keys.shape != (g_new.shape[0], 8) or keys.device.type != "cpu":
         raise ValueError(f"keys must be a CPU int64 tensor of shape ({g_new.shape[0]}, 8)")
-    v.row_bounds("max_norm", max_norm, g_new)
+    v.row_bounds("max_norm", max_norm, g_new, v.boolean("check_bounds", check_bounds))
     return _run("diff_randk_clip", g_new, g_new.contiguous(), g_old.contiguous(), k,
                 keys.contiguous(), v.fp32_scalar("scale", scale), max_norm)  # fmt: skip
 
 
 @diff_randk_clip.register_fake
-def _(g_new, g_old, k, keys, scale, max_norm):
+def _(g_new, g_old, k, keys, scale, max_norm, check_bounds=True):
     return _message(g_new, k)
 
 
 @torch.library.custom_op("fedkern::diff_clip", mutates_args=())
-def diff_clip(g_new: Tensor, g_old: Tensor, max_norm: Tensor) -> tuple[Tensor, Tensor]:
+def diff_clip(
+    g_new: Tensor, g_old: Tensor, max_norm: Tensor, check_bounds: bool = True
+) -> tuple[Tensor, Tensor]:
     """Per row: G_new - G_old clipped to max_norm[i]: (out [n, d], norms [n])."""
     check_pair(g_new, g_old)
-    v.row_bounds("max_norm", max_norm, g_new)
+    v.row_bounds("max_norm", max_norm, g_new, v.boolean("check_bounds", check_bounds))
     return _run("diff_clip", g_new, g_new.contiguous(), g_old.contiguous(), max_norm)
 
 
 @diff_clip.register_fake
-def _(g_new, g_old, max_norm):
+def _(g_new, g_old, max_norm, check_bounds=True):
     return torch.empty_like(g_new), g_new.new_empty(g_new.shape[0], dtype=F64)

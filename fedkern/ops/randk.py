@@ -81,7 +81,7 @@ def randk_compress_op(
 ) -> tuple[Tensor, Tensor]:
     k = check_topk(x, k)
     keys, unbiased = _seed_args(seed, step, unbiased)
-    fn = pick("randk_compress", IMPLS["randk_compress"], x.device)
+    fn = pick("randk_compress", IMPLS["randk_compress"], x.device, x.numel())
     return fn(x.reshape(-1).contiguous(), k, keys, scale_for(x.numel(), k, unbiased))
 
 
@@ -108,7 +108,7 @@ def ef14_randk_op(
     k = check_feedback(grad, error, "error", k)
     keys, unbiased = _seed_args(seed, step, unbiased)
     lr = v.fp32_scalar("lr", lr, nonneg=True)
-    fn = pick("ef14_randk_", IMPLS["ef14_randk_"], error.device)
+    fn = pick("ef14_randk_", IMPLS["ef14_randk_"], error.device, error.numel())
     scale = scale_for(error.numel(), k, unbiased)
     return fn(grad.reshape(-1).contiguous(), error.view(-1), k, keys, lr, scale)
 
@@ -125,7 +125,7 @@ def ef21_randk_op(
 ) -> tuple[Tensor, Tensor]:
     k = check_feedback(grad, state, "state", k)
     keys, unbiased = _seed_args(seed, step, unbiased)
-    fn = pick("ef21_randk_", IMPLS["ef21_randk_"], state.device)
+    fn = pick("ef21_randk_", IMPLS["ef21_randk_"], state.device, state.numel())
     scale = scale_for(state.numel(), k, unbiased)
     return fn(grad.reshape(-1).contiguous(), state.view(-1), k, keys, scale)
 

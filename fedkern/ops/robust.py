@@ -48,7 +48,7 @@ TRITON_MAX_ROWS = 1024  # kernels/robust.py keeps a tile's rows in registers
 def _pick(op: str, x: Tensor):
     """The kernel for op on x; stacks taller than the Triton kernels take go to the reference
     under "auto" (forcing "triton" on them is an error, as for any backend that cannot run)."""
-    fn = pick(op, IMPLS[op], x.device)
+    fn = pick(op, IMPLS[op], x.device, x.numel())
     if fn is IMPLS[op]["triton"] and x.shape[0] > TRITON_MAX_ROWS:
         if current_backend() == "triton":
             raise RuntimeError(f"backend 'triton' runs fedkern.{op} on at most "

@@ -1,12 +1,19 @@
 """Row-wise robust aggregation and clipping: schemas, validation and dispatch.
 
 Ops (namespace ``fedkern``; X is a stack of n client vectors [n, d], float32 or bfloat16):
-  gather_mean(X, idx) -> [r, d]                   out[q] = mean of rows idx[q, :] (-1 = padding)
+  gather_mean(X, idx, check_indices=True) -> [r, d]   out[q] = mean of rows idx[q, :] (-1 pads)
   geometric_median(X, z0, iters, nu) -> [d]       smoothed Weiszfeld geometric median
   centered_clip(X, v0, iters, tau) -> [d]         centered clipping
-  clip_rows_(X, max_norm) -> norms [n] float64    in place: each row scaled to norm <= max_norm[i]
+  clip_rows_(X, max_norm, check_bounds=True) -> norms [n] float64
+                                                  in place: each row scaled to norm <= max_norm[i]
 The math and the exact numerics are in ``fedkern.reference.rowops``; the public, documented entry
 points are in ``fedkern.robust``. Every argument is checked here, before any kernel runs.
+
+Checks that read tensor values (a host synchronization on CUDA) can be turned off by callers that
+built those tensors themselves: ``check_indices=False`` skips the range / padding check of
+``idx`` (``fedkern.robust`` builds it from a permutation or a sorted selection; invalid rows would
+be read out of bounds), ``check_bounds=False`` the finite-and-positive check of ``max_norm``
+(``fedkern.robust`` fills it from a float it checked on the host).
 """
 
 from __future__ import annotations
@@ -97,15 +104,17 @@ IMPLS = {
 # ---- validation ---------------------------------------------------------------------------------
 
 
-def check_idx(idx, x: Tensor) -> Tensor:
-    """idx: int64 [r, s] on x's device, entries in [-1, n), -1 only trailing, >= 1 valid per row."""
+def check_idx(idx, x: Tensor, inspect: bool = True) -> Tensor:
+    """idx: int64 [r, s] on x's device, entries in [-1, n), -1 only trailing, >= 1 valid per row.
+
+    ``inspect=False`` checks only dtype, shape and device (not the values: no host read)."""
     v.tensor("idx", idx)
     if idx.dtype != torch.int64 or idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
         raise ValueError(f"idx must be a non-empty 2-D int64 tensor [r, s], got dtype "
                          f"{idx.dtype} and shape {tuple(idx.shape)}")  # fmt: skip
     if idx.device != x.device:
         raise ValueError(f"idx must be on {x.device} (as X), got {idx.device}")
-    if isinstance(idx, torch._subclasses.fake_tensor.FakeTensor):
+    if not inspect or isinstance(idx, torch._subclasses.fake_tensor.FakeTensor):
         return idx
     n = x.shape[0]
     if bool(((idx < -1) | (idx >= n)).any()):
@@ -133,14 +142,14 @@ def _run(op: str, x: Tensor, *args):
 
 
 @torch.library.custom_op("fedkern::gather_mean", mutates_args=())
-def gather_mean(x: Tensor, idx: Tensor) -> Tensor:
+def gather_mean(x: Tensor, idx: Tensor, check_indices: bool = True) -> Tensor:
     """out[q] = mean of rows idx[q, t] of X, summed in t order in float32; [r, d] in X's dtype."""
-    check_idx(idx, v.stack("X", x))
+    check_idx(idx, v.stack("X", x), v.boolean("check_indices", check_indices))
     return _run("gather_mean", x, x.contiguous(), idx.contiguous())
 
 
 @gather_mean.register_fake
-def _(x, idx):
+def _(x, idx, check_indices=True):
     check_idx(idx, v.stack("X", x))
     return x.new_empty(idx.shape[0], x.shape[1])
 
@@ -174,14 +183,14 @@ def _(x, v0, iters, tau):
 
 
 @torch.library.custom_op("fedkern::clip_rows_", mutates_args=("x",))
-def clip_rows_(x: Tensor, max_norm: Tensor) -> Tensor:
+def clip_rows_(x: Tensor, max_norm: Tensor, check_bounds: bool = True) -> Tensor:
     """In place: each row of X scaled to norm <= max_norm[i]; returns the norms before clipping."""
-    v.row_bounds("max_norm", max_norm, v.stack("X", x))
+    v.row_bounds("max_norm", max_norm, v.stack("X", x), v.boolean("check_bounds", check_bounds))
     v.writable("X", x)
     return _run("clip_rows_", x, x, max_norm.contiguous())
 
 
 @clip_rows_.register_fake
-def _(x, max_norm):
+def _(x, max_norm, check_bounds=True):
     v.row_bounds("max_norm", max_norm, v.stack("X", x))
     return x.new_empty(x.shape[0], dtype=F64)

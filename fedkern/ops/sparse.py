@@ -1,9 +1,23 @@
 """Sparse accumulation (decompression, server-side sums of sparse messages).
 
 Ops (namespace ``fedkern``):
-  sparse_add_(dense, values, indices, *, alpha=1.0)            one message [k]
-  sparse_add_batched_(dense, values, indices, *, alpha=1.0)    m messages [m, k], no Python loop
+  sparse_add_(dense, values, indices, *, alpha=1.0, check_indices=True)          one message [k]
+  sparse_add_batched_(dense, values, indices, *, alpha=1.0, check_indices=True)  m messages [m, k]
 Both mutate ``dense`` and return it. Numerics in ``fedkern.reference.sparse``.
+
+Checking modes. Everything that needs only the tensors' metadata (dtypes, devices, shapes,
+contiguity, aliasing, alpha) is always checked. The index values (strictly ascending per row,
+inside ``dense``) are checked by :func:`check_index_values`, which reads them: one reduction pass,
+and on CUDA a host synchronization that stalls the launch queue. ``check_indices=True`` (the
+default) runs it; ``check_indices=False`` skips it, for callers that build valid indices
+themselves (the DDP hooks: indices straight from the fused top-k / rand-k ops). With
+``check_indices=False`` invalid indices are the caller's responsibility and the result is
+undefined, but no kernel writes outside ``dense``: the C++ core drops a term whose index lies below
+the chunk it is accumulating (negative, or out of order) and never reaches one >= dense.numel();
+the Triton kernel reads ``indices`` only at positions inside its rows and each program writes only
+the dense block it owns. The reference (plain PyTorch indexing) raises IndexError on CPU for an
+index outside [-n, n) and wraps a negative one in range; on CUDA an out-of-range index trips
+PyTorch's device-side assert ("auto" runs Triton there, never the reference).
 """
 
 from __future__ import annotations
@@ -39,7 +53,8 @@ IMPLS = {
 def check(dense, values, indices, alpha, ndim: int, *, inspect: bool = True) -> float:
     """Validate a sparse add; indices must be strictly ascending per row and inside dense.
 
-    ``inspect=False`` skips the checks that read index values (fake/meta tensors have none).
+    ``inspect=False`` skips :func:`check_index_values`, the check that reads index values (fake
+    and meta tensors have none; ``check_indices=False`` callers vouch for them).
     """
     v.float_tensor("dense", dense)
     v.writable("dense", dense)
@@ -63,51 +78,70 @@ def check(dense, values, indices, alpha, ndim: int, *, inspect: bool = True) -> 
     v.disjoint("values", values, "dense", dense)
     alpha = v.fp32_scalar("alpha", alpha)
     if inspect and indices.numel():
-        rows = indices.view(-1, indices.shape[-1])
-        # one comparison pass; then only the first and last column can leave the range
-        if rows.shape[1] > 1 and not bool((rows[:, 1:] > rows[:, :-1]).all()):
-            raise ValueError("indices must be strictly ascending in every message (row)")
-        lo, hi = int(rows[:, 0].min()), int(rows[:, -1].max())
-        if lo < 0 or hi >= dense.numel():
-            raise ValueError(
-                f"indices must be in [0, dense.numel()={dense.numel()}), got values in [{lo}, {hi}]"
-            )
+        check_index_values(indices, dense.numel())
     return alpha
+
+
+def check_index_values(indices: Tensor, n: int) -> None:
+    """Raise ValueError unless every row of ``indices`` ([k] or [m, k] int64) is strictly
+    ascending and inside [0, n). Reads the values: on CUDA a host synchronization."""
+    rows = indices.view(-1, indices.shape[-1])
+    # one comparison pass; then only the first and last column can leave the range
+    if rows.shape[1] > 1 and not bool((rows[:, 1:] > rows[:, :-1]).all()):
+        raise ValueError("indices must be strictly ascending in every message (row)")
+    lo, hi = int(rows[:, 0].min()), int(rows[:, -1].max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"indices must be in [0, dense.numel()={n}), got values in [{lo}, {hi}]")
 
 
 def _run(dense, values, indices, alpha):
     if values.numel() == 0:
         return
-    fn = pick("sparse_add_batched_", IMPLS["sparse_add_batched_"], dense.device)
+    fn = pick("sparse_add_batched_", IMPLS["sparse_add_batched_"], dense.device, dense.numel())
     fn(dense.view(-1), values.contiguous(), indices.contiguous(), alpha)
 
 
 @torch.library.custom_op("fedkern::sparse_add_", mutates_args=("dense",))
-def sparse_add_op(dense: Tensor, values: Tensor, indices: Tensor, alpha: float = 1.0) -> None:
-    alpha = check(dense, values, indices, alpha, 1)
+def sparse_add_op(
+    dense: Tensor, values: Tensor, indices: Tensor, alpha: float = 1.0, check_indices: bool = True
+) -> None:
+    alpha = check(dense, values, indices, alpha, 1, inspect=bool(check_indices))
     _run(dense, values.view(1, -1), indices.view(1, -1), alpha)
 
 
 @sparse_add_op.register_fake
-def _(dense, values, indices, alpha=1.0):
+def _(dense, values, indices, alpha=1.0, check_indices=True):
     check(dense, values, indices, alpha, 1, inspect=False)
 
 
 @torch.library.custom_op("fedkern::sparse_add_batched_", mutates_args=("dense",))
 def sparse_add_batched_op(
-    dense: Tensor, values: Tensor, indices: Tensor, alpha: float = 1.0
+    dense: Tensor, values: Tensor, indices: Tensor, alpha: float = 1.0, check_indices: bool = True
 ) -> None:
-    alpha = check(dense, values, indices, alpha, 2)
+    alpha = check(dense, values, indices, alpha, 2, inspect=bool(check_indices))
     _run(dense, values, indices, alpha)
 
 
 @sparse_add_batched_op.register_fake
-def _(dense, values, indices, alpha=1.0):
+def _(dense, values, indices, alpha=1.0, check_indices=True):
     check(dense, values, indices, alpha, 2, inspect=False)
 
 
+def _flag(check_indices) -> bool:
+    if not isinstance(check_indices, bool):
+        raise TypeError(f"check_indices must be a bool, got {type(check_indices).__name__}")
+    return check_indices
+
+
 @accepts_dlpack
-def sparse_add_(dense: Tensor, values: Tensor, indices: Tensor, *, alpha: float = 1.0) -> Tensor:
+def sparse_add_(
+    dense: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    *,
+    alpha: float = 1.0,
+    check_indices: bool = True,
+) -> Tensor:
     """``dense.flatten()[indices] += alpha * values``, in place (decompression / accumulation).
 
     Args:
@@ -116,25 +150,33 @@ def sparse_add_(dense: Tensor, values: Tensor, indices: Tensor, *, alpha: float 
         indices: [k] int64 tensor on dense's device, strictly ascending, in [0, dense.numel()) --
             what ``topk_compress`` and ``randk_compress`` return.
         alpha: finite float (float32).
+        check_indices: True (default, safe): check that the indices are ascending and in range,
+            which reads them (one reduction; on CUDA a host synchronization). False: skip that
+            check, for callers that build valid indices themselves; invalid indices then give an
+            undefined result (never a write outside ``dense``; see the module docstring).
 
     Returns:
         ``dense``. The sum is formed in float32 and rounded to dense's dtype once.
 
     Raises:
-        TypeError / ValueError naming the argument (checking the indices costs one reduction, and a
-        device synchronisation on CUDA), before anything is modified.
+        TypeError / ValueError naming the argument, before anything is modified.
     """
     v.tensor("dense", dense)
     v.tensor("values", values)
     v.tensor("indices", indices)
     v.schema_types(alpha=alpha)
-    torch.ops.fedkern.sparse_add_(dense, values, indices, float(alpha))
+    torch.ops.fedkern.sparse_add_(dense, values, indices, float(alpha), _flag(check_indices))
     return dense
 
 
 @accepts_dlpack
 def sparse_add_batched_(
-    dense: Tensor, values: Tensor, indices: Tensor, *, alpha: float = 1.0
+    dense: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    *,
+    alpha: float = 1.0,
+    check_indices: bool = True,
 ) -> Tensor:
     """Add m sparse messages at once: ``dense[indices[i]] += alpha * values[i]`` for every row i.
 
@@ -146,6 +188,9 @@ def sparse_add_batched_(
         values: [m, k] tensor of dense's dtype and device.
         indices: [m, k] int64 on dense's device; each row strictly ascending, in [0, dense.numel()).
         alpha: finite float (float32).
+        check_indices: True (default, safe): check every row's indices (ascending, in range) by
+            reading them, on CUDA a host synchronization; False: skip it (the caller vouches for
+            the indices; invalid ones give an undefined result, never a write outside ``dense``).
 
     Returns:
         ``dense``.
@@ -157,5 +202,7 @@ def sparse_add_batched_(
     v.tensor("values", values)
     v.tensor("indices", indices)
     v.schema_types(alpha=alpha)
-    torch.ops.fedkern.sparse_add_batched_(dense, values, indices, float(alpha))
+    torch.ops.fedkern.sparse_add_batched_(
+        dense, values, indices, float(alpha), _flag(check_indices)
+    )
     return dense

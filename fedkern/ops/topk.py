@@ -81,7 +81,7 @@ def _flat(x: Tensor) -> Tensor:
 @torch.library.custom_op("fedkern::topk_compress", mutates_args=())
 def topk_compress_op(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     k = check_topk(x, k)
-    return pick("topk_compress", IMPLS["topk_compress"], x.device)(_flat(x), k)
+    return pick("topk_compress", IMPLS["topk_compress"], x.device, x.numel())(_flat(x), k)
 
 
 @topk_compress_op.register_fake
@@ -109,7 +109,7 @@ topk_compress_op.register_autograd(scatter_backward, setup_context=_topk_setup)
 def ef14_topk_op(grad: Tensor, error: Tensor, k: int, lr: float = 1.0) -> tuple[Tensor, Tensor]:
     k = check_feedback(grad, error, "error", k)
     lr = v.fp32_scalar("lr", lr, nonneg=True)
-    fn = pick("ef14_topk_", IMPLS["ef14_topk_"], error.device)
+    fn = pick("ef14_topk_", IMPLS["ef14_topk_"], error.device, error.numel())
     return fn(_flat(grad), error.view(-1), k, lr)
 
 
@@ -122,7 +122,7 @@ def _(grad, error, k, lr=1.0):
 @torch.library.custom_op("fedkern::ef21_topk_", mutates_args=("state",))
 def ef21_topk_op(grad: Tensor, state: Tensor, k: int) -> tuple[Tensor, Tensor]:
     k = check_feedback(grad, state, "state", k)
-    fn = pick("ef21_topk_", IMPLS["ef21_topk_"], state.device)
+    fn = pick("ef21_topk_", IMPLS["ef21_topk_"], state.device, state.numel())
     return fn(_flat(grad), state.view(-1), k)
 
 

@@ -3,6 +3,7 @@ side of Byz-VR-MARINA: difference, compress, clip; batched over clients, one per
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -18,7 +19,11 @@ Tensor = torch.Tensor
 
 
 def _max_norm(max_norm, X: Tensor, name: str = "max_norm") -> Tensor:
-    """A float or a [n] tensor, each finite and > 0, as float64 [n] on X's device."""
+    """A float or a [n] tensor, each finite and > 0, as float64 [n] on X's device, checked here
+    once: a float on the host (the tensor filled from it needs no device read, so no host
+    synchronization on CUDA), a tensor by reading its values (one synchronization). The ops are
+    then called with check_bounds=False, so nothing is checked twice.
+    """
     n = X.shape[0]
     if isinstance(max_norm, torch.Tensor):
         if max_norm.dim() == 0:
@@ -27,11 +32,14 @@ def _max_norm(max_norm, X: Tensor, name: str = "max_norm") -> Tensor:
             raise ValueError(f"{name} must be a float or a tensor of shape ({n},), got shape "
                              f"{tuple(max_norm.shape)}")  # fmt: skip
         out = max_norm.to(device=X.device, dtype=torch.float64).contiguous()
-    else:
-        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-            raise TypeError(f"{name} must be a float or a tensor, got {type(max_norm).__name__}")
-        out = torch.full((n,), float(max_norm), dtype=torch.float64, device=X.device)
-    return v.row_bounds(name, out, X)
+        return v.row_bounds(name, out, X)
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(max_norm).__name__}")
+    bound = float(max_norm)
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"{name} must be finite and > 0 for every row, got {bound}")
+    out = torch.full((n,), bound, dtype=torch.float64, device=X.device)
+    return v.row_bounds(name, out, X, inspect=False)
 
 
 @accepts_dlpack
@@ -46,10 +54,11 @@ def clip_rows_(X: Tensor, max_norm) -> Tensor:
         X. Norms are float64; a row within its bound is untouched (bit for bit); a longer row
         becomes round(fp32(c_i / ||x_i||) * x_i); a row with an inf/NaN entry is set to zero (the
         clipped vector of a Byzantine client must be bounded, and zero is). Nothing is modified
-        when an argument is invalid.
+        when an argument is invalid. A float max_norm is checked on the host (no synchronization
+        on CUDA); a tensor's values are read to check them (a host synchronization on CUDA).
     """
     v.stack("X", X)
-    _rowops.clip_rows_(X, _max_norm(max_norm, X))
+    _rowops.clip_rows_(X, _max_norm(max_norm, X), False)
     return X
 
 
@@ -85,10 +94,12 @@ def diff_compress_clip(G_new: Tensor, G_old: Tensor, compressor=None, max_norm=N
     n, d = G_new.shape
     # no bound: the largest float64, which no float32 message norm reaches
     bound = _max_norm(torch.finfo(torch.float64).max if max_norm is None else max_norm, G_new)
+    check = False  # _max_norm checked the bounds
     if compressor is None:
-        return _diffclip.diff_clip(G_new, G_old, bound)[0]
+        return _diffclip.diff_clip(G_new, G_old, bound, check)[0]
     if isinstance(compressor, TopK):
-        values, indices, _ = _diffclip.diff_topk_clip(G_new, G_old, compressor.k_for(d), bound)
+        k = compressor.k_for(d)
+        values, indices, _ = _diffclip.diff_topk_clip(G_new, G_old, k, bound, check)
         return values, indices
     if isinstance(compressor, RandK):
         ids = list(range(n)) if clients is None else [v.integer("clients", c, 0) for c in clients]
@@ -99,7 +110,7 @@ def diff_compress_clip(G_new: Tensor, G_old: Tensor, compressor=None, max_norm=N
                             dtype=torch.int64)  # fmt: skip
         k = compressor.k_for(d)
         scale = scale_for(d, k, compressor.unbiased)
-        values, indices, _ = _diffclip.diff_randk_clip(G_new, G_old, k, keys, scale, bound)
+        values, indices, _ = _diffclip.diff_randk_clip(G_new, G_old, k, keys, scale, bound, check)
         return values, indices
     raise TypeError(f"compressor must be None, a fedkern.compress.TopK or RandK, got "
                     f"{type(compressor).__name__}")  # fmt: skip

@@ -21,6 +21,8 @@ namespace fedkern {
 
 // dense: dtype[n_dense], updated in place.  values: dtype[m, k] row-major.
 // indices: int64[m, k] row-major, each row strictly ascending with entries in [0, n_dense).
+// Rows that break this give an undefined sum but no write outside dense: an entry below the chunk
+// being accumulated (negative, out of order) is dropped, one >= n_dense is never reached.
 // alpha: an fp32 number. m >= 1, k >= 1 (int64).
 void sparse_add_batched(void* dense, DType dtype, int64_t n_dense, const void* values,
                         const int64_t* indices, int64_t m, int64_t k, float alpha);

@@ -1,0 +1,226 @@
+"""The targets of the GPU work (issue 16), each ok or MISS, from what bench/gpu_check.sh wrote.
+
+    python bench/gpu_targets.py RESULTS.json [--tests JUNIT.xml] [--cases]
+    python bench/gpu_targets.py --test-files     (the GPU test modules, for gpu_check.sh)
+
+RESULTS.json is a ``fedkern bench --device cuda`` record (``meta`` and ``results``); JUNIT.xml the
+pytest report of the GPU tests. ``--cases`` first prints every case in a short table. The targets
+table comes last. A target whose cases were not measured (not run, skipped, failed) is a MISS
+that says so: nothing counts as met without a measurement. ratio = eager / fedkern time.
+
+Targets (TARGETS below): every op >= 1.0x its eager baseline at every benchmarked size (MicroAdam
+against AdamW has its own target); the top-k and rand-k families >= 3x at 1e8 and 1e9;
+``topk_compress`` within 2.5x of one read of its input at 1e8 and 1e9; ``sparse_add_batched_``
+>= 1.0x one ``index_add_``; a MicroAdam step <= 1.0x ``AdamW(fused=True)`` on 1e8 bf16 parameters;
+coordinate median and trimmed mean >= 10x at 64 x 1e6; Krum and the iterative rules (geometric
+median, centered clipping) >= 2x; a round of 1000 clients (``local_steps_vs_loop``) >= 100x a
+client loop; and every GPU test family green. Exit status 0 (the table is the result), 2 when
+RESULTS.json cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import xml.etree.ElementTree as ET
+
+TOPK = ("topk_compress", "ef14_topk_", "ef21_topk_")
+RANDK = ("randk_compress", "ef14_randk_", "ef21_randk_")
+BIG = (10**8, 10**9)
+#: GPU test families and their test modules (bench/gpu_check.sh runs these files).
+FAMILIES = {
+    "robust": ("test_robust",),
+    "rowops": ("test_rowops", "test_kernels_rowops"),
+    "diffclip": ("test_diffclip", "test_kernels_diffclip"),
+    "clients": ("test_clients", "test_kernels_clients_triton", "test_client_grads"),
+    "tamuna": ("test_tamuna",),
+    "sketch": ("test_sketch",),
+    "manifolds": ("test_manifolds",),
+    "microadam": ("test_microadam",),
+    "topk": ("test_topk",),
+    "randk": ("test_randk",),
+    "sparse": ("test_sparse",),
+}
+
+
+def short(n: int) -> str:
+    """1e8 for 100000000; plain digits when not a round power."""
+    s = f"{n:.0e}".replace("e+0", "e").replace("e+", "e")
+    return s if float(s) == n else str(n)
+
+
+def label(r: dict) -> str:
+    m = f" m={r['m']}" if r.get("m", 1) != 1 else ""
+    return f"{r['case']} {short(r['n'])}{m} {r['dtype']}"
+
+
+def ratio(r: dict) -> str:
+    return f"{r['ratio']:.2f}x"
+
+
+def x_read(r: dict) -> str:
+    return "no x read" if r.get("x_read") is None else f"{r['x_read']:.2f}x read"
+
+
+def check(records: list[dict], want, what, *, need=(), fig=ratio,
+          worst=lambda r: r["ratio"]) -> tuple[str, str]:  # fmt: skip
+    """(status, detail) of one target over ``records`` selected by ``want(r)``: every selected
+    record measured and ``what(r)`` true. ``need``: (case, n) pairs that must be among them;
+    ``fig(r)`` the figure shown, ``worst`` the key whose minimum is the worst record."""
+    chosen = [r for r in records if want(r)]
+    missing = [f"{c} {short(n)}" for c, n in need
+               if not any(r["case"] == c and r["n"] == n for r in chosen)]  # fmt: skip
+    if not chosen:
+        return "MISS", "not measured"
+    unrun = [r for r in chosen if r.get("status") != "ok"]
+    ok = [r for r in chosen if r.get("status") == "ok"]
+    bad = [r for r in ok if not what(r)]
+    parts = []
+    if ok:
+        w = min(ok, key=worst)
+        parts.append(f"{len(ok) - len(bad)}/{len(ok)} ok, worst {fig(w)} ({label(w)})")
+    if bad:
+        parts.append("miss: " + ", ".join(f"{label(r)} {fig(r)}" for r in bad[:4])
+                     + (f" +{len(bad) - 4}" if len(bad) > 4 else ""))  # fmt: skip
+    if unrun:
+        parts.append(f"{len(unrun)} not measured ({unrun[0].get('status')}: {label(unrun[0])})")
+    if missing:
+        parts.append("no case: " + ", ".join(missing))
+    return ("ok" if not (bad or unrun or missing) else "MISS"), "; ".join(parts)
+
+
+def targets(records: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, status, detail) for every target of the issue (see the module docstring)."""
+    out = []
+
+    def add(name, *args, **kwargs):
+        out.append((name, *check(records, *args, **kwargs)))
+
+    add("every op >= 1.0x eager at every size (MicroAdam vs AdamW: below)",
+        lambda r: r["case"] != "microadam_vs_adamw", lambda r: r["ratio"] >= 1.0)  # fmt: skip
+    need = [(c, n) for c in TOPK + RANDK for n in BIG]
+    add("top-k / rand-k families >= 3x eager at 1e8 and 1e9",
+        lambda r: r["case"] in TOPK + RANDK and r["n"] in BIG, lambda r: r["ratio"] >= 3.0,
+        need=need)  # fmt: skip
+    add("topk_compress <= 2.5x one read of the input at 1e8 and 1e9",
+        lambda r: r["case"] == "topk_compress" and r["n"] in BIG,
+        lambda r: r.get("x_read") is not None and r["x_read"] <= 2.5,
+        need=[("topk_compress", n) for n in BIG], fig=x_read,
+        worst=lambda r: -(r.get("x_read") or float("inf")))  # fmt: skip
+    add("sparse_add_batched_ >= 1.0x one index_add_",
+        lambda r: r["case"] == "sparse_add_batched_", lambda r: r["ratio"] >= 1.0)  # fmt: skip
+    status, detail = check(
+        records, lambda r: r["case"] == "microadam_vs_adamw" and r["n"] == 10**8 and
+        r["dtype"] == "bf16", lambda r: r["ratio"] >= 1.0)  # fmt: skip
+    for r in records:
+        if (r["case"], r["n"], r["dtype"], r.get("status")) == ("microadam_vs_adamw", 10**8,
+                                                                "bf16", "ok"):  # fmt: skip
+            detail += f"; {r['bytes'] / r['n']:.2f} B/param/step at {r['gbps']:.0f} GB/s"
+    out.append(("MicroAdam step <= 1.0x AdamW(fused=True), 1e8 bf16", status, detail))
+    add("coordinate median / trimmed mean >= 10x at 64 x 1e6",
+        lambda r: r["case"] in ("coordinate_median", "trimmed_mean") and r["n"] == 10**6
+        and r.get("m") == 64, lambda r: r["ratio"] >= 10.0,
+        need=[("coordinate_median", 10**6), ("trimmed_mean", 10**6)])  # fmt: skip
+    rules = ("krum", "geometric_median", "centered_clip")
+    add("Krum and the iterative rules >= 2x", lambda r: r["case"] in rules,
+        lambda r: r["ratio"] >= 2.0, need=[(c, 10**6) for c in rules])  # fmt: skip
+    add("a round of 1000 clients >= 100x a client loop",
+        lambda r: r["case"] == "local_steps_vs_loop" and r["n"] == 1000,
+        lambda r: r["ratio"] >= 100.0)  # fmt: skip
+    return out
+
+
+def test_families(path: str | None) -> list[tuple[str, str, str]]:
+    """(target, status, detail) per GPU test family from a JUnit XML report."""
+    if path is None:
+        return [("GPU tests", "MISS", "no test report given")]
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        return [("GPU tests", "MISS", f"no test report ({exc})")]
+    counts = {f: [0, 0, 0] for f in FAMILIES}  # passed, failed, skipped
+    module_of = {m: f for f, mods in FAMILIES.items() for m in mods}
+    for case in root.iter("testcase"):
+        mod = case.get("classname", "").split(".")[-1]
+        fam = module_of.get(mod)
+        if fam is None:
+            continue
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts[fam][1] += 1
+        elif case.find("skipped") is not None:
+            counts[fam][2] += 1
+        else:
+            counts[fam][0] += 1
+    out = []
+    for fam, (p, f, s) in counts.items():
+        status = "ok" if p and not f else "MISS"
+        detail = f"{p} passed, {f} failed, {s} skipped" if p + f + s else "no test ran"
+        out.append((f"GPU tests: {fam}", status, detail))
+    return out
+
+
+def case_table(doc: dict) -> str:
+    """Every case in one line: backend, times, ratio, GB/s, x read."""
+    fmt = "{:<22} {:>5} {:>4} {:>5} {:<16} {:>10} {:>10} {:>7} {:>7} {:>7}"
+    lines = [fmt.format("case", "n", "m", "dtype", "backend", "fedkern ms", "eager ms", "ratio",
+                        "GB/s", "x read")]  # fmt: skip
+    for r in doc["results"]:
+        backend = str(r.get("backend"))
+        if r.get("crossover"):
+            backend += f" (<{short(r['crossover'])})"
+        if r.get("status") != "ok":
+            lines.append(fmt.format(r["case"], short(r["n"]), r.get("m", 1), r["dtype"], backend,
+                                    r.get("status", "?"), "", "", "", "")
+                         + "  " + str(r.get("note", ""))[:60])  # fmt: skip
+            continue
+        xr = "-" if r.get("x_read") is None else f"{r['x_read']:.2f}"
+        lines.append(fmt.format(r["case"], short(r["n"]), r.get("m", 1), r["dtype"], backend,
+                                f"{r['fedkern_ms']:.3f}", f"{r['eager_ms']:.3f}",
+                                f"{r['ratio']:.2f}", f"{r['gbps']:.0f}", xr))  # fmt: skip
+    return "\n".join(lines)
+
+
+def render(rows: list[tuple[str, str, str]]) -> str:
+    width = max(len(t) for t, _, _ in rows)
+    lines = [f"{'target':<{width}}  {'':<4}  measured", "-" * (width + 40)]
+    lines += [f"{t:<{width}}  {s:<4}  {d}" for t, s, d in rows]
+    miss = sum(s != "ok" for _, s, _ in rows)
+    lines.append(f"targets: {len(rows) - miss} ok, {miss} MISS")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", help="a fedkern bench --device cuda JSON record")
+    parser.add_argument("--tests", default=None, help="JUnit XML of the GPU tests")
+    parser.add_argument("--cases", action="store_true", help="print every case first")
+    parser.add_argument("--test-files", action="store_true",
+                        help="print the test files of the GPU test families and exit")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.test_files:
+        print(" ".join(f"tests/{m}.py" for mods in FAMILIES.values() for m in mods))
+        return 0
+    if args.results is None:
+        parser.error("RESULTS.json is required")
+    try:
+        with open(args.results, encoding="utf-8") as f:
+            doc = json.load(f)
+        records = doc["results"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"no benchmark results ({exc})")
+        print(render(test_families(args.tests)
+                     + [("benchmark targets", "MISS", "no results")]))  # fmt: skip
+        return 2
+    m = doc.get("meta", {})
+    print(f"{m.get('device_name')} | torch {m.get('torch')} | triton {m.get('triton')} | "
+          f"commit {m.get('git_commit')} | {m.get('timestamp')}")  # fmt: skip
+    if args.cases:
+        print(case_table(doc))
+        print()
+    print(render(test_families(args.tests) + targets(records)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
