@@ -53,6 +53,7 @@ floats_down_per_client (divided by c: the simulator's "floats_up" / "floats_down
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import time
@@ -166,9 +167,9 @@ class MethodStrategy(FedAvg):
         return self.cohort_size
 
     @property
+    @abc.abstractmethod
     def coef(self) -> float:
         """The control-variate coefficient of the clients' update h += coef (x+ - x_i)."""
-        raise NotImplementedError
 
     @property
     def sync_mode(self) -> str:
@@ -179,10 +180,10 @@ class MethodStrategy(FedAvg):
         """This round's slot -> cohort-row permutation (int64 [c] CPU; identity by default)."""
         return torch.arange(self.cohort_size, dtype=torch.int64)
 
+    @abc.abstractmethod
     def aggregate_values(self, X: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """The new server model [p] float32 from X [c, p] (row r = cohort row r's trained model
         at its held coordinates; other entries unspecified) and the live rows ``plan.live``."""
-        raise NotImplementedError
 
     # ---- draws (fedkern.algorithms.base.Method's keys) -----------------------------------------
 
