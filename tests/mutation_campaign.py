@@ -81,8 +81,8 @@ MUTANTS = [
     (
         "proxskip-l1-shift",
         "fedkern/algorithms/federated.py",
-        "shift = self.batch.mean(H) * (self.gamma / self.p)",
-        "shift = self.batch.mean(H) * self.gamma",
+        "shift = self.gamma / self.p",
+        "shift = self.gamma",
         ["tests/test_planted_bugs.py", "-k", "proxskip"],
     ),
     (

@@ -39,7 +39,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedkern import data, sampling  # noqa: E402
-from fedkern.algorithms import TAMUNA, Scaffnew  # noqa: E402
+from fedkern.algorithms import TAMUNA, ProxSkip, Scaffnew  # noqa: E402
 from fedkern.algorithms.tamuna import chi  # noqa: E402
 from fedkern.clients import ClientBatch  # noqa: E402
 from fedkern.integrations import flower as F  # noqa: E402
@@ -153,6 +153,10 @@ def model(res):
 
 def strategy_of(kind, batch, seed=5, **kw):
     gamma, p = 1.0 / batch.problem.L, 0.3
+    if kind.startswith("proxskip"):
+        c = 4 if kind.endswith("partial") else None
+        args = dict(cohort=c, p=p, gamma=gamma, seed=seed, prox="l1", lam=LAM)
+        return F.ProxSkipStrategy(num_clients=N, **args, **kw), args
     if kind.startswith("scaffnew"):
         c = None if kind == "scaffnew" else 4
         return (F.ScaffnewStrategy(num_clients=N, cohort=c, p=p, gamma=gamma, seed=seed, **kw),
@@ -164,11 +168,13 @@ def strategy_of(kind, batch, seed=5, **kw):
 
 
 def simulator_of(kind, batch, args, mode="gd"):
-    cls = Scaffnew if kind.startswith("scaffnew") else TAMUNA
+    cls = {"scaffnew": Scaffnew, "proxskip": ProxSkip}.get(kind.split("-")[0], TAMUNA)
     return cls(batch, mode=mode, batch_size=4, **args)
 
 
-KINDS = ["scaffnew", "scaffnew-partial", "tamuna", "tamuna-full", "tamuna-deferred"]
+KINDS = ["scaffnew", "scaffnew-partial", "proxskip-l1", "proxskip-l1-partial", "tamuna",
+         "tamuna-full", "tamuna-deferred"]  # fmt: skip
+LAM = 0.02  # ProxSkip's L1 weight: a sparse optimum on the breast-cancer problem
 
 
 # ---- equivalence with the simulator -------------------------------------------------------------
@@ -195,13 +201,14 @@ def test_equals_the_simulator_bit_for_bit(cancer, kind, mode):
     h = strategy.history
     assert h["floats_up_per_client"] == sim.history["floats_up"][1:]
     p, c, s = B.p, strategy.cohort_size, strategy.s
-    down = {"scaffnew": p, "scaffnew-partial": 2 * p, "tamuna": p + s * p / c,
+    down = {"scaffnew": p, "scaffnew-partial": 2 * p, "proxskip-l1": p,
+            "proxskip-l1-partial": 2 * p, "tamuna": p + s * p / c,
             "tamuna-full": p, "tamuna-deferred": p}[kind]  # fmt: skip
     assert h["floats_down_per_client"] == [down] * 12
-    if kind in ("scaffnew", "tamuna", "tamuna-deferred"):  # the simulator counts the same
+    if kind in ("scaffnew", "proxskip-l1", "tamuna", "tamuna-deferred"):  # counted the same
         assert h["floats_down_per_client"] == sim.history["floats_down"][1:]
     assert h["failures"] == [0] * 12 and h["rejected"] == [0] * 12
-    if not deferred:
+    if not deferred and not kind.startswith("proxskip"):  # the L1 prox does not keep sum h = 0
         assert drift(H) < 1e-5
 
 
@@ -378,6 +385,44 @@ def oracle(B, *, c, s, coef, seed, rounds, live, gamma):
     return x, H
 
 
+def test_claim_proxskip_l1_converges_exactly_where_local_gd_prox_does_not(cancer):
+    """ProxSkip with the L1 prox (lam = 0.02) through Flower, 10 label-sorted clients: the
+    objective F = f + lam ||x||_1 reaches F* within 1e-6 of the initial gap in 300 rounds and the
+    model's zero pattern is x*'s. The control -- the same strategy with the control variates
+    switched off (coef 0: local GD steps and the prox, the method ProxSkip's h corrects) --
+    fails the same assertion: client drift leaves it at a neighbourhood.
+    Measured: ProxSkip 1.1e-13 of the gap with x*'s 10 zeros of 31; the control 3.2e-4 with 7."""
+    from fedkern.algorithms.federated import l1_optimum
+
+    B = make_batch(cancer, l2=0.1)
+    Pb = B.problem
+    xs, Fs = l1_optimum(Pb, LAM)
+    gamma, p = 1.0 / Pb.L, 0.3
+
+    def F_of(x):
+        x = x.double()
+        return Pb.loss(x) + LAM * float(x.abs().sum())
+
+    class NoControl(F.ProxSkipStrategy):
+        @property
+        def coef(self):
+            return 0.0
+
+    gap0 = F_of(torch.zeros(B.p)) - Fs
+    res = {}
+    for name, cls in [("proxskip", F.ProxSkipStrategy), ("control", NoControl)]:
+        strategy = cls(num_clients=N, p=p, gamma=gamma, seed=1, prox="l1", lam=LAM)
+        flower_run(strategy, B, 300)
+        res[name] = ((F_of(strategy.x) - Fs) / gap0, strategy.x)
+
+    def converged(rel, x):
+        support = torch.equal(x == 0, xs.float().abs() < 1e-9)
+        return rel <= 1e-6 and support
+
+    assert converged(*res["proxskip"]), res["proxskip"][0]
+    assert not converged(*res["control"]), res["control"][0]
+
+
 FAILING = ["scaffnew", "scaffnew-partial", "tamuna", "tamuna-full"]
 
 
@@ -488,7 +533,7 @@ def test_catchup_values_of_the_wrong_shape_are_refused(cancer):
 # ---- restart ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["scaffnew", "tamuna", "tamuna-deferred"])
+@pytest.mark.parametrize("kind", ["scaffnew", "proxskip-l1-partial", "tamuna", "tamuna-deferred"])
 def test_restart_resumes_exactly(cancer, kind):
     """Stop after 4 rounds, checkpoint (through torch.save), a new strategy loads it and runs 5
     more on the same nodes = 9 uninterrupted rounds, bit for bit (model, control variates,

@@ -309,8 +309,10 @@ class ProxSkip(FederatedMethod):
         if self.prox == "consensus":
             self.x = self.batch.scaffnew_sync_(X, H, p=self.p, gamma=self.gamma)
         else:
-            shift = self.batch.mean(H) * (self.gamma / self.p)
-            x_new = soft_threshold(self.batch.mean(X) - shift, self.gamma * self.lam / self.p)
+            # each client's x_i - (gamma/p) h_i, then the mean: what a client computes and sends
+            # on a real network (fedkern.integrations.flower.ProxSkipStrategy), bit for bit
+            shift = self.gamma / self.p
+            x_new = soft_threshold(self.batch.mean(X - shift * H), self.gamma * self.lam / self.p)
             H += (self.p / self.gamma) * (x_new - X)
             self.x = x_new
         self.H[S] = H

@@ -15,7 +15,8 @@ residual in the node's persistent ``context.state``. It works with Message-API `
 functions and with legacy ``NumPyClient`` apps; both strategies decode its replies (``codec``: the
 wire format). Updates travel and are aggregated in float32 whatever the model's dtype.
 
-Methods (Message API): ``ScaffnewStrategy`` and ``TamunaStrategy`` (``methods``; the base
+Methods (Message API): ``ScaffnewStrategy``, ``ProxSkipStrategy`` (the L1 prox) and
+``TamunaStrategy`` (``methods``; the base
 ``MethodStrategy``) run fedkern's federated methods on Flower, equal to ``fedkern.algorithms`` on
 the same seeds; the clients register ``MethodClient(trainer)`` (``method_client``) on their
 ClientApp, with ``ConvexTrainer`` (fedkern's convex problems) or ``ModuleTrainer`` (a PyTorch
@@ -41,7 +42,12 @@ from fedkern.integrations.flower.method_client import (
     ModuleTrainer,
     module_arrays,
 )
-from fedkern.integrations.flower.methods import MethodStrategy, ScaffnewStrategy, TamunaStrategy
+from fedkern.integrations.flower.methods import (
+    MethodStrategy,
+    ProxSkipStrategy,
+    ScaffnewStrategy,
+    TamunaStrategy,
+)
 from fedkern.integrations.flower.mod import CompressMod, make_compress_mod
 from fedkern.integrations.flower.strategy import FedkernStrategy
 
@@ -57,6 +63,7 @@ __all__ = [
     "MethodClient",
     "MethodStrategy",
     "ModuleTrainer",
+    "ProxSkipStrategy",
     "ScaffnewStrategy",
     "TamunaStrategy",
     "compress_update",

@@ -6,8 +6,8 @@ training of a round (``train.fedkern``) and the control-variate exchange (``trai
 The app keeps its own default train / evaluate functions, if any.
 
 The client's state lives in the node's persistent ``context.state``, per method (so one node can
-serve Scaffnew and TAMUNA runs side by side): ArrayRecord "fedkern.<method>.arrays" with the
-control variate "h" (float32 [p], zeros before the first round) and, while an update is pending,
+serve Scaffnew, ProxSkip and TAMUNA runs side by side): ArrayRecord "fedkern.<method>.arrays" with
+the control variate "h" (float32 [p], zeros before the first round) and, while an update is pending,
 "xhat" (the trained model's held values of the round it was sent in); ConfigRecord
 "fedkern.<method>" with the pending round, slot, c, s and coef.
 
@@ -23,9 +23,10 @@ A round on the client (``train.fedkern``):
    aggregate (a failed, rejected or lost reply, or a round lost to a server restart) is dropped,
    so a client's h only moves with rounds the server used. This step is committed;
 3. runs the trainer from x with h: x_i = trainer(x, h, K, gamma, config);
-4. replies with x_i's values at its held coordinates (``protocol.held_mask`` of (slot, s, c, p))
-   and keeps them as the pending update. If the trainer raises, the reply is an error and this
-   round leaves no trace in the state.
+4. replies with x_i's values at its held coordinates (``protocol.held_mask`` of (slot, s, c, p);
+   minus ``shift`` h_i there when the server's ``shift`` field is not 0: ProxSkip's L1 prox) and
+   keeps x_i's held values as the pending update. If the trainer raises, the reply is an error and
+   this round leaves no trace in the state.
 
 ``train.fedkern_sync`` (same round, sync mode "exchange"): the new server model's values at the held
 coordinates; h[held] += coef (xbar[held] - xhat); the pending update is cleared.
@@ -62,7 +63,7 @@ from fedkern.random import client_seed
 __all__ = ["ConvexTrainer", "MethodClient", "ModuleTrainer", "module_arrays"]
 
 #: The methods whose client side ``MethodClient`` implements.
-METHODS = ("scaffnew", "tamuna")
+METHODS = ("scaffnew", "proxskip", "tamuna")
 
 
 class _Reject(Exception):
@@ -92,13 +93,13 @@ def _float(cfg, name: str, positive: bool = False) -> float:
 
 
 class MethodClient:
-    """The client side of Scaffnew and TAMUNA (module docstring: the round, the state).
+    """The client side of Scaffnew, ProxSkip and TAMUNA (module docstring: the round, the state).
 
     Args:
         trainer: ``trainer(x, h, K, gamma, config) -> x_new`` (module docstring), e.g. a
             ``ConvexTrainer`` or a ``ModuleTrainer``.
-        methods: the methods this client serves (default both); a message for another method is
-            refused with an error reply.
+        methods: the methods this client serves (default all of ``METHODS``); a message for
+            another method is refused with an error reply.
         client_id: the client's global id in [0, n) (what the server's cohort draws name): None
             (default) reads ``context.node_config["partition-id"]``; an int; or a callable
             ``client_id(context) -> int``.
@@ -257,6 +258,7 @@ class MethodClient:
             slot = _int(cfg, "slot", 0, c - 1)
             _int(cfg, "row", 0, c - 1)
             agg_round = _int(cfg, "agg_round", -1)
+            shift = _float(cfg, "shift") if "shift" in cfg else 0.0
             layout = cfg.get("layout")
             if not isinstance(layout, list) or not all(isinstance(k, str) for k in layout):
                 raise _Reject(P.ERR_PROTOCOL, "field 'layout' must be a list of array names")
@@ -308,6 +310,8 @@ class MethodClient:
         values = out[held].contiguous()
         self._store(context, method, h, {"round": rnd, "slot": slot, "c": c, "s": s,
                                           "coef": coef, "xhat": values})  # fmt: skip
+        if shift:  # ProxSkip's L1 prox: the server needs x_i - (gamma / p) h_i
+            values = (values - shift * h[held]).contiguous()
         vals = ArrayRecord({"values": Array(values.numpy())})
         content = RecordDict({P.RECORD: self._echo(cfg, cid), P.VALUES: vals})
         return Message(content, reply_to=msg)

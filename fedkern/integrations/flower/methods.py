@@ -1,4 +1,4 @@
-"""fedkern's federated methods as Flower strategies (Message API): Scaffnew and TAMUNA.
+"""fedkern's federated methods as Flower strategies (Message API): Scaffnew, ProxSkip, TAMUNA.
 
 ``MethodStrategy`` is the base every method strategy shares: the round counter, the seed and the
 round's draws (cohort, local-step count, TAMUNA's pattern; ``fedkern.sampling`` at the keys of
@@ -73,14 +73,14 @@ except ImportError as exc:  # pragma: no cover - flwr is optional
 from fedkern import sampling
 from fedkern import validation as v
 from fedkern.algorithms.base import SLOTS
-from fedkern.algorithms.federated import SLOT_COHORT, SLOT_COIN, SLOT_PATTERN
+from fedkern.algorithms.federated import SLOT_COHORT, SLOT_COIN, SLOT_PATTERN, soft_threshold
 from fedkern.algorithms.tamuna import chi
 from fedkern.integrations.flower import protocol as P
 from fedkern.ops import clients as client_ops
 from fedkern.ops import tamuna as tamuna_ops
 from fedkern.reference.tamuna import holders
 
-__all__ = ["MethodStrategy", "ScaffnewStrategy", "TamunaStrategy"]
+__all__ = ["MethodStrategy", "ProxSkipStrategy", "ScaffnewStrategy", "TamunaStrategy"]
 
 
 def _client_id(cid, n: int) -> bool:
@@ -170,6 +170,12 @@ class MethodStrategy(FedAvg):
     @abc.abstractmethod
     def coef(self) -> float:
         """The control-variate coefficient of the clients' update h += coef (x+ - x_i)."""
+
+    @property
+    def shift(self) -> float:
+        """sigma of the clients' replies: a client sends x_i - sigma h_i at its held coordinates
+        (0 here: the trained model itself; ProxSkip's L1 prox: gamma / p)."""
+        return 0.0
 
     @property
     def sync_mode(self) -> str:
@@ -339,7 +345,8 @@ class MethodStrategy(FedAvg):
                        "n": self.num_clients, "c": self.cohort_size, "s": plan.s,
                        "slot": plan.slot[row], "agg_round": self.last_agg.get(cid, -1),
                        "sync": self.sync_mode, "layout": keys, "arrays": self.arrayrecord_key,
-                       "config": self.configrecord_key, "catchup_round": -1})  # fmt: skip
+                       "config": self.configrecord_key, "catchup_round": -1,
+                       "shift": self.shift})  # fmt: skip
             content = RecordDict({self.arrayrecord_key: model, self.configrecord_key: config})
             if cid in self.catchup:
                 fk["catchup_round"], vals = self.catchup[cid]
@@ -624,6 +631,54 @@ class ScaffnewStrategy(MethodStrategy):
         Xl = X if len(live) == X.shape[0] else X[live].contiguous()
         scratch = torch.zeros_like(Xl)  # the op's h update is the clients' business
         return client_ops.scaffnew_sync_(Xl, scratch, float(self.p) / float(self.gamma))
+
+
+class ProxSkipStrategy(ScaffnewStrategy):
+    """ProxSkip (federated form) on Flower: Scaffnew's round with the consensus or the L1 prox.
+
+    Equals ``fedkern.algorithms.ProxSkip(batch, prox=prox, lam=lam, cohort=c, p=p, gamma=gamma,
+    seed=seed)`` with ``ConvexTrainer`` clients (bit for bit on the CPU). prox "consensus" is
+    Scaffnew (the server averages the models). prox "l1" (psi = consensus + lam ||x||_1): every
+    cohort client sends z_i = x_i - (gamma / p) h_i (p floats; ``shift``), the server sets
+    x+ = soft_threshold(mean_i z_i, gamma lam / p) (the mean over the live replies, summed in
+    cohort-row order with float64 accumulation, as the simulator's ``ClientBatch.mean``), and
+    the client's update h_i += (p / gamma)(x+ - x_i) uses its trained x_i (kept on the client),
+    with x+ from the same-round exchange (c < n) or the next round's model (c = n). Unlike the
+    consensus prox, sum_i h_i is not kept at 0 by the L1 prox; nothing here relies on it.
+
+    Args:
+        num_clients, cohort, p, gamma, seed, device: ``MethodStrategy``'s.
+        prox: "consensus" (default) or "l1".
+        lam: the L1 weight (>= 0; prox "l1").
+    """
+
+    method = "proxskip"
+    config_attrs = MethodStrategy.config_attrs + ("prox", "lam")
+
+    def __init__(self, *, num_clients: int, prox: str = "consensus", lam: float = 0.0,
+                 **kwargs):  # fmt: skip
+        if prox not in ("consensus", "l1"):
+            raise ValueError(f"prox must be 'consensus' or 'l1', got {prox!r}")
+        lam = v.fp32_scalar("lam", lam, nonneg=True)
+        super().__init__(num_clients=num_clients, **kwargs)
+        self.prox, self.lam = prox, lam
+
+    @property
+    def shift(self) -> float:
+        return self.gamma / self.p if self.prox == "l1" else 0.0
+
+    def aggregate_values(self, X: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        if self.prox == "consensus":
+            return super().aggregate_values(X, plan)
+        live = plan.live
+        Xl = X if len(live) == X.shape[0] else X[live].contiguous()
+        w = torch.full((Xl.shape[0],), 1.0 / Xl.shape[0], dtype=torch.float64, device=X.device)
+        return soft_threshold(client_ops.weighted_sum(Xl, w), self.gamma * self.lam / self.p)
+
+    def __repr__(self) -> str:
+        return (f"ProxSkipStrategy(n={self.num_clients}, cohort={self.cohort_size}, "
+                f"prox={self.prox!r}, lam={self.lam:.4g}, p={self.p:.4g}, "
+                f"gamma={self.gamma:.4g}, rounds={self.rounds})")  # fmt: skip
 
 
 class TamunaStrategy(MethodStrategy):

@@ -10,10 +10,12 @@ helper (``method_client.MethodClient``). Version ``PROTOCOL`` = 1. Message types
   ACTION_TRAIN "train.fedkern"        server -> each cohort client, once per round;
       content: the model ArrayRecord (the strategy's ``arrayrecord_key``), the user's train
                ConfigRecord (``configrecord_key``) and ConfigRecord RECORD {protocol, method, seed,
-               round, key, K, gamma, coef, n, c, s, row, slot, client_id, agg_round, sync, layout};
+               round, key, K, gamma, coef, n, c, s, row, slot, client_id, agg_round, sync, layout,
+               shift};
       reply:   ConfigRecord RECORD {protocol, method, seed, round, client_id, row} and ArrayRecord
                VALUES {"values": float32 [k]}: the trained model's values at the k coordinates the
-               client holds this round (all p for Scaffnew; ``held_mask``).
+               client holds this round (all p for Scaffnew; ``held_mask``), minus shift * h there
+               (shift = gamma / p for ProxSkip's L1 prox, else 0).
   ACTION_SYNC  "train.fedkern_sync"   server -> the aggregated cohort clients, same round (only
       when the round's sync mode is SYNC_EXCHANGE);
       content: ConfigRecord RECORD {protocol, method, seed, round, client_id, row} and ArrayRecord
