@@ -22,8 +22,15 @@ import torch
 flwr = pytest.importorskip("flwr")
 
 from conftest import in_process_grid  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message  # noqa: E402
-from flwr.app import RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -176,7 +183,7 @@ def test_probability_tensor_and_explicit_hyperparameters_equal_the_simulator(can
     explicit (tau = q / gamma) equal ``FiveGCS`` with the same explicit values."""
     B = make_batch(cancer)
     g = torch.Generator().manual_seed(7)
-    probs = (torch.rand(N, generator=g, dtype=torch.float64) * 0.6 + 0.2)
+    probs = torch.rand(N, generator=g, dtype=torch.float64) * 0.6 + 0.2
     kw = dict(sampling=probs, gamma=0.8, local_lr=0.5, local_steps=4, k=6)
     sim = FiveGCS(B, seed=2, **kw)
     st = FiveGCSStrategy(num_clients=N, mu=B.problem.mu, seed=2, **kw)

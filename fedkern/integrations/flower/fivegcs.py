@@ -438,6 +438,8 @@ class FiveGCSClient(MethodClient):
     def __init__(self, solver, *, client_id=None, seed: int | None = None):
         if not callable(solver):
             raise TypeError(f"solver must be callable, got {type(solver).__name__}")
+        # MethodClient's checks and handshake, serving "fivegcs" only (its constructor accepts
+        # the Scaffnew / TAMUNA names, so the served method is set after it)
         super().__init__(solver, methods=("scaffnew",), client_id=client_id, seed=seed)
         self.methods = (METHOD,)
         self.solver = solver
@@ -671,4 +673,3 @@ class ModuleSolver:
 
     def __repr__(self) -> str:
         return f"ModuleSolver({type(self._t.module).__name__}, samples={len(self._t.inputs)})"
-
