@@ -478,8 +478,9 @@ def test_client_commits_a_dual_only_when_the_server_confirms_it(cancer):
 
 
 def test_handshake_leaves_out_nodes_that_do_not_serve_5gcs(cancer, caplog):
-    """A ``MethodClient`` (Scaffnew / TAMUNA) node is left out of a 5GCS run with a warning, and
-    a Scaffnew strategy leaves out ``FiveGCSClient`` nodes."""
+    """A ``MethodClient`` (Scaffnew / TAMUNA) node is left out of a 5GCS run with a warning (its
+    client then fails whenever drawn: the run equals the simulator without it), and a Scaffnew
+    strategy leaves out ``FiveGCSClient`` nodes."""
     B = make_batch(cancer)
     five, other = ClientApp(), ClientApp()
     FiveGCSClient(ConvexSolver(B)).register(five)
@@ -498,6 +499,12 @@ def test_handshake_leaves_out_nodes_that_do_not_serve_5gcs(cancer, caplog):
     assert any("serves ['scaffnew', 'tamuna'], not 'fivegcs'" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     assert F.ScaffnewStrategy(num_clients=N, p=0.5, gamma=0.1).connect(grid) == {3: NODES[3]}
+    # client 3 has no node: it fails whenever drawn; the run equals the simulator without it
+    st.start(grid=grid, initial_arrays=initial(B.p), num_rounds=5)
+    sim = live_simulator(B, lambda t, i: i != 3, cohort=4)
+    sim.run(5)
+    assert sum(st.history["failures"]) > 0 and st.history["clients"] == sim.history["cohort"][1:]
+    assert torch.equal(st.x, sim.x) and torch.equal(st.v, sim.v)
 
 
 def test_strategy_and_client_constructor_bad_input(cancer):
