@@ -21,6 +21,8 @@ Methods (Message API): ``ScaffnewStrategy``, ``ProxSkipStrategy`` (the L1 prox) 
 the same seeds; the clients register ``MethodClient(trainer)`` (``method_client``) on their
 ClientApp, with ``ConvexTrainer`` (fedkern's convex problems) or ``ModuleTrainer`` (a PyTorch
 module) or any ``trainer(x, h, K, gamma, config)``. The wire protocol is in ``protocol``.
+``FiveGCSStrategy`` with ``FiveGCSClient(ConvexSolver(batch) | ModuleSolver(...))`` runs 5GCS /
+5GCS-CC with uniform or importance client sampling (``fivegcs``).
 
 Simulation: Flower's simulation engine (``flwr.simulation.run_simulation``) needs Ray (``pip install
 "flwr[simulation]"``); the example app in examples/flower-app runs there with ``flwr run .``.
@@ -34,6 +36,12 @@ from fedkern.integrations.flower.codec import (
     compress_update,
     decompress,
     is_compressed,
+)
+from fedkern.integrations.flower.fivegcs import (
+    ConvexSolver,
+    FiveGCSClient,
+    FiveGCSStrategy,
+    ModuleSolver,
 )
 from fedkern.integrations.flower.legacy import LegacyFedkernStrategy
 from fedkern.integrations.flower.method_client import (
@@ -53,15 +61,19 @@ from fedkern.integrations.flower.strategy import FedkernStrategy
 
 __all__ = [
     "CompressMod",
+    "ConvexSolver",
     "ConvexTrainer",
     "FORMAT_VERSION",
     "FedkernStrategy",
+    "FiveGCSClient",
+    "FiveGCSStrategy",
     "KIND_RANDK",
     "KIND_SPARSE",
     "LegacyFedkernStrategy",
     "MAGIC",
     "MethodClient",
     "MethodStrategy",
+    "ModuleSolver",
     "ModuleTrainer",
     "ProxSkipStrategy",
     "ScaffnewStrategy",

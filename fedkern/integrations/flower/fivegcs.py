@@ -435,13 +435,12 @@ class FiveGCSClient(MethodClient):
     ClientApp).
     """
 
+    served = (METHOD,)
+
     def __init__(self, solver, *, client_id=None, seed: int | None = None):
         if not callable(solver):
             raise TypeError(f"solver must be callable, got {type(solver).__name__}")
-        # MethodClient's checks and handshake, serving "fivegcs" only (its constructor accepts
-        # the Scaffnew / TAMUNA names, so the served method is set after it)
-        super().__init__(solver, methods=("scaffnew",), client_id=client_id, seed=seed)
-        self.methods = (METHOD,)
+        super().__init__(solver, client_id=client_id, seed=seed)  # serves ``served``
         self.solver = solver
 
     def __repr__(self) -> str:

@@ -109,13 +109,18 @@ class MethodClient:
     Use: ``MethodClient(trainer).register(app)`` on a ``flwr.clientapp.ClientApp``.
     """
 
-    def __init__(self, trainer, *, methods=METHODS, client_id=None, seed: int | None = None):
+    #: The methods a client of this class can serve (a subclass for other methods sets its own).
+    served: tuple[str, ...] = METHODS
+
+    def __init__(self, trainer, *, methods=None, client_id=None, seed: int | None = None):
         if not callable(trainer):
             raise TypeError(f"trainer must be callable, got {type(trainer).__name__}")
+        methods = self.served if methods is None else methods
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
-        bad = [m for m in methods if m not in METHODS]
+        bad = [m for m in methods if m not in self.served]
         if bad or not methods:
-            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods}")
+            raise ValueError(f"methods must be a non-empty subset of {self.served}, got "
+                             f"{methods}")  # fmt: skip
         if client_id is not None and not callable(client_id):
             client_id = v.integer("client_id", client_id, 0)
         self.trainer = trainer
