@@ -1,0 +1,216 @@
+"""Byz-VR-MARINA-PP on Flower (fedkern.integrations.flower.byzantine) against the simulator
+``fedkern.algorithms.ByzVRMarinaPP``: bit-for-bit equivalence under every attack, the clipping
+claim with its unclipped control, failures, restarts, bad replies and bad messages."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from conftest import in_process_grid  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedkern import data  # noqa: E402
+from fedkern import robust as R  # noqa: E402
+from fedkern.algorithms import ByzVRMarinaPP  # noqa: E402
+from fedkern.algorithms.byzantine import STRONG  # noqa: E402
+from fedkern.compress import RandK, TopK  # noqa: E402
+from fedkern.integrations.flower import byzantine as B  # noqa: E402
+from fedkern.integrations.flower import protocol as P  # noqa: E402
+from fedkern.problems import LogisticRegression  # noqa: E402
+
+N = 20
+NODES = [500 + 3 * i for i in range(N)]
+BYZ = list(range(15, 20))
+
+
+@pytest.fixture(autouse=True)
+def _flwr_process():
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def homogeneous():
+    """The simulator tests' claim setting: 20 clients, each with the whole breast cancer set."""
+    A, y = data.load("breast_cancer")
+    return LogisticRegression(A, y, [torch.arange(A.shape[0])] * N, l2=0.1)
+
+
+@pytest.fixture(scope="module")
+def heterogeneous():
+    A, y = data.load("breast_cancer")
+    return LogisticRegression(A, y, data.split(y, N, "iid", seed=0), l2=0.1)
+
+
+class Grid(in_process_grid()):
+    """conftest's in-process grid; ``fault(round, client_id) -> None | "drop" | tamper``."""
+
+    def __init__(self, app, fault=None):
+        super().__init__(app, NODES)
+        self.fault = fault
+
+    def deliver(self, m, ctx):
+        cfg = m.content.config_records.get(P.RECORD, {})
+        what = None if self.fault is None else self.fault(cfg.get("round"), cfg.get("client_id"))
+        if what == "drop":
+            return Message(Error(code=1, reason="dropped"), reply_to=m)
+        reply = self.app(m, ctx)
+        return what(reply, m) if callable(what) else reply
+
+
+def x0_of(d, seed=None):
+    x = np.zeros(d) if seed is None else np.random.default_rng(seed).normal(0, 0.1, d)
+    return ArrayRecord({"w": Array(x.astype(np.float64))})
+
+
+def make_app(problem, **kw):
+    app = ClientApp()
+    B.ByzVRMarinaClient(B.ConvexGradients(problem), **kw).register(app)
+    return app
+
+
+def flower(problem, rounds, *, client=None, fault=None, x0=None, grid=None, **kw):
+    """(strategy, grid) after ``rounds`` rounds."""
+    strat = B.ByzVRMarinaPPStrategy(num_clients=N, gamma=kw.pop("gamma", 1.0 / problem.L),
+                                    **kw)  # fmt: skip
+    grid = grid or Grid(make_app(problem, **(client or {})), fault)
+    strat.start(grid=grid, initial_arrays=x0 or x0_of(problem.d), num_rounds=rounds)
+    return strat, grid
+
+
+def attack_kw(attack):
+    """(simulator keywords, strategy keywords, client keywords) of an attack."""
+    knobs = {"ipm_eps": STRONG["ipm_eps"], "alie_z": 2.0, "bit_flip_scale": 3.0}
+    sim = {"attack": attack, **knobs}
+    if attack == "bit_flip":  # client-local
+        return sim, {}, {"byzantine": BYZ, "attack": "bit_flip", "bit_flip_scale": 3.0}
+    return sim, {"adversary": B.SimulatedAttack(attack, **knobs)}, {}
+
+
+COMMON = {"batch_size": 16, "cohort": 4, "p": 0.3, "seed": 3}
+
+
+@pytest.mark.parametrize("attack", ["none", "bit_flip", "shift_back", "alie", "ipm"])
+def test_equals_the_simulator_bit_for_bit(heterogeneous, attack):
+    """15 rounds, cohort 4 of 20 (5 Byzantine), full rounds with p = 0.3, coordinate median with
+    bucketing 2, a random start: the server's x and g equal the simulator's exactly after every
+    round (the attack's rows included)."""
+    sim_kw, strat_kw, client_kw = attack_kw(attack)
+    x0 = x0_of(heterogeneous.d, seed=11)
+    sim = ByzVRMarinaPP(heterogeneous, byzantine=BYZ, gamma=0.5 / heterogeneous.L,
+                        x0=torch.from_numpy(x0["w"].numpy()), **COMMON, **sim_kw)  # fmt: skip
+    strat = B.ByzVRMarinaPPStrategy(num_clients=N, gamma=0.5 / heterogeneous.L, byzantine=BYZ,
+                                    **COMMON, **strat_kw)  # fmt: skip
+    grid = Grid(make_app(heterogeneous, **client_kw))
+    strat.start(grid=grid, initial_arrays=x0, num_rounds=0)
+    strat.connect(grid)
+    for t in range(15):
+        strat.run_round(grid)
+        sim.step()
+        assert torch.equal(strat.x, sim.x), (attack, t)
+        assert torch.equal(strat.g, sim.g), (attack, t)
+    h = strat.history
+    assert h["full"][1:] == [int(f) for f in sim.history["full"][1:]]
+    assert any(h["full"][1:]) and not all(h["full"][1:])  # both kinds of round ran
+    assert h["byzantine_majority"] == [int(b) for b in sim.history["byzantine_majority"]]
+    assert sum(h["failures"]) == 0 and sum(h["rejected"]) == 0
+    comp = [u for u, f in zip(h["floats_up_per_client"], h["full"], strict=True) if not f]
+    assert set(comp) == {heterogeneous.d}
+    assert set(h["floats_down_per_client"][1:]) == {heterogeneous.d, 2 * heterogeneous.d}
+
+
+@pytest.mark.parametrize("case", ["randk", "topk", "plus_noclip", "trimmed_cclip"])
+def test_equals_the_simulator_with_compressors_and_rules(heterogeneous, case):
+    """Compressed differences (rand-k, masks rebuilt at the server; top-k, indices sent), the
+    plus variant without clipping, and rule names with options: x and g equal after 12 rounds."""
+    kw = {"randk": {"compressor": RandK(ratio=0.25, seed=4)},
+          "topk": {"compressor": TopK(7), "aggregator": "trimmed_mean"},
+          "plus_noclip": {"plus": True, "clip": False},
+          "trimmed_cclip": {"aggregator": "centered_clip", "aggregator_options": {"tau": 0.5},
+                            "bucketing": 2}}[case]  # fmt: skip
+    sim = ByzVRMarinaPP(heterogeneous, byzantine=BYZ, gamma=1.0 / heterogeneous.L, attack="ipm",
+                        **COMMON, **kw)  # fmt: skip
+    sim.run(12)
+    strat, _ = flower(heterogeneous, 12, byzantine=BYZ, adversary=B.SimulatedAttack("ipm"),
+                      **COMMON, **kw)  # fmt: skip
+    assert torch.equal(strat.x, sim.x) and torch.equal(strat.g, sim.g), case
+    if "compressor" in kw:
+        k = kw["compressor"].k_for(heterogeneous.d)
+        ups = {u for u, f in zip(strat.history["floats_up_per_client"], strat.history["full"],
+                                 strict=True) if not f}  # fmt: skip
+        assert ups == {k if case == "randk" else 2 * k}
+        assert sim.history["floats_up"][1:].count(ups.pop()) > 0
+
+
+def test_convex_gradients_are_the_simulators_rows(heterogeneous, gen):
+    x = torch.randn(heterogeneous.d, generator=gen, dtype=torch.float64)
+    prov = B.ConvexGradients(heterogeneous)
+    full = heterogeneous.grads(x, list(range(N)))
+    smp = [torch.randint(0, int(m), (5,), generator=gen) for m in heterogeneous.sizes]
+    mini = heterogeneous.grads(x, list(range(N)), smp)
+    for i in range(N):
+        assert torch.equal(prov(x, i, None), full[i])
+        assert torch.equal(prov(x, i, smp[i]), mini[i])
+        assert prov.num_samples(i) == int(heterogeneous.sizes[i])
+
+
+def test_module_gradients_against_the_closed_form(heterogeneous, gen):
+    """ModuleGradients of a bias-free linear model with the logistic loss equals the problem's
+    float64 gradient (the same function)."""
+    A, y = heterogeneous.A, heterogeneous.y
+    rows = torch.arange(int(heterogeneous.sizes[0]))
+    lin = torch.nn.Linear(A.shape[1], 1, bias=False).double()
+
+    def loss(out, t):
+        return torch.nn.functional.softplus(-(t * 2 - 1) * out[:, 0]).mean()
+
+    prov = B.ModuleGradients(lin, loss, A[rows], y[rows].double(), l2=0.1)
+    x = torch.randn(heterogeneous.d, generator=gen, dtype=torch.float64) * 0.3
+    cfg = {"fedkern": {"layout": [("weight", (1, A.shape[1]))]}}
+    torch.testing.assert_close(prov(x, 0, None, cfg), heterogeneous.grads(x, [0])[0])
+    smp = torch.tensor([0, 3, 3, 7])
+    torch.testing.assert_close(prov(x, 0, smp, cfg), heterogeneous.grads(x, [0], [smp])[0])
+    with pytest.raises(ValueError, match="not the module's parameters"):
+        prov(x, 0, None, {"fedkern": {"layout": [("w", (1, A.shape[1]))]}})
+
+
+def test_claim_clipping_defeats_shift_back_and_the_unclipped_control_fails(homogeneous):
+    """The simulator's claim, run on Flower (shift-back through the adversary hook, coordinate
+    median with bucketing 2, cohort 4 of 20, 60 rounds): with clipping the gap falls 1000x and
+    stays there after round 40; without clipping (the control) the Byzantine-majority rounds
+    throw the model back and the same assertion fails."""
+    A = B.SimulatedAttack("shift_back")
+    kw = {"byzantine": BYZ, "batch_size": 16, "cohort": 4, "seed": 0, "adversary": A}
+    _, fs = homogeneous.optimum(list(range(15)))
+
+    def gaps(**more):
+        out = []
+
+        def evaluate(t, arrays):
+            x = torch.from_numpy(np.array(arrays["w"].numpy()))
+            out.append(homogeneous.loss(x, list(range(15))) - fs)
+
+        strat = B.ByzVRMarinaPPStrategy(num_clients=N, gamma=1.0 / homogeneous.L, **kw, **more)
+        strat.start(grid=Grid(make_app(homogeneous)), initial_arrays=x0_of(homogeneous.d),
+                    num_rounds=60, evaluate_fn=evaluate)  # fmt: skip
+        return strat, out
+
+    clipped, g_clip = gaps()
+    plain, g_plain = gaps(clip=False)
+    gap0 = g_clip[0]
+    assert sum(clipped.history["byzantine_majority"]) >= 1
+    for g, ok in ((g_clip, True), (g_plain, False)):
+        assert (max(g[40:]) < 1e-3 * gap0) is ok, (ok, max(g[40:]) / gap0)
