@@ -100,14 +100,14 @@ def attack_kw(attack):
     return sim, {"adversary": B.SimulatedAttack(attack, **knobs)}, {}
 
 
-COMMON = {"batch_size": 16, "cohort": 4, "p": 0.3, "seed": 3}
+COMMON = {"batch_size": 16, "cohort": 3, "p": 0.3, "seed": 1}  # Byzantine majorities: rounds 10, 12
 
 
 @pytest.mark.parametrize("attack", ["none", "bit_flip", "shift_back", "alie", "ipm"])
 def test_equals_the_simulator_bit_for_bit(heterogeneous, attack):
-    """15 rounds, cohort 4 of 20 (5 Byzantine), full rounds with p = 0.3, coordinate median with
+    """15 rounds, cohort 3 of 20 (5 Byzantine), full rounds with p = 0.3, coordinate median with
     bucketing 2, a random start: the server's x and g equal the simulator's exactly after every
-    round (the attack's rows included)."""
+    round, and the attack did change the run (x differs from the attack-free simulator's)."""
     sim_kw, strat_kw, client_kw = attack_kw(attack)
     x0 = x0_of(heterogeneous.d, seed=11)
     sim = ByzVRMarinaPP(heterogeneous, byzantine=BYZ, gamma=0.5 / heterogeneous.L,
@@ -122,7 +122,13 @@ def test_equals_the_simulator_bit_for_bit(heterogeneous, attack):
         sim.step()
         assert torch.equal(strat.x, sim.x), (attack, t)
         assert torch.equal(strat.g, sim.g), (attack, t)
+    if attack != "none":
+        clean = ByzVRMarinaPP(heterogeneous, byzantine=BYZ, gamma=0.5 / heterogeneous.L,
+                              x0=sim.x0, attack="none", **COMMON)  # fmt: skip
+        clean.run(15)
+        assert not torch.equal(clean.x, sim.x), attack
     h = strat.history
+    assert sum(h["byzantine_majority"]) == 2
     assert h["full"][1:] == [int(f) for f in sim.history["full"][1:]]
     assert any(h["full"][1:]) and not all(h["full"][1:])  # both kinds of round ran
     assert h["byzantine_majority"] == [int(b) for b in sim.history["byzantine_majority"]]
@@ -214,3 +220,146 @@ def test_claim_clipping_defeats_shift_back_and_the_unclipped_control_fails(homog
     assert sum(clipped.history["byzantine_majority"]) >= 1
     for g, ok in ((g_clip, True), (g_plain, False)):
         assert (max(g[40:]) < 1e-3 * gap0) is ok, (ok, max(g[40:]) / gap0)
+
+
+class Without(ByzVRMarinaPP):
+    """The simulator with ``gone(round, client)`` clients left out of the sampled set: the
+    documented rule for failed and rejected replies (the round aggregates the live rows)."""
+
+    def __init__(self, *args, gone, **kw):
+        self.gone = gone
+        super().__init__(*args, **kw)
+
+    def _sample(self, size):
+        full = size == self.full_cohort != self.cohort_size
+        return [i for i in super()._sample(size) if not self.gone(self.rounds + 1, i, full)]
+
+
+def test_failed_honest_clients_are_left_out(heterogeneous):
+    """Clients 2 and 7 (honest) fail in rounds 1-8 (full and compressed rounds); in round 9
+    every client fails. The run equals the simulator with those clients removed from the sampled
+    sets (round 9: nothing changes, ``skipped`` = 1) -- IPM through the adversary, which then
+    sees the live honest rows only."""
+
+    def gone(t, cid):
+        return (1 <= t <= 8 and cid in (2, 7)) or t == 9
+
+    def fault(t, cid):
+        return "drop" if t is not None and gone(t, cid) else None
+
+    sim = Without(heterogeneous, byzantine=BYZ, gamma=1.0 / heterogeneous.L, attack="ipm",
+                  gone=lambda t, i, full: gone(t, i) and t != 9, **COMMON)  # fmt: skip
+    sim.run(8)
+    strat8, _ = flower(heterogeneous, 8, fault=fault, byzantine=BYZ,
+                       adversary=B.SimulatedAttack("ipm"), **COMMON)  # fmt: skip
+    assert torch.equal(strat8.x, sim.x) and torch.equal(strat8.g, sim.g)
+    h = strat8.history  # row 0: the initial round
+    assert sum(h["failures"][1:]) >= 4 and any(h["full"][1:]) and not all(h["full"][1:])
+    # round 9: every client fails -> skipped, x and g as after round 8, the counter moves on
+    st9, _ = flower(heterogeneous, 9, fault=fault, byzantine=BYZ,
+                    adversary=B.SimulatedAttack("ipm"), **COMMON)  # fmt: skip
+    assert st9.history["skipped"][9] == 1 and st9.history["clients"][9] == 0
+    assert torch.equal(st9.x, sim.x) and torch.equal(st9.g, sim.g) and st9.rounds == 9
+
+
+def test_restart_resumes_exactly(heterogeneous):
+    """5 rounds, a checkpoint, a fresh strategy loads it and runs 5 more: x, g and the history
+    equal an uninterrupted 10-round run (the bucketing counter and centered clip's warm start are
+    in the checkpoint). A checkpoint of other hyperparameters is refused before any change."""
+    kw = {"byzantine": BYZ, "aggregator": "centered_clip", "bucketing": 2,
+          "adversary": B.SimulatedAttack("alie"), **COMMON}  # fmt: skip
+    whole, _ = flower(heterogeneous, 10, **kw)
+    first, grid = flower(heterogeneous, 5, **kw)
+    state = first.state_dict()
+    second = B.ByzVRMarinaPPStrategy(num_clients=N, gamma=1.0 / heterogeneous.L, **kw)
+    second.load_state_dict(state)
+    second.start(grid=grid, initial_arrays=x0_of(heterogeneous.d), num_rounds=5)
+    assert torch.equal(second.x, whole.x) and torch.equal(second.g, whole.g)
+    assert second.history == whole.history and second.rounds == 10
+    other = B.ByzVRMarinaPPStrategy(num_clients=N, gamma=1.0 / heterogeneous.L, alpha=2.0, **kw)
+    with pytest.raises(ValueError, match="alpha"):
+        other.load_state_dict(state)
+    assert other.x is None and other.g is None and other.rounds == 0
+    bad = dict(state, g=state["g"].float())
+    with pytest.raises(ValueError, match="g must be a float64"):
+        second.load_state_dict(bad)
+    assert second.rounds == 10
+
+
+def _tampered(kind):
+    def tamper(reply, request):
+        rec = reply.content.array_records[P.VALUES]
+        vals = rec["values"].numpy()
+        cfg = reply.content.config_records[P.RECORD]
+        if kind == "shape":
+            rec["values"] = Array(vals[:-1].copy())
+        elif kind == "nan":
+            bad = vals.copy()
+            bad[0] = np.nan
+            rec["values"] = Array(bad)
+        elif kind == "dtype":
+            rec["values"] = Array(vals.astype(np.float64))
+        elif kind == "round":
+            cfg["round"] = cfg["round"] + 1
+        elif kind == "client":
+            cfg["client_id"] = 0 if cfg["client_id"] else 1
+        elif kind == "record":
+            del reply.content.config_records[P.RECORD]
+        return reply
+
+    return tamper
+
+
+def test_bad_replies_are_skipped_with_warnings(heterogeneous, caplog):
+    """From round 1 on, honest client 4's replies are corrupted (a different fault each round: wrong shape, NaN,
+    float64, wrong round, wrong client id, no record): every one is skipped with a warning and the
+    run equals the simulator without client 4 (the model stays finite)."""
+    kinds = ["shape", "nan", "dtype", "round", "client", "record"]
+
+    asked, kw = [], {**COMMON, "p": 0.7}  # more full rounds: client 4 is in all of them
+
+    def fault(t, cid):
+        if cid != 4 or not t:  # (round 0 is the initial round, which Without does not change)
+            return None
+        asked.append(t)
+        return _tampered(kinds[(len(asked) - 1) % len(kinds)])
+
+    sim = Without(heterogeneous, byzantine=BYZ, gamma=1.0 / heterogeneous.L, attack="none",
+                  gone=lambda t, i, full: i == 4, **kw)  # fmt: skip
+    sim.run(14)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strat, _ = flower(heterogeneous, 14, fault=fault, byzantine=BYZ, **kw)
+    assert torch.equal(strat.x, sim.x) and torch.equal(strat.g, sim.g)
+    skipped = [r.getMessage() for r in caplog.records if "reply of client 4 skipped" in r.getMessage()]
+    assert len(skipped) == sum(strat.history["rejected"]) == len(asked) >= 3
+    whys = ["expected float32 (31,)", "not finite", "float64", "its round is",
+            "its client_id is", "no 'fedkern' ConfigRecord"]  # fmt: skip
+    for msg, why in zip(skipped, whys * 3, strict=False):
+        assert why in msg, (why, msg)
+
+
+def test_topk_indices_are_checked(heterogeneous, caplog):
+    """Top-k replies of clients 0-3 with indices out of range (odd rounds) or not ascending (even
+    rounds) are skipped in every compressed round; the run equals the simulator without those
+    clients in its compressed rounds."""
+    comp = TopK(6)
+
+    def tamper(reply, request):
+        rec = reply.content.array_records[P.VALUES]
+        if "indices" in rec:
+            idx = rec["indices"].numpy().copy()
+            idx[0] = heterogeneous.d if reply.content.config_records[P.RECORD]["round"] % 2 \
+                else idx[1]  # fmt: skip
+            rec["indices"] = Array(idx)
+        return reply
+
+    sim = Without(heterogeneous, byzantine=BYZ, gamma=1.0 / heterogeneous.L, attack="none",
+                  compressor=comp, gone=lambda t, i, full: i < 4 and not full, **COMMON)
+    sim.run(8)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strat, _ = flower(heterogeneous, 8, byzantine=BYZ, compressor=comp,
+                          fault=lambda t, c: tamper if c is not None and c < 4 else None, **COMMON)  # fmt: skip
+    assert torch.equal(strat.x, sim.x) and torch.equal(strat.g, sim.g)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert text.count("top-k indices must be strictly ascending in [0, d)") >= 2
+    assert sum(strat.history["rejected"]) >= 2
