@@ -363,3 +363,140 @@ def test_topk_indices_are_checked(heterogeneous, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert text.count("top-k indices must be strictly ascending in [0, d)") >= 2
     assert sum(strat.history["rejected"]) >= 2
+
+
+def _request(problem, cid=2, kind="diff", drop=(), **over):
+    """A well-formed train.fedkern_byz message to client ``cid`` (fields overridable)."""
+    d = problem.d
+    fk = {"protocol": P.PROTOCOL, "method": B.METHOD, "seed": 1, "round": 3, "client_id": cid,
+          "kind": kind, "key": 66, "lam": 0.5, "batch_size": 4, "clip": True, "comp": "none",
+          "comp_k": d, "comp_seed": 0, "comp_unbiased": True, "comp_step": 2, "layout": ["w"],
+          "config": "config"}  # fmt: skip
+    fk.update(over)
+    for k in drop:
+        fk.pop(k)
+    content = RecordDict({B.X_NEW: x0_of(d, 1), B.X_OLD: x0_of(d, 2),
+                          P.RECORD: ConfigRecord(fk)})  # fmt: skip
+    return Message(content, dst_node_id=NODES[cid], message_type=B.ACTION_BYZ)
+
+
+def test_client_refuses_bad_messages(heterogeneous):
+    """Malformed messages get an error reply naming the problem (and a good one a reply whose
+    values equal the simulator's message formula)."""
+    client = B.ByzVRMarinaClient(B.ConvexGradients(heterogeneous), seed=1)
+    ctx = Context(run_id=1, node_id=NODES[2], state=RecordDict(), run_config={},
+                  node_config={"partition-id": 2})  # fmt: skip
+    good = client.train(_request(heterogeneous), ctx)
+    assert not good.has_error()
+    vals = good.content.array_records[P.VALUES]["values"].numpy()
+    x_new, x_old = (torch.from_numpy(x0_of(heterogeneous.d, s)["w"].numpy()) for s in (1, 2))
+    from fedkern import sampling
+    from fedkern.random import client_seed
+
+    smp = sampling.uniform(int(heterogeneous.sizes[2]), 4, seed=client_seed(1, 2), step=66)
+    g1 = heterogeneous.grads(x_new, [2], [smp]).float().double()
+    g0 = heterogeneous.grads(x_old, [2], [smp]).float().double()
+    D = (g1 - g0).float().double()[0]
+    want = D * min(1.0, 0.5 / float(D.norm()))
+    np.testing.assert_allclose(vals, want.numpy(), rtol=1e-6, atol=1e-7)
+    cases = [
+        (dict(protocol=99), "protocol version 99"),
+        (dict(method="scaffnew"), "method 'scaffnew' is not served"),
+        (dict(seed=2), "seed 2 differs"),
+        (dict(client_id=3), "message for client 3, this is client 2"),
+        (dict(kind="sync"), "field 'kind'"),
+        (dict(layout="w"), "field 'layout'"),
+        (dict(layout=["v"]), "no array 'v'"),
+        (dict(lam=-1.0), "field 'lam'"),
+        (dict(lam=float("nan")), "field 'lam'"),
+        (dict(key=True), "field 'key' must be an int"),
+        (dict(comp="sketch"), "unknown compressor"),
+        (dict(comp="randk", comp_k=0), "field 'comp_k'"),
+        (dict(drop=["round"]), "field 'round' must be an int"),
+    ]
+    for over, why in cases:
+        reply = client.train(_request(heterogeneous, **over), ctx)
+        assert reply.has_error() and why in reply.error.reason, (over, reply.error.reason)
+    msg = _request(heterogeneous)
+    del msg.content.array_records[B.X_OLD]
+    reply = client.train(msg, ctx)
+    assert reply.has_error() and "needs the ArrayRecord 'fedkern.x'" in reply.error.reason
+    msg = _request(heterogeneous)
+    bad = np.zeros(heterogeneous.d)
+    bad[3] = np.inf
+    msg.content.array_records[B.X_NEW] = ArrayRecord({"w": Array(bad)})
+    assert "finite" in client.train(msg, ctx).error.reason
+    msg = _request(heterogeneous)
+    del msg.content.config_records[P.RECORD]
+    assert "no 'fedkern' ConfigRecord" in client.train(msg, ctx).error.reason
+
+    def broken(x, cid, samples, config=None):
+        raise RuntimeError("no data")
+
+    broken.num_samples = lambda cid: 5
+    reply = B.ByzVRMarinaClient(broken).train(_request(heterogeneous, kind="full"), ctx)
+    assert reply.error.code == P.ERR_TRAIN and "no data" in reply.error.reason
+    assert len(ctx.state.array_records) == 0 and len(ctx.state.config_records) == 0  # stateless
+
+
+def test_bad_constructor_input(heterogeneous):
+    S = B.ByzVRMarinaPPStrategy
+    with pytest.raises(TypeError, match="gamma"):
+        S(num_clients=N)
+    cases = [
+        (dict(gamma=-1.0), ValueError, "gamma must be > 0"),
+        (dict(gamma=1.0, p=0.0), ValueError, "p must be in"),
+        (dict(gamma=1.0, cohort=21), ValueError, "cohort must be"),
+        (dict(gamma=1.0, full_cohort=0), ValueError, "full_cohort must be"),
+        (dict(gamma=1.0, alpha=float("inf")), ValueError, "alpha must be finite"),
+        (dict(gamma=1.0, byzantine=range(20)), ValueError, "at least one client must be honest"),
+        (dict(gamma=1.0, byzantine=[20]), ValueError, "byzantine must be"),
+        (dict(gamma=1.0, byzantine=3), TypeError, "byzantine must be a collection"),
+        (dict(gamma=1.0, aggregator="median"), ValueError, "aggregator must be one of"),
+        (dict(gamma=1.0, aggregator="krum", cohort=2), ValueError, "krum needs at least 3 rows"),
+        (dict(gamma=1.0, aggregator=R.Aggregator("mean"), bucketing=2), ValueError,
+         "apply to a rule name"),
+        (dict(gamma=1.0, aggregator=3), TypeError, "aggregator must be a rule name or callable"),
+        (dict(gamma=1.0, compressor="topk"), TypeError, "compressor must be None"),
+        (dict(gamma=1.0, adversary=1), TypeError, "adversary must be callable"),
+        (dict(gamma=1.0, batch_size=0), ValueError, "batch_size must be"),
+        (dict(gamma=1.0, fraction_train=0.5), TypeError, "fraction_train is not an option"),
+    ]  # fmt: skip
+    for kw, exc, why in cases:
+        with pytest.raises(exc, match=why):
+            S(num_clients=N, **kw)
+    strat = S(num_clients=N, gamma=1.0)
+    with pytest.raises(RuntimeError, match="has no model"):
+        strat.run_round(Grid(make_app(heterogeneous)))
+    with pytest.raises(TypeError, match="flwr.app.ArrayRecord"):
+        strat.set_initial_arrays({"w": np.zeros(3)})
+    with pytest.raises(ValueError, match="finite"):
+        strat.set_initial_arrays(ArrayRecord({"w": Array(np.full(3, np.nan))}))
+    assert strat.x is None
+    with pytest.raises(ValueError, match="attack must be None or one of"):
+        B.ByzVRMarinaClient(B.ConvexGradients(heterogeneous), attack="alie")
+    with pytest.raises(ValueError, match="need an attack"):
+        B.ByzVRMarinaClient(B.ConvexGradients(heterogeneous), byzantine=[1])
+    with pytest.raises(TypeError, match="num_samples"):
+        B.ByzVRMarinaClient(lambda *a: None)
+    with pytest.raises(ValueError, match="attack must be one of"):
+        B.SimulatedAttack("label_flip")
+    adv = S(num_clients=N, gamma=1.0, byzantine=BYZ, adversary=lambda view: torch.zeros(1, 1),
+            p=1.0, **{k: COMMON[k] for k in ("batch_size", "cohort")})  # fmt: skip
+    with pytest.raises(ValueError, match="adversary must return float32"):
+        adv.start(grid=Grid(make_app(heterogeneous)), initial_arrays=x0_of(heterogeneous.d),
+                  num_rounds=1)  # fmt: skip
+    assert adv.g is None  # the initial round was not applied
+
+
+def test_handshake_leaves_out_other_helpers(heterogeneous):
+    """MethodStrategy.connect keeps only nodes serving byz_vr_marina_pp: a MethodClient
+    (Scaffnew / TAMUNA) node is left out with a warning."""
+    from fedkern.integrations.flower.method_client import MethodClient
+
+    app = ClientApp()
+    MethodClient(lambda *a: a[0]).register(app)
+    strat = B.ByzVRMarinaPPStrategy(num_clients=N, gamma=1.0)
+    assert strat.connect(Grid(app), timeout=1) == {}
+    nodes = strat.connect(Grid(make_app(heterogeneous)), timeout=1)
+    assert nodes == dict(zip(range(N), NODES, strict=True))
