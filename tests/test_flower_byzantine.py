@@ -500,3 +500,40 @@ def test_handshake_leaves_out_other_helpers(heterogeneous):
     assert strat.connect(Grid(app), timeout=1) == {}
     nodes = strat.connect(Grid(make_app(heterogeneous)), timeout=1)
     assert nodes == dict(zip(range(N), NODES, strict=True))
+
+
+SIMULATION: dict = {}
+
+
+def test_flower_simulation_engine_equals_the_simulator():
+    """Flower's simulation engine (``run_simulation``, Ray backend): 6 virtual SuperNodes (client
+    5 Byzantine with a client-side bit flip), cohort 3, rand-k differences, 6 rounds: the server
+    model equals the simulator's bit for bit."""
+    pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    A, y = data.load("breast_cancer")
+    problem = LogisticRegression(A, y, data.split(y, 6, "iid", seed=1), l2=0.1)
+    kw = {"cohort": 3, "p": 0.4, "batch_size": 8, "seed": 2, "compressor": RandK(ratio=0.3, seed=1)}
+    client_app = ClientApp()
+    B.ByzVRMarinaClient(B.ConvexGradients(problem), byzantine=[5],
+                        attack="bit_flip").register(client_app)  # fmt: skip
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context):
+        strat = B.ByzVRMarinaPPStrategy(num_clients=6, gamma=1.0 / problem.L, byzantine=[5], **kw)
+        SIMULATION["res"] = strat.start(grid=grid, initial_arrays=x0_of(problem.d), num_rounds=6)
+        SIMULATION["hist"] = strat.history
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": 2, "include_dashboard": False}}  # fmt: skip
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=6,
+                   backend_config=backend)  # fmt: skip
+    sim = ByzVRMarinaPP(problem, byzantine=[5], gamma=1.0 / problem.L, attack="bit_flip", **kw)
+    sim.run(6)
+    res = SIMULATION.pop("res")
+    assert torch.equal(torch.from_numpy(np.array(res.arrays["w"].numpy())), sim.x)
+    hist = SIMULATION.pop("hist")
+    assert sum(hist["failures"]) == 0 and not all(hist["full"]) and sum(hist["full"][1:]) >= 1
