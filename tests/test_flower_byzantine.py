@@ -311,9 +311,9 @@ def _tampered(kind):
 
 
 def test_bad_replies_are_skipped_with_warnings(heterogeneous, caplog):
-    """From round 1 on, honest client 4's replies are corrupted (a different fault each round: wrong shape, NaN,
-    float64, wrong round, wrong client id, no record): every one is skipped with a warning and the
-    run equals the simulator without client 4 (the model stays finite)."""
+    """From round 1 on, honest client 4's replies are corrupted (a different fault each time:
+    wrong shape, NaN, float64, wrong round, wrong client id, no record): every one is skipped
+    with a warning and the run equals the simulator without client 4 (the model stays finite)."""
     kinds = ["shape", "nan", "dtype", "round", "client", "record"]
 
     asked, kw = [], {**COMMON, "p": 0.7}  # more full rounds: client 4 is in all of them
@@ -330,7 +330,8 @@ def test_bad_replies_are_skipped_with_warnings(heterogeneous, caplog):
     with caplog.at_level(logging.WARNING, logger="flwr"):
         strat, _ = flower(heterogeneous, 14, fault=fault, byzantine=BYZ, **kw)
     assert torch.equal(strat.x, sim.x) and torch.equal(strat.g, sim.g)
-    skipped = [r.getMessage() for r in caplog.records if "reply of client 4 skipped" in r.getMessage()]
+    skipped = [r.getMessage() for r in caplog.records
+               if "reply of client 4 skipped" in r.getMessage()]  # fmt: skip
     assert len(skipped) == sum(strat.history["rejected"]) == len(asked) >= 3
     whys = ["expected float32 (31,)", "not finite", "float64", "its round is",
             "its client_id is", "no 'fedkern' ConfigRecord"]  # fmt: skip
@@ -354,11 +355,13 @@ def test_topk_indices_are_checked(heterogeneous, caplog):
         return reply
 
     sim = Without(heterogeneous, byzantine=BYZ, gamma=1.0 / heterogeneous.L, attack="none",
-                  compressor=comp, gone=lambda t, i, full: i < 4 and not full, **COMMON)
+                  compressor=comp, gone=lambda t, i, full: i < 4 and not full,
+                  **COMMON)  # fmt: skip
     sim.run(8)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         strat, _ = flower(heterogeneous, 8, byzantine=BYZ, compressor=comp,
-                          fault=lambda t, c: tamper if c is not None and c < 4 else None, **COMMON)  # fmt: skip
+                          fault=lambda t, c: tamper if c is not None and c < 4 else None,
+                          **COMMON)  # fmt: skip
     assert torch.equal(strat.x, sim.x) and torch.equal(strat.g, sim.g)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert text.count("top-k indices must be strictly ascending in [0, d)") >= 2

@@ -60,8 +60,16 @@ import numpy as np
 import torch
 
 try:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
-    from flwr.app import RecordDict
+    from flwr.app import (
+        Array,
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Error,
+        Message,
+        MetricRecord,
+        RecordDict,
+    )
     from flwr.serverapp import Grid
     from flwr.supercore import log
 except ImportError as exc:  # pragma: no cover - flwr is optional
@@ -351,8 +359,9 @@ class ByzVRMarinaPPStrategy(MethodStrategy):
                 continue
             fk = {"protocol": P.PROTOCOL, "method": self.method, "seed": self.seed, "round": t,
                   "client_id": cid, "kind": FULL if full else DIFF, "key": key, "lam": lam,
-                  "batch_size": self.batch_size, "clip": self.clip, "comp": kind, "comp_k": self._k(),
-                  "comp_seed": cseed, "comp_unbiased": unbiased, "comp_step": self.rounds,
+                  "batch_size": self.batch_size, "clip": self.clip, "comp": kind,
+                  "comp_k": self._k(), "comp_seed": cseed, "comp_unbiased": unbiased,
+                  "comp_step": self.rounds,
                   "layout": names, "config": self.configrecord_key}  # fmt: skip
             content = RecordDict({X_NEW: a_new, self.configrecord_key: user,
                                   P.RECORD: ConfigRecord(fk)})  # fmt: skip
@@ -429,7 +438,8 @@ class ByzVRMarinaPPStrategy(MethodStrategy):
             cid = node_cid.get(msg.metadata.src_node_id)
             if cid is None or cid in got:
                 log(WARNING, "%s: round %s: reply from node %s ignored (%s)", self.method, t,
-                    msg.metadata.src_node_id, "not asked" if cid is None else "repeated")
+                    msg.metadata.src_node_id,
+                    "not asked" if cid is None else "repeated")  # fmt: skip
                 continue
             if msg.has_error():
                 log(INFO, "%s: round %s: client %s failed: %s", self.method, t, cid,
@@ -467,7 +477,8 @@ class ByzVRMarinaPPStrategy(MethodStrategy):
                 rows = torch.as_tensor(rows)
                 if rows.dtype != torch.float32 or tuple(rows.shape) != (len(byz_ids), self.dim):
                     raise ValueError(f"adversary must return float32 [{len(byz_ids)}, "
-                                     f"{self.dim}], got {rows.dtype} {tuple(rows.shape)}")
+                                     f"{self.dim}], got {rows.dtype} "
+                                     f"{tuple(rows.shape)}")  # fmt: skip
                 own = rows.contiguous()
         parts = [m for m in (hon, own) if m is not None]
         if not parts:
