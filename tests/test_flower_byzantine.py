@@ -138,14 +138,14 @@ def test_equals_the_simulator_bit_for_bit(heterogeneous, attack):
     assert set(h["floats_down_per_client"][1:]) == {heterogeneous.d, 2 * heterogeneous.d}
 
 
-@pytest.mark.parametrize("case", ["randk", "topk", "plus_noclip", "trimmed_cclip"])
+@pytest.mark.parametrize("case", ["randk", "topk", "plus_noclip", "cclip_bucketing"])
 def test_equals_the_simulator_with_compressors_and_rules(heterogeneous, case):
     """Compressed differences (rand-k, masks rebuilt at the server; top-k, indices sent), the
     plus variant without clipping, and rule names with options: x and g equal after 12 rounds."""
     kw = {"randk": {"compressor": RandK(ratio=0.25, seed=4)},
           "topk": {"compressor": TopK(7), "aggregator": "trimmed_mean"},
           "plus_noclip": {"plus": True, "clip": False},
-          "trimmed_cclip": {"aggregator": "centered_clip", "aggregator_options": {"tau": 0.5},
+          "cclip_bucketing": {"aggregator": "centered_clip", "aggregator_options": {"tau": 0.5},
                             "bucketing": 2}}[case]  # fmt: skip
     sim = ByzVRMarinaPP(heterogeneous, byzantine=BYZ, gamma=1.0 / heterogeneous.L, attack="ipm",
                         **COMMON, **kw)  # fmt: skip
