@@ -129,6 +129,8 @@ class MethodStrategy(FedAvg):
     method = "method"
     #: Hyperparameters stored in ``state_dict`` and checked on load.
     config_attrs: tuple[str, ...] = ("seed", "num_clients", "cohort_size", "p", "gamma")
+    #: The dtype of the server model ``x`` (checked by ``load_state_dict``).
+    model_dtype = torch.float32
 
     def __init__(self, *, num_clients: int, cohort: int | None = None, p: float, gamma: float,
                  seed: int = 0, device="cpu", min_cohort: int = 1, **kwargs):  # fmt: skip
@@ -592,8 +594,8 @@ class MethodStrategy(FedAvg):
                                  f"{k} = {mine[k]!r}")  # fmt: skip
         x, layout = state["x"], state["layout"]
         if x is not None:
-            if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 1:
-                raise ValueError("state's x must be a float32 [p] tensor")
+            if not isinstance(x, torch.Tensor) or x.dtype != self.model_dtype or x.dim() != 1:
+                raise ValueError(f"state's x must be a {self.model_dtype} [p] tensor")
             if layout is None or sum(math.prod(s) for _, s in layout) != x.numel():
                 raise ValueError("state's layout does not match its model x")
         self.rounds = v.integer("rounds", state["rounds"], 0)
