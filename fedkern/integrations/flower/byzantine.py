@@ -80,6 +80,8 @@ from fedkern import sampling
 from fedkern import validation as v
 from fedkern.compress import RandK, TopK
 from fedkern.integrations.flower import protocol as P
+from fedkern.integrations.flower.method_client import _float as _finite
+from fedkern.integrations.flower.method_client import _int, _Reject
 from fedkern.integrations.flower.methods import MethodStrategy
 from fedkern.random import client_seed
 from fedkern.robust import attacks
@@ -576,27 +578,12 @@ class ByzVRMarinaPPStrategy(MethodStrategy):
 # ---- the client --------------------------------------------------------------------------------
 
 
-class _Reject(Exception):
-    def __init__(self, code: int, reason: str):
-        super().__init__(reason)
-        self.code = code
-
-
-def _int(cfg, name, lo, hi=None) -> int:
-    val = cfg.get(name)
-    if isinstance(val, bool) or not isinstance(val, numbers.Integral):
-        raise _Reject(P.ERR_PROTOCOL, f"field {name!r} must be an int, got {val!r}")
-    if val < lo or (hi is not None and val > hi):
-        raise _Reject(P.ERR_PROTOCOL, f"field {name!r} = {val} is out of range")
-    return int(val)
-
-
 def _float(cfg, name) -> float:
-    val = cfg.get(name)
-    if isinstance(val, bool) or not isinstance(val, numbers.Real) or not math.isfinite(val) \
-            or val < 0:  # fmt: skip
+    """A finite float field >= 0 of a server message (``method_client._float`` plus the sign)."""
+    val = _finite(cfg, name)
+    if val < 0:
         raise _Reject(P.ERR_PROTOCOL, f"field {name!r} must be a finite float >= 0, got {val!r}")
-    return float(val)
+    return val
 
 
 class ConvexGradients:
