@@ -441,6 +441,8 @@ class CompressedStrategy(MethodStrategy):
         server state)."""
         if not isinstance(state, dict) or "server" not in state:
             raise TypeError("state must be a dict from CompressedStrategy.state_dict()")
+        if state.get("method") != self.method:
+            raise ValueError(f"state is of method {state.get('method')!r}, not {self.method!r}")
         x = state.get("x")
         comp = None
         if isinstance(x, torch.Tensor):
