@@ -370,3 +370,171 @@ def test_load_state_dict_bad_input(cancer):
     assert fresh.x is None
     with pytest.raises(TypeError, match="state must be a dict"):
         fresh.load_state_dict([1])
+
+
+# ---- bad input: replies, client messages, constructors -----------------------------------------
+
+
+def _tamper(field, value):
+    def tamper(reply, request):
+        if reply.has_error():
+            return reply
+        rec = {k: a.numpy().copy() for k, a in reply.content[P.VALUES].items()}
+        cfg = dict(reply.content[P.RECORD])
+        if field in ("values", "indices"):
+            rec[field] = value(rec)
+        else:
+            cfg[field] = value
+        content = RecordDict({P.RECORD: ConfigRecord(cfg),
+                              P.VALUES: ArrayRecord({k: Array(a) for k, a in rec.items()})})
+        return Message(content, reply_to=request)
+
+    return tamper
+
+
+BAD_REPLIES = [
+    ("protocol", 2, "protocol version 2"),
+    ("method", "diana", "reports method 'diana'"),
+    ("seed", 99, "its seed is 99"),
+    ("round", 7, "its round is 7"),
+    ("values", lambda r: r["values"][:-1], "expected float32 (5,)"),
+    ("values", lambda r: r["values"].astype(np.float64), "float64"),
+    ("values", lambda r: np.full_like(r["values"], np.inf), "not finite"),
+    ("indices", lambda r: r["indices"][::-1].copy(), "strictly ascending"),
+    ("indices", lambda r: r["indices"] + 1000, "strictly ascending"),
+    ("indices", lambda r: r["indices"].astype(np.int32), "expected int64"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD_REPLIES, ids=lambda v: str(v)[:20])
+def test_bad_reply_is_skipped_with_a_warning(cancer, caplog, field, value, message):
+    """A reply with wrong fields, values of the wrong shape / dtype / not finite, or top-k
+    indices that are not strictly ascending in range, is skipped with a warning: the round goes
+    on as if that client had failed (the oracle), and its feedback state does not move."""
+    B = make_batch(cancer)
+    strategy, _ = pair("ef21", B, "topk")
+    bad = (2, 4)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        res, grid = run(strategy, B, 3, fault=lambda r, c: _tamper(field, value)
+                        if (r, c) == bad else None)  # fmt: skip
+    assert any(message in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    assert strategy.history["rejected"] == [0, 0, 1, 0]
+    x_or, g_or, H_or = oracle("ef21", B, strategy.comp, gamma=strategy.gamma, rounds=3,
+                              live=lambda r, i: (r, i) != bad)  # fmt: skip
+    np.testing.assert_allclose(model(res).numpy(), x_or.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(client_states(grid, strategy).numpy(), H_or.numpy(), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+
+
+def _message(B, **fields):
+    fk = {"protocol": P.PROTOCOL, "method": "diana", "seed": 5, "round": 1, "client_id": 1,
+          "row": 1, "agg_round": -1, "full": False, "batch_key": 19, "mask_key": 20,
+          "compressor": "randk", "k": 5, "unbiased": True, "alpha": 0.2, "feedback": True,
+          "x_round": 0, "layout": ["x"], "arrays": "arrays", "config": "config"}  # fmt: skip
+    fk.update(fields)
+    content = RecordDict({"arrays": initial(B.p), "config": ConfigRecord(),
+                          P.RECORD: ConfigRecord(fk)})  # fmt: skip
+    return Message(content, dst_node_id=NODES[1], message_type=ACTION_GRAD)
+
+
+CLIENT_BAD = [
+    (dict(protocol=2), P.ERR_PROTOCOL, "protocol version 2; this client speaks 1"),
+    (dict(method="tamuna"), P.ERR_METHOD, "method 'tamuna' is not served"),
+    (dict(seed=6), P.ERR_SEED, "seed 6 differs from this client's 5"),
+    (dict(client_id=2), P.ERR_CLIENT, "message for client 2, this is client 1"),
+    (dict(k=0), P.ERR_PROTOCOL, "'k' = 0 is out of range"),
+    (dict(k=10**6), P.ERR_PROTOCOL, "'k' = 1000000 is out of range"),
+    (dict(agg_round=3), P.ERR_PROTOCOL, "'agg_round' = 3 is out of range"),
+    (dict(compressor="signsgd"), P.ERR_PROTOCOL, "field 'compressor' must be one of"),
+    (dict(compressor="topk"), P.ERR_PROTOCOL, "'unbiased' must be a bool (False for topk)"),
+    (dict(alpha=float("nan")), P.ERR_PROTOCOL, "'alpha' must be a finite float"),
+    (dict(full="yes"), P.ERR_PROTOCOL, "field 'full' must be a bool"),
+    (dict(layout=["w"]), P.ERR_PROTOCOL, "no array 'w'"),
+    (dict(method="marina", x_round=0, round=2, agg_round=1), P.ERR_STATE,
+     "no model of round 0 on this client"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fields,code,reason", CLIENT_BAD, ids=lambda v: str(v)[:24])
+def test_client_refuses_a_bad_message_and_keeps_its_state(cancer, fields, code, reason):
+    B = make_batch(cancer)
+    app, client = app_for(ConvexGradients(B), seed=5)
+    ctx = Context(run_id=1, node_id=NODES[1], node_config={"partition-id": 1},
+                  state=RecordDict(), run_config={})  # fmt: skip
+    assert not app(_message(B), ctx).has_error()  # a first round: state to keep
+    before = copy.deepcopy(ctx.state)
+    reply = app(_message(B, **fields), ctx)
+    assert reply.has_error() and reply.error.code == code and reason in reply.error.reason
+    for key in ("fedkern.diana.arrays",):
+        a, b = ctx.state.array_records[key], before.array_records[key]
+        assert {k: x.numpy().tolist() for k, x in a.items()} == \
+            {k: x.numpy().tolist() for k, x in b.items()}  # fmt: skip
+    assert dict(ctx.state.config_records["fedkern.diana"]) == \
+        dict(before.config_records["fedkern.diana"])  # fmt: skip
+    assert "fedkern.marina" not in ctx.state.config_records
+
+
+def test_gradient_failure_and_bad_output_are_error_replies(cancer):
+    B = make_batch(cancer)
+    for grads, why in [(lambda x, c: torch.zeros(3), "returned 3 values for a model of 31"),
+                       (lambda x, c: 1 / 0, "ZeroDivisionError")]:  # fmt: skip
+        app, _ = app_for(grads)
+        ctx = Context(run_id=1, node_id=NODES[1], node_config={"partition-id": 1},
+                      state=RecordDict(), run_config={})  # fmt: skip
+        reply = app(_message(B), ctx)
+        assert reply.has_error() and reply.error.code == P.ERR_TRAIN and why in reply.error.reason
+        st = GradientClient(grads).client_state(ctx, "diana")
+        assert st.numel() == 0 or not st.any()
+
+
+def test_constructor_bad_input(cancer):
+    B = make_batch(cancer)
+    with pytest.raises(ValueError, match="num_clients"):
+        DianaStrategy(num_clients=0, gamma=0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        DianaStrategy(num_clients=3, gamma=-1.0)
+    with pytest.raises(TypeError, match="gamma"):
+        Ef21Strategy(num_clients=3, gamma="big")
+    with pytest.raises(ValueError, match="compressor must be one of"):
+        Ef21Strategy(num_clients=3, gamma=0.1, compressor="sign")
+    with pytest.raises(ValueError, match="MARINA needs an unbiased compressor"):
+        MarinaStrategy(num_clients=3, gamma=0.1, p=0.5, compressor="topk")
+    with pytest.raises(ValueError, match="DIANA needs an unbiased compressor"):
+        DianaStrategy(num_clients=3, gamma=0.1, compressor="topk")
+    with pytest.raises(ValueError, match="p"):
+        MarinaStrategy(num_clients=3, gamma=0.1, p=1.5)
+    with pytest.raises(TypeError, match="p"):
+        MarinaStrategy(num_clients=3, gamma=0.1)
+    with pytest.raises(ValueError, match="k"):
+        DianaStrategy(num_clients=3, gamma=0.1, k=0)
+    with pytest.raises(ValueError, match="give k or ratio"):
+        DianaStrategy(num_clients=3, gamma=0.1, k=2, ratio=0.5)
+    with pytest.raises(ValueError, match="ratio"):
+        DianaStrategy(num_clients=3, gamma=0.1, ratio=1.5)
+    with pytest.raises(ValueError, match="shift_step must be in"):
+        DianaStrategy(num_clients=3, gamma=0.1, shift_step=2.0)
+    with pytest.raises(ValueError, match="shift_step"):
+        DianaStrategy(num_clients=3, gamma=0.1, shift_step=-0.5)
+    with pytest.raises(TypeError, match="feedback"):
+        Ef21Strategy(num_clients=3, gamma=0.1, feedback="no")
+    with pytest.raises(TypeError, match="cohort is not an option"):
+        DianaStrategy(num_clients=3, gamma=0.1, cohort=2)
+    s = DianaStrategy(num_clients=3, gamma=0.1, k=40)
+    with pytest.raises(ValueError, match="k"):  # k > p, found when the model is known
+        s.set_initial_arrays(initial(B.p))
+    assert s.x is None and s.comp is None
+    with pytest.raises(RuntimeError, match="has no model"):
+        s.configure_round(ConfigRecord())
+    d = DianaStrategy(num_clients=3, gamma=0.1, k=5)
+    d.set_initial_arrays(initial(B.p))
+    assert d.alpha == pytest.approx(1 / (B.p / 5)) and d.comp.k == 5
+    with pytest.raises(TypeError, match="gradients must be callable"):
+        GradientClient("grad")
+    with pytest.raises(ValueError, match="methods must be"):
+        GradientClient(lambda x, c: x, methods=("scaffnew",))
+    with pytest.raises(TypeError, match="ClientBatch"):
+        ConvexGradients(B.problem)
+    with pytest.raises(ValueError, match="mode"):
+        ConvexGradients(B, mode="rr")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        ModuleGradients(lambda z: z, torch.nn.functional.mse_loss, torch.zeros(2), torch.zeros(2))
