@@ -538,3 +538,42 @@ def test_constructor_bad_input(cancer):
         ConvexGradients(B, mode="rr")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ModuleGradients(lambda z: z, torch.nn.functional.mse_loss, torch.zeros(2), torch.zeros(2))
+
+
+# ---- the claim ------------------------------------------------------------------------------------
+
+
+def test_claim_shifts_and_feedback_reach_the_optimum_where_the_controls_stall(cancer):
+    """Label-sorted breast cancer, 6 clients, l2 = 0.5, gamma = 1/L, k = 5 of 31, through Flower:
+    DIANA (rand-k, shift_step = 1/(omega+1)) and EF21 (top-k) reach gap <= 1e-5 gap0 in 80
+    rounds; the controls -- DIANA with shift_step = 0 (compressed GD) and EF21 with feedback=False
+    (plain top-k gradients) -- fail the same assertion and plateau (their best gap over the last
+    40 rounds stays above it). Measured: DIANA 2.0e-6, EF21 8.5e-8; controls 5.4e-3, 1.0e-2."""
+    B = make_batch(cancer, l2=0.5)
+    Pb = B.problem
+    _, fs = Pb.optimum()
+    gamma, R, tol = 1.0 / Pb.L, 80, 1e-5
+    gap0 = Pb.loss(torch.zeros(B.p, dtype=torch.float64)) - fs
+    curves = {}
+    for name, strategy in [
+        ("diana", DianaStrategy(num_clients=N, gamma=gamma, k=5, seed=0)),
+        ("cgd", DianaStrategy(num_clients=N, gamma=gamma, k=5, shift_step=0.0, seed=0)),
+        ("ef21", Ef21Strategy(num_clients=N, gamma=gamma, k=5, seed=0)),
+        ("topk", Ef21Strategy(num_clients=N, gamma=gamma, k=5, feedback=False, seed=0)),
+    ]:
+        app, client = app_for(ConvexGradients(B))
+        grid = Grid(app)
+        strategy.start(grid=grid, initial_arrays=initial(B.p), num_rounds=0)
+        gaps = []
+        for _ in range(R):
+            strategy.run_round(grid)
+            gaps.append((Pb.loss(strategy.x.double()) - fs) / gap0)
+        curves[name] = gaps
+    print({k: f"{g[-1]:.2e}" for k, g in curves.items()})
+
+    def reached(g):
+        return g[-1] <= tol
+
+    assert reached(curves["diana"]) and reached(curves["ef21"])
+    assert not reached(curves["cgd"]) and not reached(curves["topk"])
+    assert min(curves["cgd"][R // 2 :]) > tol and min(curves["topk"][R // 2 :]) > tol
