@@ -577,3 +577,105 @@ def test_claim_shifts_and_feedback_reach_the_optimum_where_the_controls_stall(ca
     assert reached(curves["diana"]) and reached(curves["ef21"])
     assert not reached(curves["cgd"]) and not reached(curves["topk"])
     assert min(curves["cgd"][R // 2 :]) > tol and min(curves["topk"][R // 2 :]) > tol
+
+
+# ---- a PyTorch module ------------------------------------------------------------------------------
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_module_gradients_run_ef21_and_marina_on_an_mlp():
+    """EF21 (top-k, k = 8 of 57) and MARINA (rand-k) on a small MLP (4 clients) through
+    ``ModuleGradients``: equal a plain PyTorch rendering (module copies, backward(), torch.topk /
+    the rand-k coordinates scaled by d/k) to float32 rounding over 6 rounds, with the
+    multi-array layout (weights and biases) kept."""
+    torch.manual_seed(0)
+    n, gamma, seed, k = 4, 0.3, 2, 8
+    net = _MLP()
+    xs = [torch.randn(10, 5) + i for i in range(n)]
+    ys = [torch.randint(0, 3, (10,)) for _ in range(n)]
+    loss = torch.nn.functional.cross_entropy
+    grads = {i: ModuleGradients(net, loss, xs[i], ys[i], l2=0.01) for i in range(n)}
+    app, client = app_for(lambda x, cfg: grads[cfg["fedkern"]["client_id"]](x, cfg))
+    x0 = torch.nn.utils.parameters_to_vector(net.parameters()).detach().clone()
+    d = x0.numel()
+
+    def grad(i, x):
+        m = copy.deepcopy(net)
+        torch.nn.utils.vector_to_parameters(x, m.parameters())
+        f = loss(m(xs[i]), ys[i]) + 0.005 * (x * x).sum()
+        f.backward()
+        return torch.nn.utils.parameters_to_vector([q.grad for q in m.parameters()]) + 0.01 * x
+
+    for kind in ("ef21", "marina"):
+        grid = Grid(app, n=n)
+        if kind == "ef21":
+            strategy = Ef21Strategy(num_clients=n, gamma=gamma, k=k, seed=seed)
+        else:
+            strategy = MarinaStrategy(num_clients=n, gamma=gamma, p=0.4, k=k, seed=seed)
+        res = strategy.start(grid=grid, initial_arrays=module_arrays(net), num_rounds=6)
+        assert list(res.arrays.keys()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+        flat = torch.cat([torch.from_numpy(res.arrays[a].numpy()).reshape(-1)
+                          for a in res.arrays.keys()])  # fmt: skip
+        x = x0.clone()
+        comp = RowCompressor("randk", d=d, k=k, seed=seed)
+
+        def randk(vec, i, key):
+            idx = comp.diff(torch.zeros(1, d), torch.zeros(1, d), clients=torch.tensor([i]),
+                            step=key)[1][0]  # fmt: skip
+            out = torch.zeros(d)
+            out[idx] = vec[idx] * (d / k)
+            return out
+
+        if kind == "ef21":
+            Gi = torch.zeros(n, d)
+            for i in range(n):
+                gi = grad(i, x)
+                Gi[i, gi.abs().topk(k).indices] = gi[gi.abs().topk(k).indices]
+            g = Gi.double().mean(0).float()
+            for t in range(6):
+                x = x - gamma * g
+                for i in range(n):
+                    diff = grad(i, x) - Gi[i]
+                    top = diff.abs().topk(k).indices
+                    Gi[i, top] += diff[top]
+                g = Gi.double().mean(0).float()
+        else:
+            g = torch.stack([grad(i, x) for i in range(n)]).double().mean(0).float()
+            for t in range(6):
+                key = (t + 1) * 16
+                x_new = x - gamma * g
+                if sampling.coin(0.4, seed=seed, step=key):
+                    g = torch.stack([grad(i, x_new) for i in range(n)]).double().mean(0).float()
+                else:
+                    D = torch.stack([randk(grad(i, x_new) - grad(i, x), i, key + 4)
+                                     for i in range(n)])  # fmt: skip
+                    g = g + D.double().mean(0).float()
+                x = x_new
+        np.testing.assert_allclose(flat.numpy(), x.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(strategy.g.numpy(), g.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_module_gradients_minibatches_repeat_and_bad_layout():
+    net = _MLP()
+    mg = ModuleGradients(net, torch.nn.functional.cross_entropy, torch.randn(20, 5),
+                         torch.randint(0, 3, (20,)), batch_size=4)  # fmt: skip
+    arrays = module_arrays(net)
+    layout = [(a, tuple(arrays[a].shape)) for a in arrays.keys()]
+    x = P.flatten(arrays, [a for a, _ in layout])
+    fk = {"seed": 3, "client_id": 1, "round": 2, "layout": layout, "batch_key": 35, "full": False}
+    a, b = mg(x, {"fedkern": fk}), mg(x, {"fedkern": dict(fk)})
+    c = mg(x, {"fedkern": dict(fk, batch_key=51)})
+    full = mg(x, {"fedkern": dict(fk, full=True)})
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, full)
+    assert torch.equal(full, ModuleGradients(net, torch.nn.functional.cross_entropy, mg.inputs,
+                                             mg.targets)(x, {"fedkern": fk}))  # fmt: skip
+    with pytest.raises(ValueError, match="not the module's parameters"):
+        mg(x, {"fedkern": dict(fk, layout=[("w", (x.numel(),))])})
