@@ -154,7 +154,7 @@ CASES = [("marina", "randk"), ("marina", "none"), ("diana", "randk"), ("diana", 
          ("ef21", "topk"), ("ef21", "randk"), ("ef21", "none")]  # fmt: skip
 
 
-# ---- equivalence ------------------------------------------------------------------------------
+# ---- equivalence -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["gd", "sgd"])
@@ -187,8 +187,8 @@ def test_equals_the_simulator_bit_for_bit(cancer, kind, compressor, mode):
     if kind == "marina":
         heads = [int(sampling.coin(0.3, seed=5, step=(t + 1) * 16)) for t in range(10)]
         assert h["heads"] == [1] + heads and 0 < sum(heads) < 10
-    assert list(res.train_metrics_clientapp) == ([0] if kind != "diana" else []) + list(
-        range(1, 11))
+    first = [] if kind == "diana" else [0]
+    assert list(res.train_metrics_clientapp) == first + list(range(1, 11))
 
 
 def test_randk_replies_carry_only_the_values(cancer):
@@ -210,7 +210,7 @@ def test_randk_replies_carry_only_the_values(cancer):
     assert strategy.history["floats_up"][1:] == [5 * N] * 2
 
 
-# ---- failures: the documented rule ----------------------------------------------------------------
+# ---- failures: the documented rule -------------------------------------------------------------
 
 
 def oracle(kind, B, comp, *, gamma, rounds, live, p=0.3, alpha=None, seed=5):
@@ -319,7 +319,7 @@ def test_client_failures_follow_the_documented_rule(cancer, kind, compressor):
     assert not np.allclose(model(res2).numpy(), x_or.numpy(), rtol=1e-5, atol=1e-6)
 
 
-# ---- restart ------------------------------------------------------------------------------------
+# ---- restart -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind,compressor", [("marina", "randk"), ("diana", "randk"),
@@ -385,8 +385,8 @@ def _tamper(field, value):
             rec[field] = value(rec)
         else:
             cfg[field] = value
-        content = RecordDict({P.RECORD: ConfigRecord(cfg),
-                              P.VALUES: ArrayRecord({k: Array(a) for k, a in rec.items()})})
+        values = ArrayRecord({k: Array(a) for k, a in rec.items()})
+        content = RecordDict({P.RECORD: ConfigRecord(cfg), P.VALUES: values})
         return Message(content, reply_to=request)
 
     return tamper
@@ -540,7 +540,7 @@ def test_constructor_bad_input(cancer):
         ModuleGradients(lambda z: z, torch.nn.functional.mse_loss, torch.zeros(2), torch.zeros(2))
 
 
-# ---- the claim ------------------------------------------------------------------------------------
+# ---- the claim ---------------------------------------------------------------------------------
 
 
 def test_claim_shifts_and_feedback_reach_the_optimum_where_the_controls_stall(cancer):
@@ -579,7 +579,7 @@ def test_claim_shifts_and_feedback_reach_the_optimum_where_the_controls_stall(ca
     assert min(curves["cgd"][R // 2 :]) > tol and min(curves["topk"][R // 2 :]) > tol
 
 
-# ---- a PyTorch module ------------------------------------------------------------------------------
+# ---- a PyTorch module --------------------------------------------------------------------------
 
 
 class _MLP(torch.nn.Module):
@@ -627,7 +627,7 @@ def test_module_gradients_run_ef21_and_marina_on_an_mlp():
         x = x0.clone()
         comp = RowCompressor("randk", d=d, k=k, seed=seed)
 
-        def randk(vec, i, key):
+        def randk(vec, i, key, comp=comp):
             idx = comp.diff(torch.zeros(1, d), torch.zeros(1, d), clients=torch.tensor([i]),
                             step=key)[1][0]  # fmt: skip
             out = torch.zeros(d)
@@ -640,7 +640,7 @@ def test_module_gradients_run_ef21_and_marina_on_an_mlp():
                 gi = grad(i, x)
                 Gi[i, gi.abs().topk(k).indices] = gi[gi.abs().topk(k).indices]
             g = Gi.double().mean(0).float()
-            for t in range(6):
+            for _ in range(6):
                 x = x - gamma * g
                 for i in range(n):
                     diff = grad(i, x) - Gi[i]

@@ -134,7 +134,7 @@ class CompressedStrategy(MethodStrategy):
         self.x_round = 0  # the wire round whose broadcast model is x (MARINA's PREV)
         self._round: _Round | None = None
 
-    # ---- MethodStrategy's members that have no role here ------------------------------------------
+    # ---- MethodStrategy's members that have no role here ----------------------------------------
 
     @property
     def coef(self) -> float:
@@ -145,7 +145,7 @@ class CompressedStrategy(MethodStrategy):
         """Not used: the aggregation is ``aggregate_messages``."""
         raise TypeError(f"{type(self).__name__} aggregates messages, not models")
 
-    # ---- model, compressor -------------------------------------------------------------------------
+    # ---- model, compressor ----------------------------------------------------------------------
 
     def _compressor(self, d: int) -> RowCompressor:
         return RowCompressor(self.compressor, d=d, k=self.k_arg, ratio=self.ratio, seed=self.seed,
@@ -164,7 +164,7 @@ class CompressedStrategy(MethodStrategy):
             return
         super().set_initial_arrays(arrays)
 
-    # ---- the round ------------------------------------------------------------------------------------
+    # ---- the round ------------------------------------------------------------------------------
 
     def wire_round(self) -> int:
         """The next round's number: 0 (initialization) or rounds + 1."""
@@ -325,15 +325,15 @@ class CompressedStrategy(MethodStrategy):
         k, _ = self._expected(self._round)
         V = torch.zeros(len(ids), k, dtype=torch.float32)
         sparse = not self._round.full and self.comp.kind != "none"
-        I = torch.zeros(len(ids), k, dtype=torch.int64) if sparse else None
+        idx = torch.zeros(len(ids), k, dtype=torch.int64) if sparse else None
         for r, cid in enumerate(ids):
             if cid in good:
                 V[r] = good[cid][0]
                 if sparse:
-                    I[r] = good[cid][1]
+                    idx[r] = good[cid][1]
             elif sparse:
-                I[r] = torch.arange(k)
-        return (V.to(dev), I.to(dev)) if sparse else V.to(dev)
+                idx[r] = torch.arange(k)
+        return (V.to(dev), idx.to(dev)) if sparse else V.to(dev)
 
     def aggregate_messages(self, good: dict) -> None:
         """The method's server update from the live messages (``good``, non-empty)."""
@@ -423,7 +423,7 @@ class CompressedStrategy(MethodStrategy):
         return (f"{type(self).__name__}(n={self.num_clients}, gamma={self.gamma:.4g}, "
                 f"compressor={self.compressor!r}, k={k}, rounds={self.rounds})")  # fmt: skip
 
-    # ---- checkpoints ------------------------------------------------------------------------------
+    # ---- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """``MethodStrategy.state_dict`` plus the method's server state (g / h), whether the
@@ -614,4 +614,3 @@ class Ef21Strategy(CompressedStrategy):
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", feedback={self.feedback})"
-
