@@ -449,6 +449,7 @@ CLIENT_BAD = [
     (dict(compressor="topk"), P.ERR_PROTOCOL, "'unbiased' must be a bool (False for topk)"),
     (dict(alpha=float("nan")), P.ERR_PROTOCOL, "'alpha' must be a finite float"),
     (dict(full="yes"), P.ERR_PROTOCOL, "field 'full' must be a bool"),
+    (dict(feedback=1), P.ERR_PROTOCOL, "field 'feedback' must be a bool"),
     (dict(layout=["w"]), P.ERR_PROTOCOL, "no array 'w'"),
     (dict(method="marina", x_round=0, round=2, agg_round=1), P.ERR_STATE,
      "no model of round 0 on this client"),
@@ -679,3 +680,30 @@ def test_module_gradients_minibatches_repeat_and_bad_layout():
                                              mg.targets)(x, {"fedkern": fk}))  # fmt: skip
     with pytest.raises(ValueError, match="not the module's parameters"):
         mg(x, {"fedkern": dict(fk, layout=[("w", (x.numel(),))])})
+
+
+def test_handshake_leaves_out_a_node_that_does_not_serve_the_method(cancer, caplog):
+    """``MethodStrategy.connect`` with GradientClient nodes: a node serving only EF21 is left out
+    of a DIANA run with a warning; its client fails every round (a missing message: zero) and
+    the run follows the oracle with that client dead."""
+    B = make_batch(cancer)
+    good_app, good = app_for(ConvexGradients(B))
+    ef21_app, _ = app_for(ConvexGradients(B), methods="ef21")
+
+    class Mixed(Grid):
+        def deliver(self, m, ctx):
+            return (ef21_app if m.metadata.dst_node_id == NODES[2] else good_app)(m, ctx)
+
+    grid = Mixed(good_app)
+    grid.client = good
+    strategy, _ = pair("diana", B, "randk")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        res, _ = run(strategy, B, 3, grid=grid)
+    text = " | ".join(r.getMessage() for r in caplog.records)
+    assert "serves ['ef21'], not 'diana'" in text and "1 of 6 clients have no node" in text
+    assert strategy.nodes == {i: NODES[i] for i in range(N) if i != 2}
+    assert strategy.history["failures"] == [0, 1, 1, 1]
+    x_or, g_or, _ = oracle("diana", B, strategy.comp, gamma=strategy.gamma, rounds=3,
+                           live=lambda r, i: i != 2, alpha=strategy.alpha)  # fmt: skip
+    np.testing.assert_allclose(model(res).numpy(), x_or.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(strategy.h.numpy(), g_or.numpy(), rtol=1e-5, atol=1e-6)

@@ -78,12 +78,13 @@ __all__ = ["CompressedStrategy", "DianaStrategy", "Ef21Strategy", "MarinaStrateg
 class _Round:
     """One round's bookkeeping (wire round r)."""
 
-    def __init__(self, r: int, n: int):
+    def __init__(self, r: int):
         self.round = r
         self.node: dict[int, int] = {}  # client id -> node id
         self.metrics: dict = {}
         self.full = False
         self.indices: torch.Tensor | None = None  # rand-k masks [n, k]
+        self.x_send: torch.Tensor | None = None  # the model sent
 
 
 class CompressedStrategy(MethodStrategy):
@@ -197,10 +198,9 @@ class CompressedStrategy(MethodStrategy):
             raise RuntimeError(f"{type(self).__name__} has no model: run it with strategy.start "
                                "or call set_initial_arrays / load_state_dict first")  # fmt: skip
         r = self.wire_round()
-        rnd = self._round = _Round(r, self.num_clients)
+        rnd = self._round = _Round(r)
         full, x_send, bkey, mkey = self.plan()
         rnd.full, rnd.x_send = full, x_send
-        rnd.keys = (bkey, mkey)
         if self.comp.kind == "randk" and not full:
             ids = torch.arange(self.num_clients)
             Z = torch.zeros(self.num_clients, self.dim)

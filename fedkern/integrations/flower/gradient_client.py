@@ -142,8 +142,9 @@ class GradientClient(MethodClient):
 
     def train(self, msg: Message, context: Context) -> Message:
         """One round: check the message, commit or drop the pending update, compute and send
-        this round's message (module docstring). A refused message or a failing gradient source
-        gives an error reply and leaves the state as it was."""
+        this round's message (module docstring). A refused message gets an error reply and leaves
+        the state as it was; a failing gradient source gets an error reply after the pending
+        update was committed (confirmed) or dropped, and leaves no pending update of its own."""
         try:
             cfg, method, cid = self._common(msg, context)
             rnd = _int(cfg, "round", 0)
@@ -157,6 +158,8 @@ class GradientClient(MethodClient):
             if kind not in COMPRESSORS:
                 raise _Reject(P.ERR_PROTOCOL, f"field 'compressor' must be one of {COMPRESSORS}")
             alpha = _float(cfg, "alpha")
+            if not isinstance(cfg.get("feedback"), bool):
+                raise _Reject(P.ERR_PROTOCOL, "field 'feedback' must be a bool")
             layout = cfg.get("layout")
             if not isinstance(layout, list) or not all(isinstance(k, str) for k in layout):
                 raise _Reject(P.ERR_PROTOCOL, "field 'layout' must be a list of array names")
@@ -233,7 +236,7 @@ class GradientClient(MethodClient):
         else:
             if method == "marina":
                 ref = g_old
-            elif method == "diana" or (method == "ef21" and cfg.get("feedback", True)):
+            elif method == "diana" or (method == "ef21" and cfg["feedback"]):
                 ref = state
             else:
                 ref = torch.zeros(p)
@@ -247,7 +250,7 @@ class GradientClient(MethodClient):
             keep = {f"m{agg}": arr[f"m{agg}"]} if f"m{agg}" in arr else {}
             keep[f"m{rnd}"] = x.numpy()
             self._write(context, method, keep, {})
-        elif name is not None and (method == "diana" or cfg.get("feedback", True)):
+        elif name is not None and (method == "diana" or cfg["feedback"]):
             pending = {name: state.numpy(), "pv": values.numpy()}
             if indices is not None:
                 pending["pi"] = indices.numpy()
