@@ -475,6 +475,16 @@ def test_client_refuses_a_bad_message_and_keeps_its_state(cancer, fields, code, 
     assert "fedkern.marina" not in ctx.state.config_records
 
 
+def test_client_that_lost_its_state_refuses_rather_than_restarting(cancer):
+    B = make_batch(cancer)
+    app, _ = app_for(ConvexGradients(B))
+    ctx = Context(run_id=1, node_id=NODES[1], node_config={"partition-id": 1},
+                  state=RecordDict(), run_config={})  # fmt: skip
+    reply = app(_message(B, round=3, agg_round=2), ctx)
+    assert reply.has_error() and reply.error.code == P.ERR_STATE
+    assert "holds no diana state" in reply.error.reason and len(ctx.state) == 0
+
+
 def test_gradient_failure_and_bad_output_are_error_replies(cancer):
     B = make_batch(cancer)
     for grads, why in [(lambda x, c: torch.zeros(3), "returned 3 values for a model of 31"),

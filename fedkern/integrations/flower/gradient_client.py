@@ -13,7 +13,9 @@ State (the node's persistent ``context.state``, per method): ArrayRecord
   it. The pending update (DIANA h += alpha m, EF21 g += m) is committed when the next train
   message reports ``agg_round`` equal to its round, and dropped otherwise, so the state only moves
   with messages the server aggregated. ``agg_round = -1`` (the server never aggregated this client)
-  resets the state to zeros (the server counts it as zero).
+  resets the state to zeros (the server counts it as zero); a node that lost its state while the
+  server holds aggregated rounds of it refuses every round (error replies), never silently
+  restarting from zeros.
 * MARINA: the models the client received (at most two: the one of the round the server last
   aggregated from it, and the latest), so a gradient difference at (x+, x) needs only x+ on the
   wire; the server resends x (``PREV``) when it cannot be sure the client holds it.
@@ -195,6 +197,9 @@ class GradientClient(MethodClient):
                 if x_old.numel() != p:
                     raise _Reject(P.ERR_STATE, "the stored model has another size")
             name = {"diana": "h", "ef21": "g"}.get(method)
+            if name is not None and agg >= 0 and name not in arr:
+                raise _Reject(P.ERR_STATE, f"the server aggregated round {agg} of this client, "
+                              f"which holds no {method} state (lost)")  # fmt: skip
             if name is not None and name in arr and arr[name].size != p and agg >= 0:
                 raise _Reject(P.ERR_STATE, f"the stored state has {arr[name].size} entries, the "
                               f"model {p}: the model changed under a running method")  # fmt: skip
