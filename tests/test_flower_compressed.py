@@ -536,6 +536,8 @@ def test_constructor_bad_input(cancer):
     assert s.x is None and s.comp is None
     with pytest.raises(RuntimeError, match="has no model"):
         s.configure_round(ConfigRecord())
+    with pytest.raises(TypeError, match="runs its rounds with run_round"):
+        s.configure_train(1, None, ConfigRecord(), None)
     d = DianaStrategy(num_clients=3, gamma=0.1, k=5)
     d.set_initial_arrays(initial(B.p))
     assert d.alpha == pytest.approx(1 / (B.p / 5)) and d.comp.k == 5

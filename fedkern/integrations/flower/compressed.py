@@ -146,6 +146,15 @@ class CompressedStrategy(MethodStrategy):
         """Not used: the aggregation is ``aggregate_messages``."""
         raise TypeError(f"{type(self).__name__} aggregates messages, not models")
 
+    def configure_train(self, server_round, arrays, config, grid):
+        """Not used: a round is ``configure_round`` / ``collect`` / ``aggregate_messages``
+        (``run_round``)."""
+        raise TypeError(f"{type(self).__name__} runs its rounds with run_round / start")
+
+    def aggregate_train(self, server_round, replies):
+        """Not used (see ``configure_train``)."""
+        raise TypeError(f"{type(self).__name__} runs its rounds with run_round / start")
+
     # ---- model, compressor ----------------------------------------------------------------------
 
     def _compressor(self, d: int) -> RowCompressor:
