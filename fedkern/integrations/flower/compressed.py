@@ -39,11 +39,11 @@ messages. With no live reply the round changes nothing (metric ``skipped``; the 
 moves on, so the next round draws afresh); an initialization without a live reply leaves g = 0.
 
 Metrics per round (``history``, index 0 = the initialization; ``Result.train_metrics_clientapp``
-keyed by the wire round): round, heads (MARINA), clients, failures, rejected, skipped, floats_up /
-floats_down (all clients together: values, top-k indices counted as floats, models and resent
-models) and floats_up_per_client / floats_down_per_client (divided by n: the simulator's
-"floats_up" / "floats_down", except that the initialization sends x0 to the clients (p floats
-down) where the simulator books 0).
+keyed by the wire round): round, heads (MARINA; 1 for the initialization), clients, failures,
+rejected, skipped, floats_up / floats_down (all clients together: values, top-k indices counted
+as floats, models and resent models) and floats_up_per_client / floats_down_per_client (divided
+by n: the simulator's "floats_up" / "floats_down", except that the initialization sends x0 to
+the clients, p floats down, where the simulator books 0).
 """
 
 from __future__ import annotations
