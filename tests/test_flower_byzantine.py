@@ -78,7 +78,7 @@ def x0_of(d, seed=None):
 
 def make_app(problem, **kw):
     app = ClientApp()
-    B.ByzVRMarinaClient(B.ConvexGradients(problem), **kw).register(app)
+    B.ByzVRMarinaClient(B.ProblemSampleGradients(problem), **kw).register(app)
     return app
 
 
@@ -163,7 +163,7 @@ def test_equals_the_simulator_with_compressors_and_rules(heterogeneous, case):
 
 def test_convex_gradients_are_the_simulators_rows(heterogeneous, gen):
     x = torch.randn(heterogeneous.d, generator=gen, dtype=torch.float64)
-    prov = B.ConvexGradients(heterogeneous)
+    prov = B.ProblemSampleGradients(heterogeneous)
     full = heterogeneous.grads(x, list(range(N)))
     smp = [torch.randint(0, int(m), (5,), generator=gen) for m in heterogeneous.sizes]
     mini = heterogeneous.grads(x, list(range(N)), smp)
@@ -174,7 +174,7 @@ def test_convex_gradients_are_the_simulators_rows(heterogeneous, gen):
 
 
 def test_module_gradients_against_the_closed_form(heterogeneous, gen):
-    """ModuleGradients of a bias-free linear model with the logistic loss equals the problem's
+    """ModuleSampleGradients of a bias-free linear model with the logistic loss equals the problem's
     float64 gradient (the same function)."""
     A, y = heterogeneous.A, heterogeneous.y
     rows = torch.arange(int(heterogeneous.sizes[0]))
@@ -183,7 +183,7 @@ def test_module_gradients_against_the_closed_form(heterogeneous, gen):
     def loss(out, t):
         return torch.nn.functional.softplus(-(t * 2 - 1) * out[:, 0]).mean()
 
-    prov = B.ModuleGradients(lin, loss, A[rows], y[rows].double(), l2=0.1)
+    prov = B.ModuleSampleGradients(lin, loss, A[rows], y[rows].double(), l2=0.1)
     x = torch.randn(heterogeneous.d, generator=gen, dtype=torch.float64) * 0.3
     cfg = {"fedkern": {"layout": [("weight", (1, A.shape[1]))]}}
     torch.testing.assert_close(prov(x, 0, None, cfg), heterogeneous.grads(x, [0])[0])
@@ -194,7 +194,7 @@ def test_module_gradients_against_the_closed_form(heterogeneous, gen):
 
 
 class PerClient:
-    """One ``ModuleGradients`` per client id (one ClientApp serves every simulated node)."""
+    """One ``ModuleSampleGradients`` per client id (one ClientApp serves every simulated node)."""
 
     def __init__(self, providers):
         self.providers = providers
@@ -207,8 +207,8 @@ class PerClient:
 
 
 def test_module_gradients_run_equals_the_simulator(heterogeneous):
-    """A Flower run whose clients use ``ModuleGradients`` (a float64 bias-free linear layer with
-    the logistic loss: the problem's function) follows the simulator to float tolerance over 8
+    """A Flower run whose clients use ``ModuleSampleGradients`` (a float64 bias-free linear layer
+    with the logistic loss: the problem's function) follows the simulator to float tolerance over 8
     rounds (rand-k differences, ALIE through the adversary)."""
     A, y = heterogeneous.A, heterogeneous.y
     lin = torch.nn.Linear(A.shape[1], 1, bias=False).double()
@@ -217,8 +217,9 @@ def test_module_gradients_run_equals_the_simulator(heterogeneous):
         return torch.nn.functional.softplus(-(t * 2 - 1) * out[:, 0]).mean()
 
     off = [0, *torch.cumsum(heterogeneous.sizes, 0).tolist()]
-    provs = [B.ModuleGradients(lin, loss, A[off[i] : off[i + 1]], y[off[i] : off[i + 1]].double(),
-                               l2=0.1) for i in range(N)]  # fmt: skip
+    provs = [B.ModuleSampleGradients(lin, loss, A[off[i] : off[i + 1]],
+                                     y[off[i] : off[i + 1]].double(), l2=0.1)
+             for i in range(N)]  # fmt: skip
     app = ClientApp()
     B.ByzVRMarinaClient(PerClient(provs)).register(app)
     kw = {"byzantine": BYZ, "compressor": RandK(ratio=0.5, seed=2), **COMMON}
@@ -425,7 +426,7 @@ def _request(problem, cid=2, kind="diff", drop=(), **over):
 def test_client_refuses_bad_messages(heterogeneous):
     """Malformed messages get an error reply naming the problem (and a good one a reply whose
     values equal the simulator's message formula)."""
-    client = B.ByzVRMarinaClient(B.ConvexGradients(heterogeneous), seed=1)
+    client = B.ByzVRMarinaClient(B.ProblemSampleGradients(heterogeneous), seed=1)
     ctx = Context(run_id=1, node_id=NODES[2], state=RecordDict(), run_config={},
                   node_config={"partition-id": 2})  # fmt: skip
     good = client.train(_request(heterogeneous), ctx)
@@ -516,9 +517,9 @@ def test_bad_constructor_input(heterogeneous):
         strat.set_initial_arrays(ArrayRecord({"w": Array(np.full(3, np.nan))}))
     assert strat.x is None
     with pytest.raises(ValueError, match="attack must be None or one of"):
-        B.ByzVRMarinaClient(B.ConvexGradients(heterogeneous), attack="alie")
+        B.ByzVRMarinaClient(B.ProblemSampleGradients(heterogeneous), attack="alie")
     with pytest.raises(ValueError, match="need an attack"):
-        B.ByzVRMarinaClient(B.ConvexGradients(heterogeneous), byzantine=[1])
+        B.ByzVRMarinaClient(B.ProblemSampleGradients(heterogeneous), byzantine=[1])
     with pytest.raises(TypeError, match="num_samples"):
         B.ByzVRMarinaClient(lambda *a: None)
     with pytest.raises(ValueError, match="attack must be one of"):
@@ -559,7 +560,7 @@ def test_flower_simulation_engine_equals_the_simulator():
     problem = LogisticRegression(A, y, data.split(y, 6, "iid", seed=1), l2=0.1)
     kw = {"cohort": 3, "p": 0.4, "batch_size": 8, "seed": 2, "compressor": RandK(ratio=0.3, seed=1)}
     client_app = ClientApp()
-    B.ByzVRMarinaClient(B.ConvexGradients(problem), byzantine=[5],
+    B.ByzVRMarinaClient(B.ProblemSampleGradients(problem), byzantine=[5],
                         attack="bit_flip").register(client_app)  # fmt: skip
     server_app = ServerApp()
 

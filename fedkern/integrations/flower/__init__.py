@@ -23,11 +23,24 @@ ClientApp, with ``ConvexTrainer`` (fedkern's convex problems) or ``ModuleTrainer
 module) or any ``trainer(x, h, K, gamma, config)``. The wire protocol is in ``protocol``.
 ``FiveGCSStrategy`` with ``FiveGCSClient(ConvexSolver(batch) | ModuleSolver(...))`` runs 5GCS /
 5GCS-CC with uniform or importance client sampling (``fivegcs``).
+``MarinaStrategy``, ``DianaStrategy`` and ``Ef21Strategy`` with
+``GradientClient(ConvexGradients(batch) | ModuleGradients(...))`` run the compressed-gradient
+methods (``compressed``, ``gradient_client``);
+``ByzVRMarinaPPStrategy`` with ``ByzVRMarinaClient`` runs Byz-VR-MARINA-PP with fedkern's robust
+rules, clipping and compressors (``byzantine``; omniscient attacks through ``SimulatedAttack``).
 
 Simulation: Flower's simulation engine (``flwr.simulation.run_simulation``) needs Ray (``pip install
 "flwr[simulation]"``); the example app in examples/flower-app runs there with ``flwr run .``.
 """
 
+from fedkern.integrations.flower.byzantine import (
+    ByzVRMarinaClient,
+    ByzVRMarinaPPStrategy,
+    ModuleSampleGradients,
+    ProblemSampleGradients,
+    RoundView,
+    SimulatedAttack,
+)
 from fedkern.integrations.flower.codec import (
     FORMAT_VERSION,
     KIND_RANDK,
@@ -37,11 +50,22 @@ from fedkern.integrations.flower.codec import (
     decompress,
     is_compressed,
 )
+from fedkern.integrations.flower.compressed import (
+    CompressedStrategy,
+    DianaStrategy,
+    Ef21Strategy,
+    MarinaStrategy,
+)
 from fedkern.integrations.flower.fivegcs import (
     ConvexSolver,
     FiveGCSClient,
     FiveGCSStrategy,
     ModuleSolver,
+)
+from fedkern.integrations.flower.gradient_client import (
+    ConvexGradients,
+    GradientClient,
+    ModuleGradients,
 )
 from fedkern.integrations.flower.legacy import LegacyFedkernStrategy
 from fedkern.integrations.flower.method_client import (
@@ -60,23 +84,36 @@ from fedkern.integrations.flower.mod import CompressMod, make_compress_mod
 from fedkern.integrations.flower.strategy import FedkernStrategy
 
 __all__ = [
+    "ByzVRMarinaClient",
+    "ByzVRMarinaPPStrategy",
     "CompressMod",
+    "CompressedStrategy",
+    "ConvexGradients",
     "ConvexSolver",
     "ConvexTrainer",
+    "DianaStrategy",
+    "Ef21Strategy",
     "FORMAT_VERSION",
     "FedkernStrategy",
     "FiveGCSClient",
     "FiveGCSStrategy",
+    "GradientClient",
     "KIND_RANDK",
     "KIND_SPARSE",
     "LegacyFedkernStrategy",
     "MAGIC",
+    "MarinaStrategy",
     "MethodClient",
     "MethodStrategy",
+    "ModuleGradients",
+    "ModuleSampleGradients",
     "ModuleSolver",
     "ModuleTrainer",
+    "ProblemSampleGradients",
     "ProxSkipStrategy",
+    "RoundView",
     "ScaffnewStrategy",
+    "SimulatedAttack",
     "TamunaStrategy",
     "compress_update",
     "decompress",

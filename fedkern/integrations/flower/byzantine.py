@@ -2,8 +2,8 @@
 
 The strategy runs ``fedkern.algorithms.ByzVRMarinaPP``'s round over real clients; with the same
 seed, hyperparameters and start point, and the clients running ``ByzVRMarinaClient`` with
-``ConvexGradients(problem)``, the server's (x, g) equal the simulator's bit for bit on the CPU
-(the server uses the simulator's ops, in its order; tests/test_flower_byzantine.py checks it).
+``ProblemSampleGradients(problem)``, the server's (x, g) equal the simulator's bit for bit on the
+CPU (the server uses the simulator's ops, in its order; tests/test_flower_byzantine.py checks it).
 
 A round (method round t = ``strategy.rounds``, 0-based; Flower round t + 1):
 
@@ -87,8 +87,8 @@ from fedkern.random import client_seed
 from fedkern.robust import attacks
 from fedkern.robust.aggregator import RULES
 
-__all__ = ["ACTION_BYZ", "ByzVRMarinaClient", "ByzVRMarinaPPStrategy", "ConvexGradients",
-           "ModuleGradients", "RoundView", "SimulatedAttack"]  # fmt: skip
+__all__ = ["ACTION_BYZ", "ByzVRMarinaClient", "ByzVRMarinaPPStrategy", "ProblemSampleGradients",
+           "ModuleSampleGradients", "RoundView", "SimulatedAttack"]  # fmt: skip
 
 #: The train message of Byz-VR-MARINA-PP (one per cohort client and round).
 ACTION_BYZ = "train.fedkern_byz"
@@ -188,8 +188,8 @@ class ByzVRMarinaPPStrategy(MethodStrategy):
 
     Equals ``fedkern.algorithms.ByzVRMarinaPP(problem, byzantine=..., gamma=gamma, p=p, ...,
     x0=x0, seed=seed)`` bit for bit on the CPU when the clients run ``ByzVRMarinaClient`` with
-    ``ConvexGradients(problem)`` and ``initial_arrays`` hold x0 (as float64 arrays; float32 ones
-    are widened). The model x and g are float64 [d] on the CPU, sent as float64 arrays.
+    ``ProblemSampleGradients(problem)`` and ``initial_arrays`` hold x0 (as float64 arrays;
+    float32 ones are widened). The model x and g are float64 [d] on the CPU, sent as float64 arrays.
 
     Args:
         num_clients: n (client ids 0..n-1 from the handshake).
@@ -586,7 +586,7 @@ def _float(cfg, name) -> float:
     return val
 
 
-class ConvexGradients:
+class ProblemSampleGradients:
     """Gradients of a fedkern problem's client: ``problem.grads(x, [i], samples)``, bit for bit
     what ``ByzVRMarinaPP`` computes for client i (its rows are independent).
 
@@ -609,10 +609,10 @@ class ConvexGradients:
         return self.problem.grads(x, [client_id], smp)[0]
 
     def __repr__(self) -> str:
-        return f"ConvexGradients(n={self.problem.n})"
+        return f"ProblemSampleGradients(n={self.problem.n})"
 
 
-class ModuleGradients:
+class ModuleSampleGradients:
     """Gradients of a PyTorch module's loss on this client's data, at the flat model x.
 
     ``provider(x, client_id, samples, config) -> [d]``: x (float64 [d]) is split by the server's
@@ -666,7 +666,7 @@ class ModuleGradients:
         return g.double()
 
     def __repr__(self) -> str:
-        return f"ModuleGradients({type(self.module).__name__}, samples={len(self.inputs)})"
+        return f"ModuleSampleGradients({type(self.module).__name__}, samples={len(self.inputs)})"
 
 
 class ByzVRMarinaClient:
@@ -674,7 +674,8 @@ class ByzVRMarinaClient:
 
     Args:
         gradients: a provider ``gradients(x, client_id, samples, config) -> [d]`` with
-            ``gradients.num_samples(client_id)`` (``ConvexGradients``, ``ModuleGradients``).
+            ``gradients.num_samples(client_id)`` (``ProblemSampleGradients``,
+            ``ModuleSampleGradients``).
         client_id: None (node_config "partition-id"), an int, or ``client_id(context) -> int``.
         seed: None, or the method seed this client expects (others are refused).
         byzantine: client ids that run ``attack`` instead of the honest reply (one ClientApp
@@ -683,7 +684,8 @@ class ByzVRMarinaClient:
             module docstring) or None.
         bit_flip_scale: the bit flip's scale (default 1).
 
-    Use: ``ByzVRMarinaClient(ConvexGradients(problem)).register(app)`` on a ``ClientApp``: adds
+    Use: ``ByzVRMarinaClient(ProblemSampleGradients(problem)).register(app)`` on a ``ClientApp``:
+    adds
     ``query.fedkern_hello`` (the handshake of ``MethodStrategy.connect``) and
     ``train.fedkern_byz``. One fedkern client helper per ClientApp (``MethodClient`` registers the
     same handshake).

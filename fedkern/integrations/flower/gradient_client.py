@@ -78,16 +78,13 @@ class GradientClient(MethodClient):
     the same ClientApp (both answer the handshake).
     """
 
-    def __init__(self, gradients, *, methods=METHODS, client_id=None, seed: int | None = None):
+    served = METHODS
+
+    def __init__(self, gradients, *, methods=None, client_id=None, seed: int | None = None):
         if not callable(gradients):
             raise TypeError(f"gradients must be callable, got {type(gradients).__name__}")
-        methods = (methods,) if isinstance(methods, str) else tuple(methods)
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods}")
-        super().__init__(gradients, methods=("scaffnew",), client_id=client_id, seed=seed)
+        super().__init__(gradients, methods=methods, client_id=client_id, seed=seed)
         self.gradients = gradients
-        self.methods = methods
 
     def __repr__(self) -> str:
         return f"GradientClient({self.gradients!r}, methods={self.methods})"
