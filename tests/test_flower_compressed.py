@@ -726,11 +726,15 @@ def test_handshake_leaves_out_a_node_that_does_not_serve_the_method(cancer, capl
 SIMULATION: dict = {}
 
 
+RAY_CASES = [("marina", "randk"), ("diana", "randk"), ("ef21", "topk")]
+
+
 def test_flower_simulation_engine_equals_the_simulator(cancer):
     """Flower's simulation engine (``run_simulation``, Ray backend): 6 virtual SuperNodes run one
-    ``GradientClient``; the ServerApp runs EF21 (top-k) for 3 rounds after its initialization. The
-    server model equals the simulator's bit for bit (the feedback states live in the engine's node
-    contexts across rounds: the equality from round 2 on depends on them)."""
+    ``GradientClient``; the ServerApp runs MARINA (rand-k), DIANA (rand-k) and EF21 (top-k) for 3
+    rounds each after their initialization. The server models equal the simulator's bit for bit
+    (the shifts, feedback states and MARINA's previous models live in the engine's node contexts
+    across rounds: the equality from round 2 on depends on them)."""
     pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -742,17 +746,21 @@ def test_flower_simulation_engine_equals_the_simulator(cancer):
 
     @server_app.main()
     def main(grid, context):
-        strategy, _ = pair("ef21", B, "topk")
-        SIMULATION["ef21"] = strategy.start(grid=grid, initial_arrays=initial(B.p), num_rounds=3)
+        for kind, comp in RAY_CASES:
+            strategy, _ = pair(kind, B, comp)
+            SIMULATION[kind] = strategy.start(grid=grid, initial_arrays=initial(B.p),
+                                              num_rounds=3)  # fmt: skip
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": 2, "include_dashboard": False}}  # fmt: skip
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=N,
                    backend_config=backend)  # fmt: skip
-    _, sim = pair("ef21", B, "topk")
-    sim.run(3)
-    res = SIMULATION.pop("ef21")
-    assert torch.equal(model(res), sim.x)
-    metrics = res.train_metrics_clientapp[3]
-    assert metrics["clients"] == N and metrics["failures"] == 0
-    assert metrics["floats_up_per_client"] == sim.history["floats_up"][-1] == 10
+    for kind, comp in RAY_CASES:
+        _, sim = pair(kind, B, comp)
+        sim.run(3)
+        res = SIMULATION.pop(kind)
+        assert torch.equal(model(res), sim.x), kind
+        metrics = res.train_metrics_clientapp[3]
+        assert metrics["clients"] == N and metrics["failures"] == 0
+        assert metrics["floats_up_per_client"] == sim.history["floats_up"][-1]
+        assert kind == "marina" or sim.history["floats_up"][-1] == (10 if kind == "ef21" else 5)

@@ -925,10 +925,10 @@ SIMULATION: dict = {}
 
 def test_flower_simulation_engine_equals_the_simulator(cancer):
     """Flower's simulation engine (``run_simulation``, Ray backend): 10 virtual SuperNodes serve
-    both methods with one ``MethodClient``; the ServerApp runs Scaffnew (cohort 4, sync exchange)
-    and TAMUNA (cohort 4, s = 2) for 4 rounds each. The server models equal the simulator's, bit
-    for bit (the control variates live in the engine's node contexts across rounds: the equality
-    from round 2 on depends on them)."""
+    the methods with one ``MethodClient``; the ServerApp runs Scaffnew (cohort 4, sync exchange),
+    ProxSkip (L1 prox, cohort 4) and TAMUNA (cohort 4, s = 2) for 4 rounds each. The server
+    models equal the simulator's, bit for bit (the control variates live in the engine's node
+    contexts across rounds: the equality from round 2 on depends on them)."""
     pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -942,6 +942,7 @@ def test_flower_simulation_engine_equals_the_simulator(cancer):
     @server_app.main()
     def main(grid, context):
         for name, cls, kw in [("scaffnew", F.ScaffnewStrategy, {}),
+                              ("proxskip", F.ProxSkipStrategy, {"prox": "l1", "lam": LAM}),
                               ("tamuna", F.TamunaStrategy, {"s": 2})]:  # fmt: skip
             strategy = cls(num_clients=N, cohort=4, p=p, gamma=gamma, seed=5, **kw)
             SIMULATION[name] = strategy.start(grid=grid, initial_arrays=initial(B.p),
@@ -952,6 +953,8 @@ def test_flower_simulation_engine_equals_the_simulator(cancer):
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=N,
                    backend_config=backend)  # fmt: skip
     for name, sim in [("scaffnew", Scaffnew(B, cohort=4, p=p, gamma=gamma, seed=5)),
+                      ("proxskip", ProxSkip(B, cohort=4, p=p, gamma=gamma, seed=5, prox="l1",
+                                            lam=LAM)),
                       ("tamuna", TAMUNA(B, cohort=4, s=2, p=p, gamma=gamma, seed=5))]:  # fmt: skip
         sim.run(4)
         res = SIMULATION.pop(name)
