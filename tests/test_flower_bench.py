@@ -121,7 +121,9 @@ def _nan(row):
     return alter
 
 
-@pytest.mark.parametrize("method,c,p,s", [("scaffnew", 6, 50, 6), ("tamuna", 6, 50, 2)])
+@pytest.mark.parametrize(
+    "method,c,p,s", [("scaffnew", 6, 50, 6), ("tamuna", 6, 50, 2), ("tamuna", 6, 40, 6)]
+)
 def test_twins_skip_failed_and_bad_replies_as_fedkern(method, c, p, s, caplog):
     """Failed replies and a reply with a NaN are left out on both sides; TAMUNA coordinates
     whose holders all failed keep their value."""

@@ -11,7 +11,7 @@
                          the outgoing model), against ``NumpyTamunaStrategy``: the held index of a
                          slot from its period c / gcd(s, c), the values scattered into X, and the
                          holders' mean gathered with one fancy index X[perm[(s r + j) % c], r]
-                         (no loop over coordinates).
+                         (no loop over coordinates; s = c: ``X.mean(axis=0)``).
 
 Both sides get the same c reply Messages, built once at setup (a round of n = c clients, full
 participation, so no sync values are built: sync mode "next"); before every timed call the
@@ -127,12 +127,16 @@ def _numpy_twins():
 
     class NumpyTamunaStrategy(_NumpyRound, TamunaStrategy):
         """``TamunaStrategy`` with its round aggregation in NumPy: per coordinate r, the mean of
-        its s holders X[perm[(s r + j) % c], r] (one gather [s, p]); with failures, the mean of
-        the live holders, a coordinate without one keeps its value. The benchmark's baseline."""
+        its s holders X[perm[(s r + j) % c], r] (one gather [s, p]; s = c: the rows' mean); with
+        failures, the mean of the live holders, a coordinate without one keeps its value. The
+        benchmark's baseline."""
 
         def np_aggregate(self, X, plan):
             c, p = X.shape
             s = self.s
+            if s == c:  # every row holds every coordinate: the mean of the live rows
+                live = plan.live
+                return (X if len(live) == c else X[live]).mean(axis=0)
             perm = plan.perm.numpy()
             r = np.arange(p)
             rows = perm[(s * r[None, :] + np.arange(s)[:, None]) % c]
@@ -263,7 +267,8 @@ for _op, _pos, _impl, _module, _eager in (
     ("flower_scaffnew_round", 940, "scaffnew_sync_", "fedkern.ops.clients",
      "NumPy twin: X = np.empty((c, p)); X[row] = reply values; X.mean(axis=0)"),
     ("flower_tamuna_round", 950, "tamuna_aggregate_", "fedkern.ops.tamuna",
-     "NumPy twin: X[row, held] = reply values; X[perm[(s r + j) % c], r].mean(axis=0)"),
+     "NumPy twin: X[row, held] = reply values; X[perm[(s r + j) % c], r].mean(axis=0) "
+     "(s = c: X.mean(axis=0))"),
 ):  # fmt: skip
     register(_op, family="flower_methods", setup=_setup, eager=_eager, position=_pos,
              by_size=False, stacked=True, footprint=_footprint, nbytes=_bytes, impl_op=_impl,
