@@ -6,6 +6,7 @@ Everything runs in-process on CPU with tiny sizes; no test asserts a wall-clock 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import runpy
 import sys
@@ -133,7 +134,8 @@ def test_suites():
     assert {c.op for c in quick} == set(B.OPS) - peer_ops  # the peers run only with --peers
     assert "topk_compress-n1e7-k1e5-bf16" in ids
     assert "sparse_add_batched_-n1e7-m16-k1e5-fp32" in ids
-    sized = [c for c in quick if c.family not in ("clients", "tamuna", "tamuna_rounds")
+    sized = [c for c in quick
+             if c.family not in ("clients", "tamuna", "tamuna_rounds", "flower_methods")
              and c.op != "sparse_add_batched_"]  # fmt: skip
     assert {c.n for c in sized} == {10**6, 10**7}
     # the clients cases: one round for 1000 clients of 50 samples, K = 10 local steps
@@ -142,6 +144,10 @@ def test_suites():
     assert {(c.n, c.k, c.m) for c in quick if c.family == "tamuna"} == {(10**4, 4, 100)}
     # one TAMUNA and one 5GCS round of 1000 clients (50 samples, K = 10) against a client loop
     assert {(c.n, c.k, c.m) for c in quick if c.family == "tamuna_rounds"} == {(1000, 10, 50)}
+    # a Flower round's server side (with Flower): c = 100 replies of p = 1e4, s = c or 2
+    flower = {(c.n, c.k, c.m) for c in quick if c.family == "flower_methods"}
+    has_flwr = importlib.util.find_spec("flwr") is not None
+    assert flower == ({(10**4, 100, 100), (10**4, 2, 100)} if has_flwr else set())
     full_gpu = B.suite(full=True, device="cuda")
     assert set(quick) <= set(full_gpu)
     assert {c.n for c in full_gpu} >= {10**8, 10**9}
@@ -275,6 +281,9 @@ QUICK_IDS = [
     "tamuna_aggregate_-n1e4-m100-k4-fp32", "tamuna_round_vs_loop-n1e3-m50-k10-fp32",
     "fivegcs_round_vs_loop-n1e3-m50-k10-fp32",
 ]  # fmt: skip
+if importlib.util.find_spec("flwr") is not None:  # the Flower round cases need Flower
+    QUICK_IDS += ["flower_scaffnew_round-n1e4-m100-k100-fp32",
+                  "flower_tamuna_round-n1e4-m100-k2-fp32"]  # fmt: skip
 
 
 def test_quick_suite_order():
