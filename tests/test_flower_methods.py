@@ -23,7 +23,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import BACKEND_PARAMS, device_for, in_process_grid  # noqa: E402
+from conftest import BACKEND_PARAMS, device_for, fresh_seed, in_process_grid  # noqa: E402
 from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
@@ -162,7 +162,8 @@ def strategy_of(kind, batch, seed=5, **kw):
         return (F.ScaffnewStrategy(num_clients=N, cohort=c, p=p, gamma=gamma, seed=seed, **kw),
                 dict(cohort=c, p=p, gamma=gamma, seed=seed))  # fmt: skip
     spec = {"tamuna": dict(cohort=4, s=2), "tamuna-full": dict(s=3),
-            "tamuna-deferred": dict(cohort=4, s=2, deferred=True)}[kind]  # fmt: skip
+            "tamuna-deferred": dict(cohort=4, s=2, deferred=True),
+            "tamuna-sc": dict(cohort=4, s=4)}[kind]  # fmt: skip
     args = dict(spec, p=p, gamma=gamma, seed=seed)
     return F.TamunaStrategy(num_clients=N, **args, **kw), args
 
@@ -173,7 +174,7 @@ def simulator_of(kind, batch, args, mode="gd"):
 
 
 KINDS = ["scaffnew", "scaffnew-partial", "proxskip-l1", "proxskip-l1-partial", "tamuna",
-         "tamuna-full", "tamuna-deferred"]  # fmt: skip
+         "tamuna-full", "tamuna-deferred", "tamuna-sc"]  # fmt: skip
 LAM = 0.02  # ProxSkip's L1 weight: a sparse optimum on the breast-cancer problem
 
 
@@ -202,7 +203,7 @@ def test_equals_the_simulator_bit_for_bit(cancer, kind, mode):
     assert h["floats_up_per_client"] == sim.history["floats_up"][1:]
     p, c, s = B.p, strategy.cohort_size, strategy.s
     down = {"scaffnew": p, "scaffnew-partial": 2 * p, "proxskip-l1": p,
-            "proxskip-l1-partial": 2 * p, "tamuna": p + s * p / c,
+            "proxskip-l1-partial": 2 * p, "tamuna": p + s * p / c, "tamuna-sc": 2 * p,
             "tamuna-full": p, "tamuna-deferred": p}[kind]  # fmt: skip
     assert h["floats_down_per_client"] == [down] * 12
     if kind in ("scaffnew", "proxskip-l1", "tamuna", "tamuna-deferred"):  # counted the same
@@ -213,7 +214,7 @@ def test_equals_the_simulator_bit_for_bit(cancer, kind, mode):
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKEND_PARAMS if p.values[0] != "cuda"])
-@pytest.mark.parametrize("kind", ["scaffnew-partial", "tamuna"])
+@pytest.mark.parametrize("kind", ["scaffnew-partial", "proxskip-l1-partial", "tamuna"])
 def test_server_aggregation_on_every_backend_equals_the_simulator(cancer, kind, backend):
     """The server's aggregation forced to each backend of its op (reference, C++, Triton: the
     interpreter on the CPU, or the GPU with the model on CUDA) gives the simulator's run (default
@@ -229,12 +230,33 @@ def test_server_aggregation_on_every_backend_equals_the_simulator(cancer, kind, 
             return aggregate(X, plan)
 
     strategy.aggregate_values = forced
+    if kind.startswith("scaffnew"):  # the CPU server streams the mean; force the op's path
+        stack = F.MethodStrategy.aggregate_replies
+        strategy.aggregate_replies = lambda plan: stack(strategy, plan)
     res, grid, _ = flower_run(strategy, B, 5)
     sim = simulator_of(kind, B, args)
     sim.run(5)
     assert strategy.x.device.type == device_for(backend)
     assert torch.equal(model(res), sim.x)
     assert torch.equal(client_H(grid, strategy), sim.H)
+
+
+def test_held_index_and_count_equal_the_pattern_mask():
+    """protocol.held_index / held_count (built from the pattern's period, O(k)) select exactly
+    the coordinates of held_mask, ascending, for fresh (p, c, s, slot) including p < period,
+    p = 0 and s = c."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    cases = [(0, 4, 2, 1), (1, 7, 3, 6), (5, 12, 8, 11), (64, 10, 10, 3)]
+    for _ in range(40):
+        c = int(torch.randint(2, 40, (1,), generator=gen))
+        s = int(torch.randint(2, c + 1, (1,), generator=gen))
+        cases.append((int(torch.randint(0, 500, (1,), generator=gen)), c, s,
+                      int(torch.randint(0, c, (1,), generator=gen))))  # fmt: skip
+    for p, c, s, slot in cases:
+        mask = P.held_mask(p, c, s, slot)
+        want = torch.nonzero(mask).reshape(-1)
+        assert torch.equal(P.held_index(p, c, s, slot), want), (p, c, s, slot)
+        assert P.held_count(p, c, s, slot) == want.numel(), (p, c, s, slot)
 
 
 def test_tamuna_clients_send_only_their_held_coordinates(cancer):

@@ -98,7 +98,8 @@ class _Plan:
         slot[perm] = torch.arange(perm.numel(), dtype=torch.int64)
         self.slot = [int(j) for j in slot]  # row -> slot
         self.node = {}  # row -> node id (rows whose client is connected)
-        self.held = {}  # slot -> bool [p]
+        self.held = {}  # slot -> int64 [k] held coordinates (None: all, s = c)
+        self.values: dict = {}  # row -> float32 ndarray [k]: the checked reply values
         self.live: list[int] = []  # rows aggregated
         self.x_start: torch.Tensor | None = None  # the model sent this round
         self.metrics: dict = {}
@@ -311,11 +312,19 @@ class MethodStrategy(FedAvg):
 
     # ---- a round -----------------------------------------------------------------------------
 
-    def _held(self, plan: _Plan, row: int) -> torch.Tensor:
+    def _held(self, plan: _Plan, row: int) -> torch.Tensor | None:
+        """Row ``row``'s held coordinates this round: int64 [k] ascending, None for all (s = c)."""
+        if plan.s == self.cohort_size:
+            return None
         slot = plan.slot[row]
         if slot not in plan.held:
-            plan.held[slot] = P.held_mask(self.dim, self.cohort_size, plan.s, slot)
+            plan.held[slot] = P.held_index(self.dim, self.cohort_size, plan.s, slot)
         return plan.held[slot]
+
+    def _take(self, x: torch.Tensor, plan: _Plan, row: int) -> torch.Tensor:
+        """x [p] at row ``row``'s held coordinates (a contiguous copy)."""
+        idx = self._held(plan, row)
+        return x.clone() if idx is None else x[idx]
 
     def _fields(self, plan: _Plan, row: int) -> dict:
         cid = plan.cohort[row]
@@ -413,12 +422,38 @@ class MethodStrategy(FedAvg):
         if rec is None or "values" not in rec:
             return f"no {P.VALUES!r} ArrayRecord with 'values'"
         a = rec["values"].numpy()
-        k = int(self._held(plan, row).sum())
+        k = P.held_count(self.dim, self.cohort_size, plan.s, plan.slot[row])
         if a.dtype != np.float32 or a.shape != (k,):
             return f"values are {a.dtype} {a.shape}, expected float32 ({k},)"
         if not np.isfinite(a).all():
             return "values are not finite"
+        plan.values[row] = a
         return None
+
+    @staticmethod
+    def stream_mean(plan: _Plan) -> torch.Tensor:
+        """The mean [p] float32 of the live rows' full replies (s = c) without a stack: summed
+        in cohort-row order in float32 and divided by their number -- the bits of
+        ``fedkern::scaffnew_sync_``'s mean (and of ``tamuna_aggregate_`` at s = c) on every
+        backend, in one pass over the replies."""
+        acc = torch.from_numpy(plan.values[plan.live[0]]).clone()
+        for row in plan.live[1:]:
+            acc.add_(torch.from_numpy(plan.values[row]))
+        return acc.div_(torch.tensor(float(len(plan.live)), dtype=torch.float32))
+
+    def aggregate_replies(self, plan: _Plan) -> torch.Tensor:
+        """The new server model [p] float32 from the live rows' values ``plan.values`` (row ->
+        float32 ndarray [k] at its held coordinates): stacks them into X [c, p] (entries no row
+        holds are left unset) and calls ``aggregate_values``. A subclass may aggregate the
+        values without the stack."""
+        X = torch.empty(self.cohort_size, self.dim, dtype=torch.float32)
+        for row in plan.live:
+            idx, vals = self._held(plan, row), torch.from_numpy(plan.values[row])
+            if idx is None:
+                X[row].copy_(vals)
+            else:
+                X[row].index_copy_(0, idx, vals)
+        return self.aggregate_values(X.to(self.device), plan)
 
     def aggregate_train(self, server_round: int, replies):
         """Aggregate the round's replies (module docstring, step 3): the new model ArrayRecord
@@ -429,12 +464,7 @@ class MethodStrategy(FedAvg):
                                "strategy.start or run_round)")  # fmt: skip
         rows = list(range(self.cohort_size))
         good, failures, rejected = self._replies(list(replies), plan, rows, "train")
-        X = torch.zeros(self.cohort_size, self.dim, dtype=torch.float32)
-        up = 0
-        for row, msg in good.items():
-            vals = torch.from_numpy(np.array(msg.content[P.VALUES]["values"].numpy()))
-            X[row, self._held(plan, row)] = vals
-            up += vals.numel()
+        up = sum(plan.values[row].size for row in good)
         plan.live = sorted(good)
         plan.metrics.update({"clients": len(plan.live), "failures": failures,
                              "rejected": rejected, "floats_up": up,
@@ -443,7 +473,8 @@ class MethodStrategy(FedAvg):
             log(WARNING, "%s: round %s: no usable reply; the model is unchanged", self.method,
                 server_round)  # fmt: skip
             return None, MetricRecord(plan.metrics)
-        x_new = self.aggregate_values(X.to(self.device), plan).to(self.device)
+        x_new = self.aggregate_replies(plan).to(self.device)
+        plan.values = {}
         self.x = x_new
         if self.sync_mode == P.SYNC_NEXT and self.cohort_size == self.num_clients:
             # a client aggregated last round whose message failed may have missed x+ of that
@@ -451,7 +482,7 @@ class MethodStrategy(FedAvg):
             for row in set(range(self.cohort_size)) - set(plan.live):
                 cid = plan.cohort[row]
                 if self.last_agg.get(cid) == plan.round - 1 and cid not in self.catchup:
-                    held = P.held_mask(self.dim, self.cohort_size, plan.s, self.last_slot[cid])
+                    held = P.held_index(self.dim, self.cohort_size, plan.s, self.last_slot[cid])
                     self.catchup[cid] = (plan.round - 1, plan.x_start[held].contiguous())
         for row in plan.live:
             cid = plan.cohort[row]
@@ -459,7 +490,7 @@ class MethodStrategy(FedAvg):
             self.catchup.pop(cid, None)
         if self.sync_mode == P.SYNC_EXCHANGE:
             xc = x_new.cpu()
-            plan.sync = {row: xc[self._held(plan, row)].contiguous() for row in plan.live}
+            plan.sync = {row: self._take(xc, plan, row) for row in plan.live}
         return self.global_arrays, MetricRecord(plan.metrics)
 
     def configure_sync(self, server_round: int):
@@ -628,6 +659,13 @@ class ScaffnewStrategy(MethodStrategy):
     def coef(self) -> float:
         return self.p / self.gamma
 
+    def aggregate_replies(self, plan: _Plan) -> torch.Tensor:
+        """On the CPU, the mean of the live replies without a stack (``stream_mean``).
+        Elsewhere: the stack and the op."""
+        if self.device.type != "cpu":
+            return super().aggregate_replies(plan)
+        return self.stream_mean(plan)
+
     def aggregate_values(self, X: torch.Tensor, plan: _Plan) -> torch.Tensor:
         live = plan.live
         Xl = X if len(live) == X.shape[0] else X[live].contiguous()
@@ -668,6 +706,11 @@ class ProxSkipStrategy(ScaffnewStrategy):
     @property
     def shift(self) -> float:
         return self.gamma / self.p if self.prox == "l1" else 0.0
+
+    def aggregate_replies(self, plan: _Plan) -> torch.Tensor:
+        if self.prox == "l1":  # the float64-accumulated mean of the op: the stack
+            return MethodStrategy.aggregate_replies(self, plan)
+        return super().aggregate_replies(plan)
 
     def aggregate_values(self, X: torch.Tensor, plan: _Plan) -> torch.Tensor:
         if self.prox == "consensus":
@@ -732,6 +775,13 @@ class TamunaStrategy(MethodStrategy):
         if self._s == c:
             return torch.arange(c, dtype=torch.int64)
         return sampling.slot_permutation(c, seed=self.seed, step=self.key(SLOT_PATTERN))
+
+    def aggregate_replies(self, plan: _Plan) -> torch.Tensor:
+        """s = c on the CPU: the streamed mean (Scaffnew's bits, which ``tamuna_aggregate_``
+        gives at s = c); otherwise the stack and the fused op."""
+        if self._s == self.cohort_size and self.device.type == "cpu":
+            return self.stream_mean(plan)
+        return super().aggregate_replies(plan)
 
     def aggregate_values(self, X: torch.Tensor, plan: _Plan) -> torch.Tensor:
         perm = plan.perm.to(X.device)

@@ -30,6 +30,8 @@ position), K, and the client's pattern slot with (s, c); the client rebuilds its
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -46,6 +48,8 @@ __all__ = [
     "SYNC_NEXT",
     "VALUES",
     "flatten",
+    "held_count",
+    "held_index",
     "held_mask",
 ]
 
@@ -76,6 +80,33 @@ def held_mask(p: int, c: int, s: int, slot: int) -> torch.Tensor:
     if s == c:
         return torch.ones(p, dtype=torch.bool)
     return held_by_slot(p, c, s, slot)
+
+
+def _period(c: int, s: int, slot: int) -> tuple[int, torch.Tensor]:
+    """(T, base): the pattern repeats every T = c / gcd(s, c) coordinates (s T = 0 mod c), and
+    slot ``slot`` holds the coordinates r = base + T m (base: int64 ascending, in [0, T))."""
+    T = c // math.gcd(s, c)
+    r = torch.arange(T, dtype=torch.int64)
+    return T, r[torch.remainder(slot - s * r, c) < s]
+
+
+def held_index(p: int, c: int, s: int, slot: int) -> torch.Tensor:
+    """int64 [k] CPU, ascending: the coordinates ``held_mask(p, c, s, slot)`` marks, built from
+    the pattern's period in O(k) (no p-sized mask)."""
+    if s == c:
+        return torch.arange(p, dtype=torch.int64)
+    T, base = _period(c, s, slot)
+    idx = (base[None, :] + T * torch.arange(-(-p // T), dtype=torch.int64)[:, None]).reshape(-1)
+    return idx[idx < p] if idx.numel() and int(idx[-1]) >= p else idx
+
+
+def held_count(p: int, c: int, s: int, slot: int) -> int:
+    """k, the number of coordinates slot ``slot`` holds (= held_mask(...).sum()), in O(c)."""
+    if s == c:
+        return p
+    T, base = _period(c, s, slot)
+    q, rem = divmod(p, T)
+    return base.numel() * q + int((base < rem).sum())
 
 
 def flatten(record, keys) -> torch.Tensor:
