@@ -244,7 +244,8 @@ def test_server_aggregation_on_every_backend_equals_the_simulator(cancer, kind, 
 def test_held_index_and_count_equal_the_pattern_mask():
     """protocol.held_index / held_count (built from the pattern's period, O(k)) select exactly
     the coordinates of held_mask, ascending, for fresh (p, c, s, slot) including p < period,
-    p = 0 and s = c."""
+    p = 0 and s = c; held_positions points every coordinate at its entry in each holder's
+    compact reply."""
     gen = torch.Generator().manual_seed(fresh_seed())
     cases = [(0, 4, 2, 1), (1, 7, 3, 6), (5, 12, 8, 11), (64, 10, 10, 3)]
     for _ in range(40):
@@ -257,6 +258,13 @@ def test_held_index_and_count_equal_the_pattern_mask():
         want = torch.nonzero(mask).reshape(-1)
         assert torch.equal(P.held_index(p, c, s, slot), want), (p, c, s, slot)
         assert P.held_count(p, c, s, slot) == want.numel(), (p, c, s, slot)
+        # where coordinate r's holder j carries it in its compact reply
+        j = int(torch.randint(0, s, (1,), generator=gen))
+        q, pos = P.held_positions(p, c, s, j)
+        assert torch.equal(q, torch.remainder(s * torch.arange(p) + j, c))
+        for qq in set(q.tolist()):
+            at = q == qq
+            assert torch.equal(P.held_index(p, c, s, qq)[pos[at]], torch.nonzero(at).reshape(-1))
 
 
 def test_tamuna_clients_send_only_their_held_coordinates(cancer):

@@ -777,11 +777,27 @@ class TamunaStrategy(MethodStrategy):
         return sampling.slot_permutation(c, seed=self.seed, step=self.key(SLOT_PATTERN))
 
     def aggregate_replies(self, plan: _Plan) -> torch.Tensor:
-        """s = c on the CPU: the streamed mean (Scaffnew's bits, which ``tamuna_aggregate_``
-        gives at s = c); otherwise the stack and the fused op."""
-        if self._s == self.cohort_size and self.device.type == "cpu":
+        """On the CPU: s = c, the streamed mean (Scaffnew's bits, which ``tamuna_aggregate_``
+        gives at s = c); s < c with every reply live, the holders' values gathered from the
+        compact replies (no [c, p] stack); otherwise the stack and the fused op."""
+        c, s = self.cohort_size, self._s
+        if self.device.type != "cpu":
+            return super().aggregate_replies(plan)
+        if s == c:
             return self.stream_mean(plan)
-        return super().aggregate_replies(plan)
+        if len(plan.live) < c:  # failures: the stack's per-coordinate live-holder rule
+            return super().aggregate_replies(plan)
+        # no stack: coordinate r's holders' values straight from their compact replies, summed
+        # in holder order j and divided by s (the op's arithmetic, so its bits)
+        V = torch.from_numpy(np.concatenate([plan.values[int(plan.perm[q])] for q in range(c)]))
+        counts = [P.held_count(self.dim, c, s, q) for q in range(c)]
+        offs = torch.tensor([0, *np.cumsum(counts)[:-1].tolist()], dtype=torch.int64)
+        acc = None
+        for j in range(s):
+            slot, pos = P.held_positions(self.dim, c, s, j)
+            vals = V[offs[slot] + pos]
+            acc = vals if acc is None else acc.add_(vals)
+        return acc.div_(torch.tensor(float(s), dtype=torch.float32))
 
     def aggregate_values(self, X: torch.Tensor, plan: _Plan) -> torch.Tensor:
         perm = plan.perm.to(X.device)

@@ -34,6 +34,7 @@ import math
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fedkern.reference.tamuna import held_by_slot
 
@@ -107,6 +108,22 @@ def held_count(p: int, c: int, s: int, slot: int) -> int:
     T, base = _period(c, s, slot)
     q, rem = divmod(p, T)
     return base.numel() * q + int((base < rem).sum())
+
+
+def held_positions(p: int, c: int, s: int, j: int, perm_slots=None) -> tuple[Tensor, Tensor]:
+    """(slot, pos), int64 [p] each: coordinate r's holder j (j < s) is pattern slot
+    (s r + j) mod c, and r is entry ``pos`` of that slot's ``held_index`` list -- where the
+    holder's compact reply carries r's value. Built in O(p + c T) from the period."""
+    T = c // math.gcd(s, c)
+    r = torch.arange(p, dtype=torch.int64)
+    slot = torch.remainder(s * r + j, c)
+    # rank[q, t]: the rank of t among slot q's period offsets (its base); count[q] = |base|
+    t = torch.arange(T, dtype=torch.int64)
+    held = torch.remainder(torch.arange(c, dtype=torch.int64)[:, None] - s * t[None, :], c) < s
+    rank = torch.cumsum(held.to(torch.int64), 1) - 1
+    count = held.sum(1)
+    pos = torch.div(r, T, rounding_mode="floor") * count[slot] + rank[slot, r % T]
+    return slot, pos
 
 
 def flatten(record, keys) -> torch.Tensor:
