@@ -104,17 +104,22 @@ def gaps_of(result, rounds):
 
 
 def robust(gaps, gap0):
-    """The claim: after round 25 the honest gap never exceeds 5% of the start's."""
-    return max(gaps[25:]) < 0.05 * gap0
+    """The claim: from round 15 on (the Byzantine majorities of this seed are in rounds 18-24)
+    the honest gap never exceeds 5% of the start's."""
+    return max(gaps[15:]) < 0.05 * gap0
 
 
-def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flwr_process):
+def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flwr_process, monkeypatch):
     pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
     from flwr.simulation import run_simulation
 
     client_app, server_app, task = app
+    rounds = 30
+    config = task.config
+    # the server runs in this process: fewer rounds than the README's 40 (the clients' settings
+    # are the pyproject's, read in Ray's workers)
+    monkeypatch.setattr(task, "config", lambda ctx: {**config(ctx), "num-server-rounds": rounds})
     cfg = defaults(task)
-    rounds = int(cfg["num-server-rounds"])
     assert cfg["attack"] == "shift_back" and cfg["clip"] is True and int(cfg["num-clients"]) == N
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": 2, "include_dashboard": False}}  # fmt: skip
@@ -125,7 +130,7 @@ def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flwr_proc
     assert torch.equal(final_model(result), sim.x)  # the simulator's model, bit for bit
     assert not torch.equal(final_model(result), simulator(cfg, rounds - 1).x)  # one round short
     metrics = result.train_metrics_clientapp
-    assert sum(metrics[t]["byzantine_majority"] for t in metrics) >= 1  # the attack had its rounds
+    assert sum(metrics[t]["byzantine_majority"] for t in metrics if t >= 15) >= 1  # attack rounds
     assert sum(metrics[t]["failures"] + metrics[t]["rejected"] for t in metrics) == 0
     # the claim, and its control: the same app with clip = false (in process, same seeds)
     control, _ = run_in_process(client_app, server_app, {"clip": False})
@@ -134,7 +139,7 @@ def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flwr_proc
     for res, ok in ((result, True), (control, False)):
         g = gaps_of(res, rounds)
         assert g[0] == gap0
-        assert robust(g, gap0) is ok, (ok, max(g[25:]) / gap0)
+        assert robust(g, gap0) is ok, (ok, max(g[15:]) / gap0)
 
 
 @pytest.mark.parametrize("case", ["bit_flip_randk", "alie_topk_trimmed", "ipm_plus_noclip"])

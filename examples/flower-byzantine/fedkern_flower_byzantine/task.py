@@ -93,7 +93,8 @@ def settings(cfg: dict) -> dict:
            "bucketing": _int(cfg, "bucketing", 1),
            "compressor": _choice(cfg, "compressor", COMPRESSORS),
            "ratio": _float(cfg, "compress-ratio", 0.0, 1.0),
-           "l2": _float(cfg, "l2", open_lo=False), "seed": _int(cfg, "seed", 0, (1 << 63) - 1)}  # fmt: skip
+           "l2": _float(cfg, "l2", open_lo=False),
+           "seed": _int(cfg, "seed", 0, (1 << 63) - 1)}  # fmt: skip
     out["byzantine"] = list(range(n - out["f"], n))
     return out
 
