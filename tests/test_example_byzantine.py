@@ -4,7 +4,7 @@ The app's ServerApp and ClientApp run once in Flower's simulation engine
 (``flwr.simulation.run_simulation``, Ray, the runtime ``flwr run .`` uses) with the pyproject's
 settings (10 breast-cancer clients, the last 3 Byzantine, shift-back simulated at the server,
 clipping on): the final model equals ``fedkern.algorithms.ByzVRMarinaPP`` with the same seeds, bit
-for bit, and the honest gap stays small after round 25, where the same app with ``clip = false``
+for bit, and the honest gap stays small from round 15 on, where the same app with ``clip = false``
 (the control, run over an in-process grid) is thrown back. The client-local bit flip, ALIE, the
 compressors and robust rules run the ServerApp ``main`` over an in-process grid (conftest's)
 against the simulator. Bad run configs are refused with the setting named, before any message.
@@ -114,7 +114,7 @@ def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flwr_proc
     from flwr.simulation import run_simulation
 
     client_app, server_app, task = app
-    rounds = 30
+    rounds = 25
     config = task.config
     # the server runs in this process: fewer rounds than the README's 40 (the clients' settings
     # are the pyproject's, read in Ray's workers)
