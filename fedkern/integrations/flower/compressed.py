@@ -48,6 +48,7 @@ the clients, p floats down, where the simulator books 0).
 
 from __future__ import annotations
 
+import abc
 import math
 from logging import INFO, WARNING
 
@@ -189,9 +190,9 @@ class CompressedStrategy(MethodStrategy):
         """Whether the method has an initialization round (MARINA, EF21)."""
         return True
 
+    @abc.abstractmethod
     def plan(self) -> tuple[bool, torch.Tensor, int, int]:
         """The next round's (full gradients asked, model sent, batch key, mask key)."""
-        raise NotImplementedError
 
     def _fields(self, rnd: _Round, cid: int) -> dict:
         return {"protocol": P.PROTOCOL, "method": self.method, "seed": self.seed,
@@ -344,9 +345,9 @@ class CompressedStrategy(MethodStrategy):
                 idx[r] = torch.arange(k)
         return (V.to(dev), idx.to(dev)) if sparse else V.to(dev)
 
+    @abc.abstractmethod
     def aggregate_messages(self, good: dict) -> None:
         """The method's server update from the live messages (``good``, non-empty)."""
-        raise NotImplementedError
 
     def run_round(self, grid: Grid, *, timeout: float = 3600,
                   train_config: ConfigRecord | None = None):  # fmt: skip
