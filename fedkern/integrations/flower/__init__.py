@@ -16,11 +16,12 @@ functions and with legacy ``NumPyClient`` apps; both strategies decode its repli
 wire format). Updates travel and are aggregated in float32 whatever the model's dtype.
 
 Methods (Message API): ``ScaffnewStrategy``, ``ProxSkipStrategy`` (the L1 prox) and
-``TamunaStrategy`` (``methods``; the base
-``MethodStrategy``) run fedkern's federated methods on Flower, equal to ``fedkern.algorithms`` on
-the same seeds; the clients register ``MethodClient(trainer)`` (``method_client``) on their
-ClientApp, with ``ConvexTrainer`` (fedkern's convex problems) or ``ModuleTrainer`` (a PyTorch
-module) or any ``trainer(x, h, K, gamma, config)``. The wire protocol is in ``protocol``.
+``TamunaStrategy`` (``methods``; their model-averaging round is ``MethodStrategy``, and every
+method strategy here builds on ``BaseMethodStrategy``) run fedkern's federated methods on Flower,
+equal to ``fedkern.algorithms`` on the same seeds; the clients register ``MethodClient(trainer)``
+(``method_client``) on their ClientApp, with ``ConvexTrainer`` (fedkern's convex problems) or
+``ModuleTrainer`` (a PyTorch module) or any ``trainer(x, h, K, gamma, config)``. The wire protocol
+is in ``protocol``.
 ``FiveGCSStrategy`` with ``FiveGCSClient(ConvexSolver(batch) | ModuleSolver(...))`` runs 5GCS /
 5GCS-CC with uniform or importance client sampling (``fivegcs``).
 ``MarinaStrategy``, ``DianaStrategy`` and ``Ef21Strategy`` with
@@ -75,6 +76,7 @@ from fedkern.integrations.flower.method_client import (
     module_arrays,
 )
 from fedkern.integrations.flower.methods import (
+    BaseMethodStrategy,
     MethodStrategy,
     ProxSkipStrategy,
     ScaffnewStrategy,
@@ -84,6 +86,7 @@ from fedkern.integrations.flower.mod import CompressMod, make_compress_mod
 from fedkern.integrations.flower.strategy import FedkernStrategy
 
 __all__ = [
+    "BaseMethodStrategy",
     "ByzVRMarinaClient",
     "ByzVRMarinaPPStrategy",
     "CompressMod",

@@ -82,7 +82,7 @@ from fedkern.compress import RandK, TopK
 from fedkern.integrations.flower import protocol as P
 from fedkern.integrations.flower.method_client import _float as _finite
 from fedkern.integrations.flower.method_client import _int, _Reject
-from fedkern.integrations.flower.methods import MethodStrategy
+from fedkern.integrations.flower.methods import BaseMethodStrategy
 from fedkern.random import client_seed
 from fedkern.robust import attacks
 from fedkern.robust.aggregator import RULES
@@ -183,7 +183,7 @@ class SimulatedAttack:
         return f"SimulatedAttack({self.attack!r})"
 
 
-class ByzVRMarinaPPStrategy(MethodStrategy):
+class ByzVRMarinaPPStrategy(BaseMethodStrategy):
     """Byz-VR-MARINA-PP as a Flower strategy (module docstring: the round, failures, attacks).
 
     Equals ``fedkern.algorithms.ByzVRMarinaPP(problem, byzantine=..., gamma=gamma, p=p, ...,
@@ -211,10 +211,10 @@ class ByzVRMarinaPPStrategy(MethodStrategy):
         f: the Byzantine count the rule tolerates (default len(byzantine)).
         adversary: None, or ``adversary(view: RoundView) -> float32 [b, d] | None`` replacing the
             live Byzantine rows (a simulation hook; ``SimulatedAttack``).
-        seed, device, **kwargs: ``MethodStrategy``'s (device is ignored: the server runs on the
+        seed, device, **kwargs: ``BaseMethodStrategy``'s (device is ignored: the server runs on the
             CPU, where the simulator's float64 model lives).
 
-    Attributes (besides ``MethodStrategy``'s): g (float64 [d] or None before the initial round),
+    Attributes (besides ``BaseMethodStrategy``'s): g (float64 [d] or None before the initial round),
     x0, lam (the last round's lambda), aggregator.
     """
 
@@ -298,18 +298,6 @@ class ByzVRMarinaPPStrategy(MethodStrategy):
         rows = X.shape[0] if agg.pre != "bucketing" else -(-X.shape[0] // agg.bucket_size)
         cap = {"trimmed_mean": (rows - 1) // 2, "krum": (rows - 3) // 2}.get(agg.rule, rows - 1)
         return agg(X, f=max(0, min(agg.f, cap)))
-
-    # MethodStrategy's abstract members (the Scaffnew/TAMUNA round is not used here)
-    @property
-    def coef(self) -> float:
-        return 0.0
-
-    def aggregate_values(self, X, plan):  # pragma: no cover - not used by this strategy
-        raise NotImplementedError("ByzVRMarinaPPStrategy aggregates in run_round")
-
-    @property
-    def sync_mode(self) -> str:
-        return "none"
 
     # ---- the model ----------------------------------------------------------------------------
 
@@ -543,8 +531,8 @@ class ByzVRMarinaPPStrategy(MethodStrategy):
         return out
 
     def state_dict(self) -> dict:
-        """``MethodStrategy.state_dict`` plus g, x0, lambda and the aggregator's state (bucketing
-        counter, centered-clip warm start). Copies."""
+        """``BaseMethodStrategy.state_dict`` plus g, x0, lambda and the aggregator's state
+        (bucketing counter, centered-clip warm start). Copies."""
         st = super().state_dict()
         agg = self.aggregator
         st.update({"g": None if self.g is None else self.g.clone(),
@@ -686,7 +674,7 @@ class ByzVRMarinaClient:
 
     Use: ``ByzVRMarinaClient(ProblemSampleGradients(problem)).register(app)`` on a ``ClientApp``:
     adds
-    ``query.fedkern_hello`` (the handshake of ``MethodStrategy.connect``) and
+    ``query.fedkern_hello`` (the handshake of ``BaseMethodStrategy.connect``) and
     ``train.fedkern_byz``. One fedkern client helper per ClientApp (``MethodClient`` registers the
     same handshake).
     """

@@ -1,6 +1,6 @@
 """MARINA, DIANA and EF21 (``fedkern.algorithms.compressed``) as Flower strategies (Message API).
 
-``CompressedStrategy`` (a ``MethodStrategy``: its handshake, keyed draws, model layout and
+``CompressedStrategy`` (a ``BaseMethodStrategy``: its handshake, keyed draws, model layout and
 checkpoints) runs the simulator's server side; the clients run ``gradient_client.GradientClient``.
 Every round has all n clients (the simulator's methods have no cohort). Wire round r (the
 ConfigRecord field "round", the Flower round and the history index) is 0 for the initialization
@@ -70,7 +70,7 @@ from fedkern.algorithms.messages import COMPRESSORS, RowCompressor
 from fedkern.algorithms.vr import SLOT_MASK, SLOT_MINIBATCH
 from fedkern.integrations.flower import protocol as P
 from fedkern.integrations.flower.gradient_client import ACTION_GRAD, PREV
-from fedkern.integrations.flower.methods import MethodStrategy
+from fedkern.integrations.flower.methods import BaseMethodStrategy
 from fedkern.ops import clients as client_ops
 
 __all__ = ["CompressedStrategy", "DianaStrategy", "Ef21Strategy", "MarinaStrategy"]
@@ -88,7 +88,7 @@ class _Round:
         self.x_send: torch.Tensor | None = None  # the model sent
 
 
-class CompressedStrategy(MethodStrategy):
+class CompressedStrategy(BaseMethodStrategy):
     """Base of the MARINA / DIANA / EF21 strategies (module docstring: the round, the rules).
 
     Args:
@@ -98,7 +98,7 @@ class CompressedStrategy(MethodStrategy):
             ``RowCompressor`` (checked against p when the model is known).
         seed: keys every draw and the rand-k masks (an int in [0, 2**63)).
         device: where the server's aggregation runs ("cpu" default).
-        **kwargs: FedAvg's evaluation options (``MethodStrategy``).
+        **kwargs: FedAvg's evaluation options (``BaseMethodStrategy``).
 
     Attributes: rounds (completed method rounds, without the initialization), initialized, x
     (float32 [p]), g (MARINA / EF21) or h (DIANA) (float32 [p]), comp (the ``RowCompressor``,
@@ -136,26 +136,6 @@ class CompressedStrategy(MethodStrategy):
         self.x_round = 0  # the wire round whose broadcast model is x (MARINA's PREV)
         self._round: _Round | None = None
 
-    # ---- MethodStrategy's members that have no role here ----------------------------------------
-
-    @property
-    def coef(self) -> float:
-        """No control variates: 0."""
-        return 0.0
-
-    def aggregate_values(self, X, plan):  # pragma: no cover - not used by these methods
-        """Not used: the aggregation is ``aggregate_messages``."""
-        raise TypeError(f"{type(self).__name__} aggregates messages, not models")
-
-    def configure_train(self, server_round, arrays, config, grid):
-        """Not used: a round is ``configure_round`` / ``collect`` / ``aggregate_messages``
-        (``run_round``)."""
-        raise TypeError(f"{type(self).__name__} runs its rounds with run_round / start")
-
-    def aggregate_train(self, server_round, replies):
-        """Not used (see ``configure_train``)."""
-        raise TypeError(f"{type(self).__name__} runs its rounds with run_round / start")
-
     # ---- model, compressor ----------------------------------------------------------------------
 
     def _compressor(self, d: int) -> RowCompressor:
@@ -163,7 +143,7 @@ class CompressedStrategy(MethodStrategy):
                              unbiased=self.unbiased)  # fmt: skip
 
     def set_initial_arrays(self, arrays: ArrayRecord) -> None:
-        """``MethodStrategy.set_initial_arrays``, and the compressor for that model size (k must
+        """``BaseMethodStrategy.set_initial_arrays``, and the compressor for that model size (k must
         be <= p; checked before anything changes). The method's server state starts at zeros."""
         if isinstance(arrays, ArrayRecord) and self.x is None:
             d = sum(math.prod(arrays[k].shape) for k in arrays.keys())
@@ -393,7 +373,7 @@ class CompressedStrategy(MethodStrategy):
               evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:  # fmt: skip
         """The handshake, the initialization (once per run; its metrics under round 0), then
         ``num_rounds`` more method rounds (= the simulator's ``run(num_rounds)``). Otherwise as
-        ``MethodStrategy.start``."""
+        ``BaseMethodStrategy.start``."""
         num_rounds = v.integer("num_rounds", num_rounds, 0)
         self.set_initial_arrays(initial_arrays)
         log(INFO, "Starting %s (rounds %s..%s):", type(self).__name__, self.rounds + 1,
@@ -436,7 +416,7 @@ class CompressedStrategy(MethodStrategy):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """``MethodStrategy.state_dict`` plus the method's server state (g / h), whether the
+        """``BaseMethodStrategy.state_dict`` plus the method's server state (g / h), whether the
         initialization ran and MARINA's x_round. Copies."""
         state = super().state_dict()
         state["initialized"] = self.initialized
@@ -447,7 +427,7 @@ class CompressedStrategy(MethodStrategy):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from ``state_dict()`` of a strategy built with the same arguments (errors,
-        before anything changes, as ``MethodStrategy.load_state_dict``, and on a malformed
+        before anything changes, as ``BaseMethodStrategy.load_state_dict``, and on a malformed
         server state)."""
         if not isinstance(state, dict) or "server" not in state:
             raise TypeError("state must be a dict from CompressedStrategy.state_dict()")

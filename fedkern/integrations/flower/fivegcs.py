@@ -69,7 +69,7 @@ from fedkern.algorithms.vr import SLOT_MASK
 from fedkern.clients import ClientBatch
 from fedkern.integrations.flower import protocol as P
 from fedkern.integrations.flower.method_client import MethodClient, _float, _int, _Reject
-from fedkern.integrations.flower.methods import MethodStrategy
+from fedkern.integrations.flower.methods import BaseMethodStrategy
 from fedkern.ops import clients as client_ops
 
 __all__ = ["ACTION_5GCS", "ConvexSolver", "FiveGCSClient", "FiveGCSStrategy", "ModuleSolver"]
@@ -104,7 +104,7 @@ def _smoothness(L, M: int) -> torch.Tensor:
     return q
 
 
-class FiveGCSStrategy(MethodStrategy):
+class FiveGCSStrategy(BaseMethodStrategy):
     """5GCS / 5GCS-CC as a Flower strategy (module docstring: the round, failures, metrics).
 
     Equals ``fedkern.algorithms.FiveGCS(batch, ...)`` with the same arguments and seed when the
@@ -127,7 +127,7 @@ class FiveGCSStrategy(MethodStrategy):
         k: None (5GCS) or the Rand-k size in [1, d] (5GCS-CC; checked against d at ``start``).
         compressor_seed: keys the masks (default: seed, as ``FiveGCS(k=...)``).
         seed: keys the cohorts (``Method.key``); device: where the server sums run.
-        **kwargs: FedAvg's evaluation options (as ``MethodStrategy``).
+        **kwargs: FedAvg's evaluation options (as ``BaseMethodStrategy``).
 
     Attributes: x, v (float32 [d] on device, None before ``start``), probs (float64 [M]), q,
     gamma, tau, local_lr, K, rounds, history, nodes, last_agg.
@@ -209,16 +209,6 @@ class FiveGCSStrategy(MethodStrategy):
         self.comp: RowCompressor | None = None
         self._probs_dev = self.probs.to(self.device)
 
-    # ---- MethodStrategy's abstract members (the TAMUNA / Scaffnew round is not used) ---------
-
-    @property
-    def coef(self) -> float:
-        """Not used by 5GCS (no control-variate exchange): 0."""
-        return 0.0
-
-    def aggregate_values(self, X, plan):
-        raise TypeError("FiveGCSStrategy aggregates dual changes (aggregate_train), not models")
-
     def config(self) -> dict:
         out = super().config()
         out["probs"] = [float(p) for p in self.probs]
@@ -227,7 +217,7 @@ class FiveGCSStrategy(MethodStrategy):
     # ---- the model -------------------------------------------------------------------------
 
     def set_initial_arrays(self, arrays: ArrayRecord) -> None:
-        """``MethodStrategy.set_initial_arrays``; also sets v = 0 (first start) and checks k."""
+        """``BaseMethodStrategy.set_initial_arrays``; also sets v = 0 (first start) and checks k."""
         super().set_initial_arrays(arrays)
         d = self.dim
         if self.compressor_k is not None:
@@ -377,9 +367,6 @@ class FiveGCSStrategy(MethodStrategy):
             return "values are not finite"
         return None
 
-    def configure_train(self, server_round, arrays, config, grid):
-        raise TypeError("FiveGCSStrategy runs its rounds with run_round / start")
-
     def summary(self) -> None:
         log(INFO, "\t└──> %r", self)
 
@@ -392,14 +379,14 @@ class FiveGCSStrategy(MethodStrategy):
     # ---- checkpoints ---------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """``MethodStrategy.state_dict`` plus v (a copy)."""
+        """``BaseMethodStrategy.state_dict`` plus v (a copy)."""
         out = super().state_dict()
         out["v"] = None if self.v is None else self.v.detach().cpu().clone()
         return out
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from ``state_dict()`` of a strategy built with the same arguments (errors as
-        ``MethodStrategy.load_state_dict``, raised before anything changes)."""
+        ``BaseMethodStrategy.load_state_dict``, raised before anything changes)."""
         if not isinstance(state, dict) or "v" not in state:
             raise TypeError("state must be a dict from FiveGCSStrategy.state_dict()")
         vv, x = state["v"], state.get("x")

@@ -1,9 +1,10 @@
 """The client side of MARINA, DIANA and EF21 on Flower: ``GradientClient`` and gradient sources.
 
 ``GradientClient(gradients).register(app)`` adds two handlers to a ``flwr.clientapp.ClientApp``:
-the handshake ``query.fedkern_hello`` (the same as ``MethodClient``'s, so ``MethodStrategy.connect``
-works; register one fedkern client helper per ClientApp) and the round ``train.fedkern_grad``
-(``compressed.ACTION_GRAD``; fields in ``fedkern.integrations.flower.compressed``).
+the handshake ``query.fedkern_hello`` (the same as ``MethodClient``'s, so
+``BaseMethodStrategy.connect`` works; register one fedkern client helper per ClientApp) and the
+round ``train.fedkern_grad`` (``compressed.ACTION_GRAD``; fields in
+``fedkern.integrations.flower.compressed``).
 
 State (the node's persistent ``context.state``, per method): ArrayRecord
 "fedkern.<method>.arrays" and ConfigRecord "fedkern.<method>":

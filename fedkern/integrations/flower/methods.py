@@ -80,7 +80,13 @@ from fedkern.ops import clients as client_ops
 from fedkern.ops import tamuna as tamuna_ops
 from fedkern.reference.tamuna import holders
 
-__all__ = ["MethodStrategy", "ProxSkipStrategy", "ScaffnewStrategy", "TamunaStrategy"]
+__all__ = [
+    "BaseMethodStrategy",
+    "MethodStrategy",
+    "ProxSkipStrategy",
+    "ScaffnewStrategy",
+    "TamunaStrategy",
+]
 
 
 def _client_id(cid, n: int) -> bool:
@@ -106,8 +112,18 @@ class _Plan:
         self.sync: dict = {}  # row -> float32 values to send back
 
 
-class MethodStrategy(FedAvg):
-    """Base of fedkern's method strategies (module docstring: the round, the rules, metrics).
+class BaseMethodStrategy(FedAvg):
+    """What every fedkern method strategy shares, without a round of its own.
+
+    The handshake (``connect``), the round counter and the keyed draws (``key``, ``cohort``,
+    ``coin``, ``geometric``: ``fedkern.algorithms.base.Method``'s keys), the server model and its
+    layout (``set_initial_arrays``, ``global_arrays``), the ``start`` loop (``Strategy.start``'s
+    contract) and checkpoints (``state_dict`` / ``load_state_dict``). A subclass defines
+    ``run_round(grid, *, timeout, train_config) -> (ArrayRecord, MetricRecord)``, which must advance
+    ``rounds`` and append the round's metrics to ``history``. ``MethodStrategy`` (Scaffnew,
+    ProxSkip, TAMUNA: a model-averaging round), ``FiveGCSStrategy``, ``CompressedStrategy`` and
+    ``ByzVRMarinaPPStrategy`` are the subclasses. A round is not Flower's FedAvg round, so
+    ``configure_train`` / ``aggregate_train`` raise TypeError unless a subclass gives them.
 
     Args:
         num_clients: n, the number of clients (global ids 0..n-1 that the clients report in the
@@ -156,43 +172,8 @@ class MethodStrategy(FedAvg):
         self.x: torch.Tensor | None = None
         self.layout: list[tuple[str, tuple]] | None = None
         self.last_agg: dict[int, int] = {}  # client -> last round its reply was aggregated
-        self.last_slot: dict[int, int] = {}  # client -> its pattern slot in that round
-        self.catchup: dict[int, tuple[int, torch.Tensor]] = {}  # client -> (round, values)
         self.history: dict[str, list] = {}
         self.nodes: dict[int, int] = {}
-        self._plan: _Plan | None = None
-
-    # ---- what a subclass defines -------------------------------------------------------------
-
-    @property
-    def s(self) -> int:
-        """Holders per coordinate (c: every cohort client holds every coordinate)."""
-        return self.cohort_size
-
-    @property
-    @abc.abstractmethod
-    def coef(self) -> float:
-        """The control-variate coefficient of the clients' update h += coef (x+ - x_i)."""
-
-    @property
-    def shift(self) -> float:
-        """sigma of the clients' replies: a client sends x_i - sigma h_i at its held coordinates
-        (0 here: the trained model itself; ProxSkip's L1 prox: gamma / p)."""
-        return 0.0
-
-    @property
-    def sync_mode(self) -> str:
-        """``protocol.SYNC_EXCHANGE`` or ``SYNC_NEXT`` (module docstring, step 4)."""
-        return P.SYNC_NEXT if self.cohort_size == self.num_clients else P.SYNC_EXCHANGE
-
-    def pattern(self) -> torch.Tensor:
-        """This round's slot -> cohort-row permutation (int64 [c] CPU; identity by default)."""
-        return torch.arange(self.cohort_size, dtype=torch.int64)
-
-    @abc.abstractmethod
-    def aggregate_values(self, X: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """The new server model [p] float32 from X [c, p] (row r = cohort row r's trained model
-        at its held coordinates; other entries unspecified) and the live rows ``plan.live``."""
 
     # ---- draws (fedkern.algorithms.base.Method's keys) -----------------------------------------
 
@@ -214,12 +195,6 @@ class MethodStrategy(FedAvg):
         """``fedkern.sampling.geometric(p)`` at this round's ``key(slot)``
         (``Method.geometric``)."""
         return sampling.geometric(p, seed=self.seed, step=self.key(slot))
-
-    def draw(self) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """This round's (K, cohort ids int64 [c] ascending, slot -> row permutation [c])."""
-        K = self.geometric(self.p, SLOT_COIN)
-        S = self.cohort(self.num_clients, self.cohort_size, SLOT_COHORT)
-        return K, S, self.pattern()
 
     # ---- the model and its layout --------------------------------------------------------------
 
@@ -309,6 +284,165 @@ class MethodStrategy(FedAvg):
                 self.method, missing, self.num_clients)  # fmt: skip
         self.nodes = found
         return found
+
+    # ---- a round (the subclass's) ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def run_round(self, grid: Grid, *, timeout: float = 3600,
+                  train_config: ConfigRecord | None = None):  # fmt: skip
+        """One method round over ``grid`` (after ``connect``): returns (the model after the round
+        as an ArrayRecord, the round's MetricRecord); advances ``rounds`` and appends the metrics
+        to ``history``."""
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid):  # fmt: skip
+        """Not FedAvg's: this strategy's rounds are ``run_round`` (driven by ``start``)."""
+        raise TypeError(f"{type(self).__name__} runs its rounds with run_round / start")
+
+    def aggregate_train(self, server_round: int, replies):
+        """Not FedAvg's (see ``configure_train``)."""
+        raise TypeError(f"{type(self).__name__} runs its rounds with run_round / start")
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:  # fmt: skip
+        """Run ``num_rounds`` more rounds (``Strategy.start``'s contract; module docstring).
+
+        After ``load_state_dict`` the run continues from the checkpoint (``initial_arrays`` must
+        match its layout). Results are keyed by the Flower round counted across restarts.
+        ``train_config`` reaches the clients' trainers; evaluation is FedAvg's (off by default,
+        ``fraction_evaluate``) and ``evaluate_fn(round, arrays)`` runs at the server.
+        """
+        num_rounds = v.integer("num_rounds", num_rounds, 0)
+        self.set_initial_arrays(initial_arrays)
+        log(INFO, "Starting %s (rounds %s..%s):", type(self).__name__, self.rounds + 1,
+            self.rounds + num_rounds)  # fmt: skip
+        self.summary()
+        self.connect(grid, timeout)
+        result = Result()
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        if evaluate_fn:
+            res = evaluate_fn(self.rounds, self.global_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[self.rounds] = res
+        for _ in range(num_rounds):
+            arrays, metrics = self.run_round(grid, timeout=timeout, train_config=train_config)
+            t = self.rounds
+            result.train_metrics_clientapp[t] = metrics
+            msgs = self.configure_evaluate(t, arrays, evaluate_config, grid)
+            if msgs:
+                agg = self.aggregate_evaluate(t, grid.send_and_receive(msgs, timeout=timeout))
+                if agg is not None:
+                    result.evaluate_metrics_clientapp[t] = agg
+            if evaluate_fn:
+                res = evaluate_fn(t, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[t] = res
+        result.arrays = self.global_arrays
+        return result
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log(INFO, "\t└──> %r", self)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(n={self.num_clients}, cohort={self.cohort_size}, "
+                f"p={self.p:.4g}, gamma={self.gamma:.4g}, rounds={self.rounds})")  # fmt: skip
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """The hyperparameters named by ``config_attrs``."""
+        return {k: getattr(self, k) for k in self.config_attrs}
+
+    def state_dict(self) -> dict:
+        """Everything a restarted server needs to continue exactly: the method and protocol, the
+        round counter (the draws are keyed by it and the seed), the hyperparameters, the model and
+        its layout, the clients' last aggregated rounds and the history. Copies."""
+        return {"method": self.method, "protocol": P.PROTOCOL, "rounds": self.rounds,
+                "config": self.config(),
+                "x": None if self.x is None else self.x.detach().cpu().clone(),
+                "layout": copy.deepcopy(self.layout), "last_agg": dict(self.last_agg),
+                "history": copy.deepcopy(self.history)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()`` of a strategy built with the same arguments. Raises
+        TypeError / ValueError (before changing anything) on another method, protocol or
+        hyperparameter, or a malformed model."""
+        if not isinstance(state, dict) or "config" not in state:
+            raise TypeError(f"state must be a dict from {type(self).__name__}.state_dict()")
+        if state.get("method") != self.method:
+            raise ValueError(f"state is of method {state.get('method')!r}, not {self.method!r}")
+        if state.get("protocol") != P.PROTOCOL:
+            raise ValueError(f"state has protocol version {state.get('protocol')!r}, expected "
+                             f"{P.PROTOCOL}")  # fmt: skip
+        mine = self.config()
+        for k, val in state["config"].items():
+            if k in mine and mine[k] != val:
+                raise ValueError(f"state was saved with {k} = {val!r}; this strategy has "
+                                 f"{k} = {mine[k]!r}")  # fmt: skip
+        x, layout = state["x"], state["layout"]
+        if x is not None:
+            if not isinstance(x, torch.Tensor) or x.dtype != self.model_dtype or x.dim() != 1:
+                raise ValueError(f"state's x must be a {self.model_dtype} [p] tensor")
+            if layout is None or sum(math.prod(s) for _, s in layout) != x.numel():
+                raise ValueError("state's layout does not match its model x")
+        self.rounds = v.integer("rounds", state["rounds"], 0)
+        self.x = None if x is None else x.clone().to(self.device)
+        self.layout = None if layout is None else [(k, tuple(s)) for k, s in layout]
+        self.last_agg = {int(k): int(r) for k, r in state["last_agg"].items()}
+        self.history = copy.deepcopy(state["history"])
+
+
+class MethodStrategy(BaseMethodStrategy):
+    """The model-averaging round of Scaffnew, ProxSkip and TAMUNA (module docstring: the round, the
+    failure rules, the catch-up, the metrics). Arguments and attributes as ``BaseMethodStrategy``;
+    a subclass defines ``coef`` and ``aggregate_values`` (and may change ``s``, ``shift``,
+    ``sync_mode``, ``pattern``, ``aggregate_replies``)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.last_slot: dict[int, int] = {}  # client -> its slot in its last aggregated round
+        self.catchup: dict[int, tuple[int, torch.Tensor]] = {}  # client -> (round, values)
+        self._plan: _Plan | None = None
+
+    # ---- what a subclass defines -------------------------------------------------------------
+
+    @property
+    def s(self) -> int:
+        """Holders per coordinate (c: every cohort client holds every coordinate)."""
+        return self.cohort_size
+
+    @property
+    @abc.abstractmethod
+    def coef(self) -> float:
+        """The control-variate coefficient of the clients' update h += coef (x+ - x_i)."""
+
+    @property
+    def shift(self) -> float:
+        """sigma of the clients' replies: a client sends x_i - sigma h_i at its held coordinates
+        (0 here: the trained model itself; ProxSkip's L1 prox: gamma / p)."""
+        return 0.0
+
+    @property
+    def sync_mode(self) -> str:
+        """``protocol.SYNC_EXCHANGE`` or ``SYNC_NEXT`` (module docstring, step 4)."""
+        return P.SYNC_NEXT if self.cohort_size == self.num_clients else P.SYNC_EXCHANGE
+
+    def pattern(self) -> torch.Tensor:
+        """This round's slot -> cohort-row permutation (int64 [c] CPU; identity by default)."""
+        return torch.arange(self.cohort_size, dtype=torch.int64)
+
+    @abc.abstractmethod
+    def aggregate_values(self, X: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """The new server model [p] float32 from X [c, p] (row r = cohort row r's trained model
+        at its held coordinates; other entries unspecified) and the live rows ``plan.live``."""
+
+    def draw(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """This round's (K, cohort ids int64 [c] ascending, slot -> row permutation [c])."""
+        K = self.geometric(self.p, SLOT_COIN)
+        S = self.cohort(self.num_clients, self.cohort_size, SLOT_COHORT)
+        return K, S, self.pattern()
 
     # ---- a round -----------------------------------------------------------------------------
 
@@ -542,101 +676,31 @@ class MethodStrategy(FedAvg):
         self._plan = None
         return self.global_arrays, MetricRecord(plan.metrics)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:  # fmt: skip
-        """Run ``num_rounds`` more rounds (``Strategy.start``'s contract; module docstring).
-
-        After ``load_state_dict`` the run continues from the checkpoint (``initial_arrays`` must
-        match its layout). Results are keyed by the Flower round counted across restarts.
-        ``train_config`` reaches the clients' trainers; evaluation is FedAvg's (off by default,
-        ``fraction_evaluate``) and ``evaluate_fn(round, arrays)`` runs at the server.
-        """
-        num_rounds = v.integer("num_rounds", num_rounds, 0)
-        self.set_initial_arrays(initial_arrays)
-        log(INFO, "Starting %s (rounds %s..%s):", type(self).__name__, self.rounds + 1,
-            self.rounds + num_rounds)  # fmt: skip
-        self.summary()
-        self.connect(grid, timeout)
-        result = Result()
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        if evaluate_fn:
-            res = evaluate_fn(self.rounds, self.global_arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[self.rounds] = res
-        for _ in range(num_rounds):
-            arrays, metrics = self.run_round(grid, timeout=timeout, train_config=train_config)
-            t = self.rounds
-            result.train_metrics_clientapp[t] = metrics
-            msgs = self.configure_evaluate(t, arrays, evaluate_config, grid)
-            if msgs:
-                agg = self.aggregate_evaluate(t, grid.send_and_receive(msgs, timeout=timeout))
-                if agg is not None:
-                    result.evaluate_metrics_clientapp[t] = agg
-            if evaluate_fn:
-                res = evaluate_fn(t, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[t] = res
-        result.arrays = self.global_arrays
-        return result
-
     def summary(self) -> None:
         """Log the strategy's settings."""
         log(INFO, "\t├──> %r", self)
         log(INFO, "\t└──> sync: %s", self.sync_mode)
 
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(n={self.num_clients}, cohort={self.cohort_size}, "
-                f"p={self.p:.4g}, gamma={self.gamma:.4g}, rounds={self.rounds})")  # fmt: skip
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-
-    def config(self) -> dict:
-        """The hyperparameters named by ``config_attrs``."""
-        return {k: getattr(self, k) for k in self.config_attrs}
-
     def state_dict(self) -> dict:
-        """Everything a restarted server needs to continue exactly: the method and protocol, the
-        round counter (the draws are keyed by it and the seed), the hyperparameters, the model and
-        its layout, the clients' last aggregated rounds and the history. Copies."""
-        return {"method": self.method, "protocol": P.PROTOCOL, "rounds": self.rounds,
-                "config": self.config(),
-                "x": None if self.x is None else self.x.detach().cpu().clone(),
-                "layout": copy.deepcopy(self.layout), "last_agg": dict(self.last_agg),
-                "last_slot": dict(self.last_slot),
-                "catchup": {k: (r, t.clone()) for k, (r, t) in self.catchup.items()},
-                "history": copy.deepcopy(self.history)}  # fmt: skip
+        """``BaseMethodStrategy.state_dict`` plus the clients' pattern slots of their last
+        aggregated round and the pending catch-up values (copies)."""
+        state = super().state_dict()
+        state["last_slot"] = dict(self.last_slot)
+        state["catchup"] = {k: (r, t.clone()) for k, (r, t) in self.catchup.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state_dict()`` of a strategy built with the same arguments. Raises
-        TypeError / ValueError (before changing anything) on another method, protocol or
-        hyperparameter, or a malformed model."""
-        if not isinstance(state, dict) or "config" not in state:
-            raise TypeError("state must be a dict from MethodStrategy.state_dict()")
-        if state.get("method") != self.method:
-            raise ValueError(f"state is of method {state.get('method')!r}, not {self.method!r}")
-        if state.get("protocol") != P.PROTOCOL:
-            raise ValueError(f"state has protocol version {state.get('protocol')!r}, expected "
-                             f"{P.PROTOCOL}")  # fmt: skip
-        mine = self.config()
-        for k, val in state["config"].items():
-            if k in mine and mine[k] != val:
-                raise ValueError(f"state was saved with {k} = {val!r}; this strategy has "
-                                 f"{k} = {mine[k]!r}")  # fmt: skip
-        x, layout = state["x"], state["layout"]
-        if x is not None:
-            if not isinstance(x, torch.Tensor) or x.dtype != self.model_dtype or x.dim() != 1:
-                raise ValueError(f"state's x must be a {self.model_dtype} [p] tensor")
-            if layout is None or sum(math.prod(s) for _, s in layout) != x.numel():
-                raise ValueError("state's layout does not match its model x")
-        self.rounds = v.integer("rounds", state["rounds"], 0)
-        self.x = None if x is None else x.clone().to(self.device)
-        self.layout = None if layout is None else [(k, tuple(s)) for k, s in layout]
-        self.last_agg = {int(k): int(r) for k, r in state["last_agg"].items()}
-        self.last_slot = {int(k): int(r) for k, r in state["last_slot"].items()}
-        self.catchup = {int(k): (int(r), t.clone()) for k, (r, t) in state["catchup"].items()}
-        self.history = copy.deepcopy(state["history"])
-        self._plan = None
+        """Resume from ``state_dict()`` (errors as ``BaseMethodStrategy.load_state_dict``, raised
+        before anything changes)."""
+        if not isinstance(state, dict) or "last_slot" not in state or "catchup" not in state:
+            raise TypeError(f"state must be a dict from {type(self).__name__}.state_dict()")
+        try:
+            last_slot = {int(k): int(r) for k, r in state["last_slot"].items()}
+            catchup = {int(k): (int(r), t.clone()) for k, (r, t) in state["catchup"].items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ValueError(f"state's last_slot / catchup are malformed: {exc}") from None
+        super().load_state_dict(state)
+        self.last_slot, self.catchup, self._plan = last_slot, catchup, None
 
 
 class ScaffnewStrategy(MethodStrategy):

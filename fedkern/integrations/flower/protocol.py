@@ -1,6 +1,6 @@
 """The wire protocol of fedkern's federated methods on Flower (``methods`` and ``method_client``).
 
-Shared by the server strategies (``methods.MethodStrategy`` and its subclasses) and the client
+Shared by the server strategies (``methods.BaseMethodStrategy`` and its subclasses) and the client
 helper (``method_client.MethodClient``). Version ``PROTOCOL`` = 1. Message types (Flower's
 "<category>.<action>" routing, so an app keeps its own default train / evaluate functions):
 
