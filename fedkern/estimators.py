@@ -6,8 +6,9 @@ from the counter-based streams at (seed, step) so a run is reproducible and resu
 
   IndependentSampling(p, biased=True, importance=False)
       sample j enters S with probability p_j (uniform p_j = p, or importance p_j = min(1,
-      b L_j / sum_i L_i) with b = p N); biased: g = (1/|S|) sum_{j in S} grad f_j (0 when S is
-      empty); unbiased: g = sum_{j in S} grad f_j / (N p_j).
+      b L_j / sum_i L_i) with b = p N, the mass of capped samples shared out again by
+      ``fedkern.sampling.importance`` so that E|S| = b); biased: g = (1/|S|) sum_{j in S}
+      grad f_j (0 when S is empty); unbiased: g = sum_{j in S} grad f_j / (N p_j).
   TopKGradient(k or ratio)           g = Top-k(grad f(x))      (fedkern.ops.topk_compress)
   RandKGradient(k or ratio, biased=True)
                                      g = Rand-k(grad f(x)), biased: unscaled, unbiased: times d/k
@@ -89,7 +90,10 @@ class IndependentSampling(Estimator):
     Args:
         p: the probability in (0, 1] (uniform), or the expected fraction b / N (importance).
         biased: average over the realized set (True) or the unbiased sum / (N p_j).
-        importance: p_j = min(1, p N L_j / sum_i L_i) instead of p_j = p.
+        importance: p_j proportional to L_j with sum_j p_j = p N, capped at 1
+            (``fedkern.sampling.importance(L, p N)``: p_j = p N L_j / sum_i L_i while no p_j
+            reaches 1; otherwise the capped samples get 1 and the rest of the mass is shared in
+            proportion to L_j, so the expected size stays p N) instead of p_j = p.
     """
 
     name = "independent"
@@ -100,12 +104,12 @@ class IndependentSampling(Estimator):
         self.importance = v.boolean("importance", importance)
 
     def probs(self, problem) -> torch.Tensor:
-        """[N] float64 inclusion probabilities."""
+        """[N] float64 CPU inclusion probabilities in (0, 1] (a new tensor; the problem is not
+        modified)."""
         N = problem.samples
         if not self.importance:
             return torch.full((N,), self.p, dtype=F64)
-        L = problem.sample_smoothness()
-        return torch.clamp(self.p * N * L / L.sum(), max=1.0)
+        return sampling.importance(problem.sample_smoothness(), self.p * N)
 
     def estimate(self, problem, x, *, seed, step):
         q = self.probs(problem)

@@ -264,6 +264,80 @@ register_problem(ProblemSpec(
 ))  # fmt: skip
 
 
+MLP_TEST = 297  # held-out digits for the test error (about 1/6 of the 1797)
+MLP_GAMMA = 0.3  # the local step of mlp_digits unless --gamma is given
+
+
+def _build_mlp_digits(args, parser):
+    """An MLP 65 -> --hidden (tanh) -> 10 with cross-entropy on the bundled digits (features +
+    bias, float32): MLP_TEST samples held out by a keyed permutation (--seed), the rest split over
+    --clients by --split (default label_sorted: each client sees one or two digits), trained through
+    ``ModuleClients`` / ``ModuleBatch``. The step rule of the measured runs (tests/
+    test_generalized_mlp.py) fills the options left unset: gamma MLP_GAMMA and, with s the largest
+    client's RR steps per epoch at --batch-size (default 8), c0 = c1 = 1 / (gamma s) and eta =
+    gamma s. --dataset is not used."""
+    from fedkern.clients import ModuleBatch, ModuleClients
+    from fedkern.random import permutation_tensor
+
+    if args.hidden is None or args.hidden < 1:
+        _fail(parser, f"--hidden must be >= 1, got {args.hidden}")
+    A, y = data.load("digits")
+    A = A.float()
+    perm = permutation_tensor(A.shape[0], args.seed)
+    test, train = perm[:MLP_TEST], perm[MLP_TEST:]
+    if args.clients > train.numel():
+        _fail(parser, f"--clients must be at most the {train.numel()} training samples of digits")
+    try:
+        parts = [train[p] for p in data.split(y[train], args.clients, args.split, seed=args.seed,
+                                              alpha=args.alpha)]  # fmt: skip
+    except ValueError as exc:
+        _fail(parser, f"{exc} (try --split iid or fewer --clients)")
+    if any(p.numel() == 0 for p in parts):
+        _fail(parser, "a client got no samples (try --split iid or fewer --clients)")
+    torch.manual_seed(args.seed)
+    net = torch.nn.Sequential(torch.nn.Linear(A.shape[1], args.hidden), torch.nn.Tanh(),
+                              torch.nn.Linear(args.hidden, 10))  # fmt: skip
+
+    def loss(out, t):
+        return torch.nn.functional.cross_entropy(out, t, reduction="none")
+
+    dev = torch.device(args.device)
+    mc = ModuleClients(net.to(dev), loss, A.to(dev), y.to(dev), parts)
+    batch = ModuleBatch(mc, seed=args.seed, test=(A[test].to(dev), y[test].to(dev)))
+    batch.problem.start = mc.flat()  # the methods start from the initialized network
+    if getattr(args, "gamma", None) is None:
+        args.gamma = MLP_GAMMA
+    if not args.batch_size >= 1:
+        _fail(parser, f"--batch-size must be >= 1, got {args.batch_size}")
+    s = max(math.ceil(p.numel() / args.batch_size) for p in parts)
+    for dest, val in (("c0", 1 / (args.gamma * s)), ("c1", 1 / (args.gamma * s)),
+                      ("eta", args.gamma * s)):  # fmt: skip
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, val)
+    print(f"{batch}: MLP 65 -> {args.hidden} -> 10 on digits, {train.numel()} training samples "
+          f"over {args.clients} clients ({args.split}), {MLP_TEST} held out; gamma {args.gamma:g}, "
+          f"batch {args.batch_size}, c0 = c1 = {args.c0:.4g}, eta {args.eta:.4g}")  # fmt: skip
+    meta = {"dataset": "digits", "clients": args.clients, "split": args.split,
+            "hidden": args.hidden, "test": MLP_TEST, "train": int(train.numel()),
+            "parameters": batch.p, "epoch_steps": s, "gamma": args.gamma,
+            "batch_size": args.batch_size, "c0": args.c0, "c1": args.c1,
+            "eta": args.eta}  # fmt: skip
+    return batch, meta
+
+
+register_problem(ProblemSpec(
+    "mlp_digits", "an MLP (65 -> --hidden -> 10, tanh) on digits (--dataset unused) through "
+    f"ModuleClients, {MLP_TEST} samples held out, the rest over --clients (--split); the "
+    f"generalized clipped methods (clerr, clipped_rr_cli, ...); defaults --gamma {MLP_GAMMA}, "
+    "--c0 = --c1 = 1/(gamma s), --eta gamma s (s: RR steps per epoch); test error",
+    _build_mlp_digits,
+    metric="test_error", label="test error (held-out digits)", title="test error",
+    axes=("floats_up",),
+    options={"hidden": {"flag": "--hidden", "type": int, "default": 32,
+                        "help": "mlp_digits: hidden width (default 32)"}},
+))  # fmt: skip
+
+
 def _method_options() -> dict[str, dict]:
     """The union of every registered method's ``cli_options`` (dest -> argparse spec)."""
     out: dict[str, dict] = {}

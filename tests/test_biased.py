@@ -85,6 +85,17 @@ def test_independent_sampling_matches_its_definition():
     L = P.sample_smoothness()
     q = IndependentSampling(0.05, importance=True).probs(P)
     torch.testing.assert_close(q, torch.clamp(0.05 * P.samples * L / L.sum(), max=1.0))
+    # p = 0.3: 0.3 N L_j / sum L exceeds 1 for the largest L_j, so min(1, .) would lose mass; the
+    # capped mass is shared out again (fedkern.sampling.importance): E|S| = p N exactly, the capped
+    # samples are the largest L_j, and the others stay proportional to L_j
+    q = IndependentSampling(0.3, importance=True).probs(P)
+    cap = q == 1.0
+    assert 0 < int(cap.sum()) < P.samples and bool((0.3 * P.samples * L / L.sum() > 1).any())
+    assert math.isclose(float(q.sum()), 0.3 * P.samples, rel_tol=1e-12)
+    assert float(L[cap].min()) >= float(L[~cap].max())
+    ratio = q[~cap] / L[~cap]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-12, atol=0)
+    assert float(q.max()) <= 1.0
 
 
 def test_compressed_and_zeroth_order_estimators():
@@ -158,16 +169,71 @@ def test_larger_p_converges_faster_per_iteration():
     assert not (tails[2] > tails[1] > tails[0])
 
 
-def test_biased_vs_unbiased_twin_figures():
-    """The paper's claim that at small p a biased estimator beats its unbiased twin is NOT
-    reproduced here (each at its own theory step times the same factor, the unbiased twin's theory
-    step is ~24x larger and it ends lower): this test pins the measured figures' direction, so a
-    change that flips it is seen."""
+def twin_tails(P, p, T, seeds, *, gamma=None, factor=1.0, importance=False):
+    """For biased and unbiased IndependentSampling(p) (biased first): per seed, the second-half
+    means of f and ||grad f||^2, or None when the run diverged (||x|| > 10 (1 + ||x0||) or not
+    finite: ||grad f||^2 alone rewards running off to infinity, where the regularizer's gradient
+    vanishes, so f and the divergence bound are part of the verdict)."""
+    x0 = gaussians(P.p, seed=0, step=0)
+    out = []
+    for biased in (True, False):
+        e = IndependentSampling(p, biased=biased, importance=importance)
+        rows = []
+        for seed in seeds:
+            m = BiasedSGD(P, estimator=e, gamma=gamma, factor=factor, budget=T, x0=x0, seed=seed,
+                          diverge_factor=10.0)  # fmt: skip
+            m.run(T)
+            h = m.history
+            if m.diverged_at is not None:
+                rows.append(None)
+                continue
+            f, g = h["loss"][T // 2 :], h["grad_norm_sq"][T // 2 :]
+            rows.append((sum(f) / len(f), sum(g) / len(g)))
+        out.append(rows)
+    return out
+
+
+def converged(rows, f_max, g_max):
+    """Every seed's run stayed bounded with second-half mean f < f_max and ||grad f||^2 < g_max."""
+    return all(r is not None and r[0] < f_max and r[1] < g_max for r in rows)
+
+
+def test_biased_beats_its_unbiased_twin_at_the_same_factor_of_its_theory_step():
+    """The paper's protocol (each estimator at its own theory step times the same factor, same p,
+    same budget T): at p = 0.01 on breast cancer with factor 2^7 the biased estimator converges
+    (every seed: bounded, second-half mean f < 0.5 and ||grad f||^2 < 1e-2 ||grad f(x0)||^2) and
+    its unbiased twin FAILS the same assertion (its theory step is ~24x larger, 0.91 against 0.038:
+    past the stable range, f stays ~3.7). The win comes from the step rule: at one common step
+    size, or each at its best step of a grid, the unbiased twin is as good or better (next test)."""
     P = problem()
-    _, b = run(P, 0.01, 2.0**15, 150, biased=True)
-    _, u = run(P, 0.01, 2.0**15, 150, biased=False)
-    print(f"p = 0.01: biased {b:.3g}, unbiased {u:.3g}")
-    assert u < b
+    T, seeds = 200, (1, 2, 3)
+    g0 = float(P.mean_grad(gaussians(P.p, seed=0, step=0)).pow(2).sum())
+    b, u = twin_tails(P, 0.01, T, seeds, factor=2.0**7)
+    print(f"p = 0.01, factor 2^7, T = {T}: biased (f, ||grad||^2) {b}; unbiased {u}")
+    assert converged(b, 0.5, 1e-2 * g0)
+    assert not converged(u, 0.5, 1e-2 * g0)
+
+
+@pytest.mark.parametrize("importance", [False, True])
+def test_unbiased_twin_is_not_worse_at_its_best_step(importance):
+    """The fair same-budget comparison (same p, same T, each at its best step of one grid
+    2^-6 .. 2^-3, by second-half mean f over seeds, diverged runs excluded from the choice): the
+    measured direction is the opposite of the paper's claim, the unbiased twin ends at least as low
+    (uniform p: a tie within 0.2 %, unbiased slightly lower, since E[1/|S|] > 1/(N p); importance
+    p_j: the biased average is biased towards large-L samples and ends clearly higher). This pins
+    the figures' direction (the claim is NOT reproduced in this setting)."""
+    P = problem()
+    T, seeds = 150, (1, 2)
+    best = [math.inf, math.inf]
+    for k in range(-6, -2):
+        for i, rows in enumerate(twin_tails(P, 0.01, T, seeds, gamma=2.0**k,
+                                            importance=importance)):  # fmt: skip
+            if all(r is not None for r in rows):
+                best[i] = min(best[i], sum(r[0] for r in rows) / len(rows))
+    print(f"p = 0.01, importance={importance}: best f biased {best[0]:.5f}, unbiased {best[1]:.5f}")
+    assert best[1] <= best[0]
+    if importance:
+        assert best[0] > best[1] + 5e-3  # the bias floor, well above the seed noise
 
 
 def test_resume_bit_for_bit_and_bad_input():

@@ -22,9 +22,10 @@ gamma = 1 / (2 s L). On ``ModuleClients`` (a neural network) gamma, c0 and c1 mu
 
 Metrics (history, one entry per round; float64): "loss", "gap" (NaN without a known optimum),
 "grad_norm", "dist", "theta" (the jump's step) and "jump_norm" (||g|| or the full norm used),
-"floats_up", "floats_down", "local_steps", "diverged". ``record_every=k`` records the metrics (a
-host read of the model) only on rounds divisible by k (NaN otherwise) and checks divergence only
-then, so the other rounds run without any host synchronization.
+"floats_up", "floats_down", "local_steps", "diverged"; on a ``ModuleBatch`` built with a test set
+also "test_accuracy" and "test_error" (1 - accuracy) of the server model x. ``record_every=k``
+records the metrics (a host read of the model) only on rounds divisible by k (NaN otherwise) and
+checks divergence only then, so the other rounds run without any host synchronization.
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ class _Jump(FederatedMethod):
             nan = math.nan
             self.record(loss=nan, gap=nan, grad_norm=nan, dist=nan, theta=nan, jump_norm=nan,
                         floats_up=up, floats_down=down, local_steps=local)  # fmt: skip
+            self._record_test(nan)
             return
         super()._record(up, down, local)
         if self._stats is None:
@@ -200,6 +202,16 @@ class _Jump(FederatedMethod):
             jn = float(st[0]) if self._full is None else float(self._full.last.cpu()[0])
         for k, val in (("theta", theta), ("jump_norm", jn)):
             self.history.setdefault(k, []).append(val)
+        if getattr(self.batch, "test", None) is not None:
+            finite = bool(torch.isfinite(self.x).all())
+            self._record_test(self.batch.accuracy(self.x) if finite else math.nan)
+
+    def _record_test(self, acc: float) -> None:
+        """Appends test_accuracy / test_error (a ModuleBatch with a test set only)."""
+        if getattr(self.batch, "test", None) is None:
+            return
+        self.history.setdefault("test_accuracy", []).append(acc)
+        self.history.setdefault("test_error", []).append(1.0 - acc)
 
     def diverged(self) -> bool:
         return self._due() and super().diverged()
@@ -310,7 +322,7 @@ class LocalGD(FedAvg):
     (server_lr 1). Any FedAvg argument is accepted."""
 
     name = "local_gd"
-    problems = PROBLEMS
+    problems = ("quartic", "convex")  # FedAvg takes a ClientBatch only (no ModuleBatch)
 
     def __init__(self, batch, *, gamma: float | None = None, local_steps: int = 10, x0=None,
                  **kw):  # fmt: skip
