@@ -376,3 +376,103 @@ def host_reads(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     return lambda: count[0]
+
+
+# ---- Flower test helpers (the Flower strategy tests and the examples' tests) -------------------
+
+
+@pytest.fixture
+def flower_process():
+    """The process identity Flower's runtime sets before a ServerApp runs (``Message`` reads it),
+    and warnings from Flower's logger (the tests read some); both restored afterwards."""
+    import logging
+
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+_FAULT_GRID_CLASS: list = []
+
+
+def fault_grid(action: str | None = None):
+    """``in_process_grid()`` with failure injection: ``FaultGrid(app, node_ids, fault=None,
+    node_config=None)``. ``fault(action, round, client_id)`` (read from the message's fedkern
+    ConfigRecord) returns None (deliver), "drop" (an error reply, the node never sees the
+    message), "lose" (delivered, an error reply instead of the node's), "vanish" (delivered, no
+    reply: a timeout) or ``tamper(reply, request) -> reply``. ``action`` given: ``fault(round,
+    client_id)`` is asked for messages of that type only. ``context(i)`` is node i's Context."""
+    for key, cls in _FAULT_GRID_CLASS:
+        if key == action:
+            return cls
+    from flwr.app import Error, Message
+
+    from fedkern.integrations.flower import protocol as P
+
+    class FaultGrid(in_process_grid()):
+        def __init__(self, app, node_ids, fault=None, node_config=None):
+            super().__init__(app, node_ids, node_config)
+            self.node_ids = list(node_ids)
+            self.fault = fault
+
+        def what(self, m):
+            if self.fault is None:
+                return None
+            cfg = m.content.config_records.get(P.RECORD, {})
+            kind = m.metadata.message_type
+            if action is None:
+                return self.fault(kind, cfg.get("round"), cfg.get("client_id"))
+            return self.fault(cfg.get("round"), cfg.get("client_id")) if kind == action else None
+
+        def deliver(self, m, ctx):
+            what = self.what(m)
+            if what == "drop":
+                return Message(Error(code=1, reason="dropped"), reply_to=m)
+            reply = self.app(m, ctx)
+            if what == "vanish":
+                return None
+            if what == "lose":
+                return Message(Error(code=2, reason="reply lost"), reply_to=m)
+            if callable(what):
+                return what(reply, m)
+            return reply
+
+        def context(self, i):
+            return self.contexts[self.node_ids[i]]
+
+    _FAULT_GRID_CLASS.append((action, FaultGrid))
+    return FaultGrid
+
+
+@pytest.fixture
+def load_example(monkeypatch):
+    """``load_example(folder, package, reset=("RESULTS",))`` imports an example Flower app's
+    modules (examples/<folder>/<package>: client_app, server_app, task), clears the named
+    module-level containers of server_app / client_app, and unloads the package afterwards."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    loaded = []
+
+    def load(folder, package, reset=(("server_app", "RESULTS"),)):
+        root = Path(__file__).resolve().parent.parent / "examples" / folder
+        monkeypatch.syspath_prepend(str(root))
+        mods = [importlib.import_module(f"{package}.{m}") for m in ("client_app", "server_app",
+                                                                     "task")]  # fmt: skip
+        loaded.append(package)
+        names = dict(zip(("client_app", "server_app", "task"), mods, strict=True))
+        for mod, attr in reset:
+            getattr(names[mod], attr).clear()
+        return tuple(mods)
+
+    yield load
+    for package in loaded:
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+            del sys.modules[name]

@@ -11,10 +11,6 @@ setting named.
 
 from __future__ import annotations
 
-import logging
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -24,24 +20,16 @@ pytest.importorskip("flwr")
 from conftest import in_process_grid  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedkern.algorithms import FiveGCS  # noqa: E402
 
-APP = Path(__file__).resolve().parent.parent / "examples" / "flower-5gcs"
 N = 10
 
 
 @pytest.fixture
-def app(monkeypatch):
+def app(load_example):
     """The app's modules (imported from examples/flower-5gcs; unloaded afterwards)."""
-    monkeypatch.syspath_prepend(str(APP))
-    from fedkern_flower_5gcs import client_app, server_app, task
-
-    server_app.RESULTS.clear()
-    yield client_app, server_app, task
-    for name in [m for m in sys.modules if m.startswith("fedkern_flower_5gcs")]:
-        del sys.modules[name]
+    return load_example("flower-5gcs", "fedkern_flower_5gcs")
 
 
 def defaults(task) -> dict:
@@ -96,17 +84,7 @@ def test_5gcs_app_in_the_simulation_engine(app, monkeypatch):
     assert m["failures"] == 0 and m["floats_up_per_client"] == task.DIM
 
 
-@pytest.fixture
-def flwr_process():
-    """The process identity Flower's runtime sets before a ServerApp runs (``Message`` reads it)."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-def test_5gcs_cc_rand_k_by_run_config_in_process(app, flwr_process):
+def test_5gcs_cc_rand_k_by_run_config_in_process(app, flower_process):
     client_app, server_app, task = app
     rounds = 15
     run_config = {"num-server-rounds": rounds, "k": 8, "sampling": "uniform", "cohort": 5,

@@ -12,10 +12,6 @@ against the simulator. Bad run configs are refused with the setting named, befor
 
 from __future__ import annotations
 
-import logging
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -25,38 +21,23 @@ pytest.importorskip("flwr")
 from conftest import in_process_grid  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedkern import data  # noqa: E402
 from fedkern.algorithms import ByzVRMarinaPP  # noqa: E402
 from fedkern.compress import RandK, TopK  # noqa: E402
 from fedkern.problems import LogisticRegression  # noqa: E402
 
-APP = Path(__file__).resolve().parent.parent / "examples" / "flower-byzantine"
 N = 10
 
 
 @pytest.fixture
-def app(monkeypatch):
+def app(load_example):
     """The app's modules (imported from examples/flower-byzantine; unloaded afterwards)."""
-    monkeypatch.syspath_prepend(str(APP))
-    from fedkern_flower_byzantine import client_app, server_app, task
-
-    server_app.RESULTS.clear()
-    client_app._CLIENTS.clear()
-    yield client_app, server_app, task
-    for name in [m for m in sys.modules if m.startswith("fedkern_flower_byzantine")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def flwr_process():
-    """The process identity Flower's runtime sets before a ServerApp runs (``Message`` reads it)."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return load_example(
+        "flower-byzantine",
+        "fedkern_flower_byzantine",
+        reset=(("server_app", "RESULTS"), ("client_app", "_CLIENTS")),
+    )
 
 
 def defaults(task):
@@ -109,7 +90,7 @@ def robust(gaps, gap0):
     return max(gaps[15:]) < 0.05 * gap0
 
 
-def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flwr_process, monkeypatch):
+def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flower_process, monkeypatch):
     pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
     from flwr.simulation import run_simulation
 
@@ -143,7 +124,7 @@ def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flwr_proc
 
 
 @pytest.mark.parametrize("case", ["bit_flip_randk", "alie_topk_trimmed", "ipm_plus_noclip"])
-def test_attacks_compressors_and_rules_by_run_config(app, flwr_process, case):
+def test_attacks_compressors_and_rules_by_run_config(app, flower_process, case):
     """12 rounds over an in-process grid: the client-local bit flip (with rand-k differences),
     ALIE simulated at the server (top-k, trimmed mean with bucketing 2), IPM on the plus variant
     without clipping: the final model equals the simulator's; the attack-free simulator's differs
@@ -179,7 +160,7 @@ BAD = [
 ]  # fmt: skip
 
 
-def test_bad_run_config_is_refused_naming_the_setting(app, flwr_process):
+def test_bad_run_config_is_refused_naming_the_setting(app, flower_process):
     client_app, server_app, task = app
     cfg = defaults(task)
     server_app.strategy_of(cfg)  # the defaults are fine

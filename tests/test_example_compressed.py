@@ -12,10 +12,6 @@ ServerApp ``main`` over an in-process grid (conftest's) against ``fedkern.algori
 
 from __future__ import annotations
 
-import logging
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -25,34 +21,16 @@ pytest.importorskip("flwr")
 from conftest import in_process_grid  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedkern.algorithms import DIANA, EF21, MARINA  # noqa: E402
 
-APP = Path(__file__).resolve().parent.parent / "examples" / "flower-compressed"
 N = 10
 
 
 @pytest.fixture
-def app(monkeypatch):
+def app(load_example):
     """The app's modules (imported from examples/flower-compressed; unloaded afterwards)."""
-    monkeypatch.syspath_prepend(str(APP))
-    from fedkern_flower_compressed import client_app, server_app, task
-
-    server_app.RESULTS.clear()
-    yield client_app, server_app, task
-    for name in [m for m in sys.modules if m.startswith("fedkern_flower_compressed")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def flwr_process():
-    """The process identity Flower's runtime sets before a ServerApp runs (``Message`` reads it)."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return load_example("flower-compressed", "fedkern_flower_compressed")
 
 
 def defaults(task) -> dict:
@@ -97,7 +75,7 @@ def relative_gaps(result, rounds):
     return [g[t]["gap"] / g[0]["gap"] for t in range(rounds + 1)]
 
 
-def test_diana_app_in_the_simulation_engine(app, monkeypatch, flwr_process):
+def test_diana_app_in_the_simulation_engine(app, monkeypatch, flower_process):
     pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
     from flwr.simulation import run_simulation
 
@@ -141,7 +119,7 @@ def test_diana_app_in_the_simulation_engine(app, monkeypatch, flwr_process):
     ({"method": "ef21", "num-server-rounds": 8, "compressor": "randk", "k": 7,
       "feedback": False}, 0.5),
 ])  # fmt: skip
-def test_marina_and_ef21_by_run_config_in_process(app, flwr_process, run_config, bound):
+def test_marina_and_ef21_by_run_config_in_process(app, flower_process, run_config, bound):
     client_app, server_app, task = app
     rounds = run_config["num-server-rounds"]
     result = run_in_process(client_app, server_app, run_config)

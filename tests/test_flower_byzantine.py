@@ -12,11 +12,9 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import in_process_grid  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
+from conftest import fault_grid  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedkern import data  # noqa: E402
 from fedkern import robust as R  # noqa: E402
@@ -32,14 +30,7 @@ NODES = [500 + 3 * i for i in range(N)]
 BYZ = list(range(15, 20))
 
 
-@pytest.fixture(autouse=True)
-def _flwr_process():
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("flower_process")  # conftest: Flower's process identity
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +46,11 @@ def heterogeneous():
     return LogisticRegression(A, y, data.split(y, N, "iid", seed=0), l2=0.1)
 
 
-class Grid(in_process_grid()):
-    """conftest's in-process grid; ``fault(round, client_id) -> None | "drop" | tamper``."""
+class Grid(fault_grid(B.ACTION_BYZ)):
+    """conftest's ``fault_grid`` with ``fault(round, client_id)`` on the round messages."""
 
     def __init__(self, app, fault=None):
-        super().__init__(app, NODES)
-        self.fault = fault
-
-    def deliver(self, m, ctx):
-        cfg = m.content.config_records.get(P.RECORD, {})
-        what = None if self.fault is None else self.fault(cfg.get("round"), cfg.get("client_id"))
-        if what == "drop":
-            return Message(Error(code=1, reason="dropped"), reply_to=m)
-        reply = self.app(m, ctx)
-        return what(reply, m) if callable(what) else reply
+        super().__init__(app, NODES, fault)
 
 
 def x0_of(d, seed=None):

@@ -21,11 +21,9 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import in_process_grid  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
+from conftest import fault_grid  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedkern import data, sampling  # noqa: E402
 from fedkern.algorithms import DIANA, EF21, MARINA  # noqa: E402
@@ -50,14 +48,7 @@ N = 6
 NODES = [2000 + 3 * i for i in range(N)]
 
 
-@pytest.fixture(autouse=True)
-def _flwr_process():
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("flower_process")  # conftest: Flower's process identity
 
 
 @pytest.fixture(scope="module")
@@ -70,32 +61,12 @@ def make_batch(cancer, l2=0.05, n=N):
     return ClientBatch(Problem(A, y, data.split(y, n, "label_sorted"), "logistic", l2), seed=3)
 
 
-class Grid(in_process_grid()):
-    """conftest's grid with ``fault(round, client_id)``: "drop" (never delivered), "lose"
-    (delivered, error reply), "vanish" (delivered, no reply) or ``tamper(reply, request)``."""
+class Grid(fault_grid(ACTION_GRAD)):
+    """conftest's ``fault_grid`` with ``fault(round, client_id)`` on the gradient messages, over
+    the first n nodes."""
 
     def __init__(self, app, fault=None, n=N):
-        super().__init__(app, NODES[:n])
-        self.fault = fault
-
-    def deliver(self, m, ctx):
-        cfg = m.content.config_records.get(P.RECORD, {})
-        what = None
-        if self.fault is not None and m.metadata.message_type == ACTION_GRAD:
-            what = self.fault(cfg.get("round"), cfg.get("client_id"))
-        if what == "drop":
-            return Message(Error(code=1, reason="dropped"), reply_to=m)
-        reply = self.app(m, ctx)
-        if what == "vanish":
-            return None
-        if what == "lose":
-            return Message(Error(code=2, reason="reply lost"), reply_to=m)
-        if callable(what):
-            return what(reply, m)
-        return reply
-
-    def context(self, i):
-        return self.contexts[NODES[i]]
+        super().__init__(app, NODES[:n], fault)
 
 
 def initial(p):

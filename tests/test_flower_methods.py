@@ -23,20 +23,17 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import BACKEND_PARAMS, device_for, fresh_seed, in_process_grid  # noqa: E402
+from conftest import BACKEND_PARAMS, device_for, fault_grid, fresh_seed  # noqa: E402
 from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedkern import data, sampling  # noqa: E402
 from fedkern.algorithms import TAMUNA, ProxSkip, Scaffnew  # noqa: E402
@@ -52,16 +49,7 @@ N = 10  # clients
 NODES = [1000 + 7 * i for i in range(N)]  # node ids; node_config partition-id = index
 
 
-@pytest.fixture(autouse=True)
-def _flwr_process():
-    """The process identity Flower's runtime sets before a ServerApp runs (``Message`` reads it),
-    and warnings from Flower's logger (the tests read some)."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("flower_process")  # conftest: Flower's process identity
 
 
 @pytest.fixture(scope="module")
@@ -74,35 +62,12 @@ def make_batch(cancer, l2=0.05, n=N):
     return ClientBatch(Problem(A, y, data.split(y, n, "label_sorted"), "logistic", l2), seed=3)
 
 
-class InProcessGrid(in_process_grid()):
-    """Runs each node's ClientApp in this process with a persistent Context (conftest's grid).
-
-    ``fault(action, round, client_id)`` (optional) injects failures: None delivers the message;
-    "drop" answers with an error reply without delivering it (the node never sees it); "lose"
-    delivers it and answers with an error instead of the node's reply; a callable
-    ``tamper(reply, request) -> reply`` alters the reply; "vanish" delivers it and returns no
-    reply at all (a timeout)."""
+class InProcessGrid(fault_grid()):
+    """conftest's ``fault_grid()`` (failure injection by ``fault(action, round, client_id)``) on
+    this file's node ids; ``context(client_id)`` is that client's node Context."""
 
     def __init__(self, app, node_ids=NODES, fault=None, node_config=None):
-        """node_config(i) -> dict gives node i's node_config (default {"partition-id": i})."""
-        super().__init__(app, node_ids, node_config)
-        self.fault = fault
-
-    def deliver(self, m, ctx):
-        cfg = m.content.config_records.get(P.RECORD, {})
-        what = None
-        if self.fault is not None:
-            what = self.fault(m.metadata.message_type, cfg.get("round"), cfg.get("client_id"))
-        if what == "drop":
-            return Message(Error(code=1, reason="dropped"), reply_to=m)
-        reply = self.app(m, ctx)
-        if what == "vanish":
-            return None
-        if what == "lose":
-            return Message(Error(code=2, reason="reply lost"), reply_to=m)
-        if callable(what):
-            return what(reply, m)
-        return reply
+        super().__init__(app, node_ids, fault, node_config)
 
     def context(self, client_id):
         return self.contexts[NODES[client_id]]
