@@ -8,6 +8,8 @@ Cases (CPU, fixed seed, fedkern and eager timed interleaved on identical inputs,
   RandK(1%) and Bernoulli(1%) at d = 1e7 (--quick: 1e6). Eager: a scaled mask tensor drawn with
   torch's generator (``randperm(d)[:k]`` scattered into zeros, or ``rand(d) < p``), then dense
   multiplies (what a user writes without a fused sparse op).
+  The apply rows also time ``v.clone()`` (column "floor"): a fresh dense output of d floats, which
+  apply must produce; on a CPU whose fresh pages cost more than the arithmetic, that is the floor.
 - ``RACLoRALinear`` forward + backward (frozen A regenerated from the seed, B trained) against an
   eager LoRA layer (base linear + stored A and B parameters, ``(x A^T) B^T``) at equal rank; the
   memory column is the bytes the adapter keeps (parameters, buffers) besides the base weight.
@@ -80,7 +82,8 @@ def sketch_cases(d: int, reps: int) -> list[dict]:
         def eager_apply(mask=mask):
             return v + mask() * (x - v)
 
-        t = interleaved({"fedkern": fk_apply, "eager": eager_apply}, reps)
+        # floor: a fresh dense copy of v (an output of d new pages, what apply must produce)
+        t = interleaved({"fedkern": fk_apply, "eager": eager_apply, "floor": v.clone}, reps)
         rows.append({"case": f"apply {name}", "d": d, **t})
 
         def rearm():
@@ -154,16 +157,23 @@ def _thp_mode() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="d = 1e6, fewer repetitions")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="interleaved repetitions per case (default 21, --quick 5)")  # fmt: skip
     args = ap.parse_args()
-    d, reps = (10**6, 5) if args.quick else (10**7, 7)
+    d, reps = (10**6, 5) if args.quick else (10**7, 21)
+    if args.reps is not None:
+        if args.reps < 1:
+            ap.error("--reps must be >= 1")
+        reps = args.reps
     rows = sketch_cases(d, reps)
     rows.append(lora_case(1024, 1024, 8, 256, 3 * reps))
-    print("| case | d | fedkern ms | eager ms | ratio |")
-    print("|---|---|---|---|---|")
+    print("| case | d | fedkern ms | eager ms | ratio | floor ms |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         row["ratio"] = row["eager"] / row["fedkern"]
+        floor = f"{1e3 * row['floor']:.2f}" if "floor" in row else ""
         print(f"| {row['case']} | {row['d']:.0e} | {1e3 * row['fedkern']:.2f} | "
-              f"{1e3 * row['eager']:.2f} | {row['ratio']:.1f}x |")  # fmt: skip
+              f"{1e3 * row['eager']:.2f} | {row['ratio']:.1f}x | {floor} |")  # fmt: skip
     lora = rows[-1]
     print(f"\nadapter memory besides the base weight: fedkern {lora['adapter_bytes_fedkern']} B "
           f"(no stored frozen factor), eager {lora['adapter_bytes_eager']} B")  # fmt: skip

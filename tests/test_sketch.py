@@ -206,6 +206,33 @@ def test_bernoulli_cpu_blocks_threads_and_isa(gen):
             assert same_bits(want[0][r][D == 0], v[D == 0])
 
 
+def test_bernoulli_cpu_apply_streamed_output(gen):
+    """A dense apply output of 16 MiB or more is written through an L1 buffer with non-temporal
+    stores (csrc/cpu/sketch.cpp): the same bits as the reference backend, on a 16-byte aligned row
+    and on rows whose start is not (they take the plain path), with and without v, fp32 and bf16,
+    scalar and per-coordinate p; the kept set is the oracle's and every dropped coordinate is v."""
+    require("fedkern._C", in_ci=True)
+    seed = fresh_seed("sketch seed")
+    d = (1 << 21) + 37  # rows after the first start 148 (fp32) / 74 (bf16) bytes off alignment
+    p_vec = torch.rand(d, generator=gen) * 0.02
+    for dtype, R in ((torch.float32, 2), (torch.bfloat16, 4)):
+        X = torch.randn(R, d, generator=gen).to(dtype)
+        V = torch.randn(R, d, generator=gen).to(dtype)
+        assert X.numel() * X.element_size() >= 16 << 20
+        ids = torch.arange(R) * 3 + 1
+        for s in (sk.Bernoulli(0.01), sk.Bernoulli(p_vec)):
+            outs = {}
+            for name in ("reference", "cpu"):
+                with fedkern.backend(name):
+                    outs[name] = [sk.apply(s, X, V, seed=seed, step=4, node=ids),
+                                  sk.apply(s, X, None, seed=seed, step=4, node=ids)]  # fmt: skip
+            assert all(same_bits(a, b) for a, b in zip(outs["cpu"], outs["reference"], strict=True))
+            for r in (0, R - 1):
+                D = oracle_diag(s, d, seed, 4, int(ids[r]))
+                assert same_bits(outs["cpu"][0][r][D == 0], V[r][D == 0])
+                assert torch.equal(outs["cpu"][1][r] != 0, (D != 0) & (X[r] != 0))
+
+
 def _oracle_bern_words(d, seed, step, node):
     """The Philox words of node's Bernoulli draw, entry j = lane j % 4 of group j // 4, from the
     scalar Python Philox (``fedkern.random.philox4x32``): int64 [d]."""

@@ -8,7 +8,8 @@
 // bernoulli: work items of kBlock coordinates of a row; per item the keep masks (one bit per
 // coordinate, 4 coordinates per Philox call, 16 calls per mask word; the calls run 8 or 4 to a
 // register with AVX-512 or AVX2 where the CPU has it, else rng::philox4x32), then a walk over the
-// set bits touches only the kept coordinates (apply first copies v, or writes +0, over the item).
+// set bits touches only the kept coordinates (apply first copies v, or writes +0, over each mask
+// word's 64 coordinates; a large output through non-temporal stores).
 // With one shared x an item is a block of coordinates and applies every row to it in row order.
 // Either way the result is a pure function of the inputs, whatever the thread count or ISA.
 #include "fedkern/sketch.h"
@@ -63,6 +64,31 @@ void advise_huge_pages(void* p, int64_t bytes) {
 #else
   (void)p;
   (void)bytes;
+#endif
+}
+
+// Non-temporal stores of whole aligned 16-byte units (SSE2, baseline on x86-64; elsewhere plain
+// copies): for outputs of kStreamBytes or more, past any cache, written once.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+FEDKERN_INLINE bool stream_aligned(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+FEDKERN_INLINE void stream_store(void* dst, const void* src, size_t bytes) {
+#if defined(__SSE2__)
+  auto* d = static_cast<__m128i*>(dst);
+  const auto* s = static_cast<const __m128i*>(src);
+  for (size_t i = 0; i < bytes / 16; ++i) _mm_stream_si128(d + i, _mm_load_si128(s + i));
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
+// Orders a thread's non-temporal stores before it leaves the parallel region.
+FEDKERN_INLINE void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
 #endif
 }
 
@@ -426,35 +452,59 @@ void sketch_bern_apply(const void* x, int64_t x_stride, const void* v, int64_t v
     const S* xp = static_cast<const S*>(x);
     const S* vp = static_cast<const S*>(v);
     S* op = static_cast<S*>(out);
-    advise_huge_pages(op, rows * d * static_cast<int64_t>(sizeof(S)));
+    const int64_t bytes = rows * d * static_cast<int64_t>(sizeof(S));
+    advise_huge_pages(op, bytes);
+    const bool stream = bytes >= kStreamBytes;
     for_bern_items(rows, blocks, d, [&](int64_t lo, int64_t hi) {
       uint64_t masks[kBlock / kMaskCoords];
+      alignas(64) S buf[kMaskCoords];
       for (int64_t it = lo; it < hi; ++it) {
         const int64_t r = it / blocks, j0 = (it - r * blocks) * kBlock;
         const int64_t n = std::min(kBlock, d - j0);
         const S* xr = xp + r * x_stride;
         const S* vr = vp ? vp + r * v_stride : nullptr;
         S* orow = op + r * d;
-        // The dense part first (out = v, or +0 in both dtypes), then the kept coordinates.
-        if (vr) {
-          std::memcpy(orow + j0, vr + j0, static_cast<size_t>(n) * sizeof(S));
-        } else {
-          std::memset(orow + j0, 0, static_cast<size_t>(n) * sizeof(S));
-        }
         const RowKeys rk = row_keys(keys, r, 4);
         masks_fn(rk.k, bp, j0, n, masks);
-        for_kept(masks, j0, n, [&](int64_t j) {
+        // The kept coordinate j of dst (dst[j - base]): v + s (x - v), or s x with no v.
+        auto patch = [&](S* dst, int64_t base, int64_t j) {
           const float s = bp.p ? rng::keep_scale(rng::keep_threshold(bp.p[j])) : bp.s_scalar;
           if (vr) {
             const float vj = T::load(vr, j);
             const float dx = T::load(xr, j) - vj;
             const float sd = s * dx;
-            T::store(orow, j, vj + sd);
+            T::store(dst, j - base, vj + sd);
           } else {
-            T::store(orow, j, s * T::load(xr, j));
+            T::store(dst, j - base, s * T::load(xr, j));
           }
-        });
+        };
+        // Per mask word: the dense part (out = v, or +0 in both dtypes), then its kept
+        // coordinates. A large output goes through an L1 buffer and non-temporal stores, so its
+        // lines are written once and never read for ownership (same values either way).
+        for (int64_t m = 0; m * kMaskCoords < n; ++m) {
+          const int64_t c0 = j0 + m * kMaskCoords;
+          const int64_t valid = std::min(kMaskCoords, j0 + n - c0);
+          const size_t len = static_cast<size_t>(valid) * sizeof(S);
+          uint64_t bits = masks[m];
+          if (stream && valid == kMaskCoords && stream_aligned(orow + c0)) {
+            if (vr) {
+              std::memcpy(buf, vr + c0, sizeof buf);
+            } else {
+              std::memset(buf, 0, sizeof buf);
+            }
+            for (; bits; bits &= bits - 1) patch(buf, c0, c0 + __builtin_ctzll(bits));
+            stream_store(orow + c0, buf, sizeof buf);
+            continue;
+          }
+          if (vr) {
+            std::memcpy(orow + c0, vr + c0, len);
+          } else {
+            std::memset(orow + c0, 0, len);
+          }
+          for (; bits; bits &= bits - 1) patch(orow, 0, c0 + __builtin_ctzll(bits));
+        }
       }
+      if (stream) stream_fence();
     });
   });
 }
