@@ -8,9 +8,9 @@ family (``topk``, ``randk``, ``sparse``, ``microadam``, ``robust``, ``gram``, ``
 strategy's server round against NumPy twins) with its eager baselines, input setups, byte counts and
 case lists; its docstring lists its baselines and cases. ``peers`` adds the cases against the peer
 libraries (ByzFL, Flower's own aggregation, torchao, bitsandbytes) to the families they compare,
-and ``crossover`` (no cases) measures where the GPU dispatch switches implementation. Importing this package imports every module in
-it, and each module registers its ops and cases when imported: a new family adds a module here and
-edits nothing else.
+and ``crossover`` (no cases) measures the size crossovers of the "auto" dispatch. Importing
+this package imports every module in it, and each module registers its ops and cases when
+imported: a new family adds a module here and edits nothing else.
 
 Registry API (``fedkern.benchmarks.core``), used by a family module at import time:
 
