@@ -586,13 +586,16 @@ def cmd_run(args, parser) -> int:
         results[name] = h
         rows.append((name, h[spec.metric][-1], h.get("dist", [math.nan])[-1],
                      sum(h.get("floats_up", [0])), h["seconds"], method.diverged_at))  # fmt: skip
-    print(
-        f"\n{'algorithm':10s} {spec.title:>12s} {'||x - x*||':>12s} {'floats up':>12s} "
-        f"{'seconds':>8s}  status"
-    )
+    # the distance column only where some algorithm has one (a problem with a known optimum)
+    w = max(10, *(len(r[0]) for r in rows))
+    show_dist = any(math.isfinite(r[2]) for r in rows)
+    dist_head = f" {'||x - x*||':>12s}" if show_dist else ""
+    print(f"\n{'algorithm':{w}s} {spec.title:>12s}{dist_head} {'floats up':>12s} "
+          f"{'seconds':>8s}  status")  # fmt: skip
     for name, val, dist, up, sec, div in rows:
         status = "ok" if div is None else f"diverged at round {div}"
-        print(f"{name:10s} {val:12.4e} {dist:12.4e} {up:12.0f} {sec:8.2f}  {status}")
+        dist_col = f" {dist:12.4e}" if show_dist else ""
+        print(f"{name:{w}s} {val:12.4e}{dist_col} {up:12.0f} {sec:8.2f}  {status}")
     meta = {"problem": spec.name, "rounds": args.rounds, "seed": args.seed, **meta}
     _write_atomic(
         out / "metrics.json",  # fmt: skip
