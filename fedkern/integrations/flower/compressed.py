@@ -368,45 +368,18 @@ class CompressedStrategy(BaseMethodStrategy):
     def _empty_extra(self) -> dict:
         return {}
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:  # fmt: skip
-        """The handshake, the initialization (once per run; its metrics under round 0), then
-        ``num_rounds`` more method rounds (= the simulator's ``run(num_rounds)``). Otherwise as
-        ``BaseMethodStrategy.start``."""
-        num_rounds = v.integer("num_rounds", num_rounds, 0)
-        self.set_initial_arrays(initial_arrays)
-        log(INFO, "Starting %s (rounds %s..%s):", type(self).__name__, self.rounds + 1,
-            self.rounds + num_rounds)  # fmt: skip
-        log(INFO, "\t└──> %r", self)
-        self.connect(grid, timeout)
-        result = Result()
-        if not self.initialized:
-            if self.needs_init():
-                _, metrics = self.run_round(grid, timeout=timeout, train_config=train_config)
-                result.train_metrics_clientapp[0] = metrics
-            else:
-                self._book_empty_init()
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        if evaluate_fn:
-            res = evaluate_fn(self.rounds, self.global_arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[self.rounds] = res
-        for _ in range(num_rounds):
-            arrays, metrics = self.run_round(grid, timeout=timeout, train_config=train_config)
-            t = self.rounds
-            result.train_metrics_clientapp[t] = metrics
-            msgs = self.configure_evaluate(t, arrays, evaluate_config, grid)
-            if msgs:
-                agg = self.aggregate_evaluate(t, grid.send_and_receive(msgs, timeout=timeout))
-                if agg is not None:
-                    result.evaluate_metrics_clientapp[t] = agg
-            if evaluate_fn:
-                res = evaluate_fn(t, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[t] = res
-        result.arrays = self.global_arrays
-        return result
+    def before_rounds(self, grid: Grid, *, timeout: float, train_config: ConfigRecord | None,
+                      result: Result) -> None:  # fmt: skip
+        """The initialization, once per run (not again after a restart from a checkpoint): its
+        round's metrics under round 0, so that ``start``'s ``num_rounds`` are the simulator's
+        ``run(num_rounds)``."""
+        if self.initialized:
+            return
+        if self.needs_init():
+            _, metrics = self.run_round(grid, timeout=timeout, train_config=train_config)
+            result.train_metrics_clientapp[0] = metrics
+        else:
+            self._book_empty_init()
 
     def __repr__(self) -> str:
         k = self.comp.k if self.comp is not None else (self.k_arg or self.ratio)

@@ -32,7 +32,6 @@ fedkern's batched kernel on the client's row (bit for bit the simulator's gradie
 
 from __future__ import annotations
 
-import math
 from logging import INFO
 
 import numpy as np
@@ -48,7 +47,13 @@ from fedkern import validation as v
 from fedkern.algorithms.messages import COMPRESSORS, RowCompressor
 from fedkern.clients import ClientBatch
 from fedkern.integrations.flower import protocol as P
-from fedkern.integrations.flower.method_client import MethodClient, _float, _int, _Reject
+from fedkern.integrations.flower.method_client import (
+    MethodClient,
+    _float,
+    _int,
+    _ModuleLoss,
+    _Reject,
+)
 from fedkern.random import client_seed
 
 __all__ = ["ConvexGradients", "GradientClient", "ModuleGradients"]
@@ -304,7 +309,7 @@ class ConvexGradients:
         return f"ConvexGradients(n={self.batch.n}, p={self.batch.p}, mode={self.mode!r})"
 
 
-class ModuleGradients:
+class ModuleGradients(_ModuleLoss):
     """Gradients of a PyTorch module's loss: grad of loss(module(inputs), targets) + (l2/2)||x||^2.
 
     The flat x is split by ``config["fedkern"]["layout"]`` (the module's parameter names and
@@ -319,28 +324,10 @@ class ModuleGradients:
         batch_size: None (full batch) or an int >= 1. l2: float >= 0.
     """
 
-    def __init__(self, module: torch.nn.Module, loss, inputs: torch.Tensor, targets: torch.Tensor,
-                 *, batch_size: int | None = None, l2: float = 0.0):  # fmt: skip
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        if not callable(loss):
-            raise TypeError("loss must be callable")
-        if len(inputs) != len(targets) or len(inputs) < 1:
-            raise ValueError("inputs and targets must hold the same number (>= 1) of samples")
-        self.module, self.loss = module, loss
-        self.inputs, self.targets = inputs, targets
-        self.batch_size = None if batch_size is None else v.integer("batch_size", batch_size, 1)
-        self.l2 = v.fp32_scalar("l2", l2, nonneg=True)
-        self.names = {n: tuple(t.shape) for n, t in module.named_parameters()}
-
     def __call__(self, x, config) -> torch.Tensor:
-        from torch.func import functional_call
-
         fk = config["fedkern"]
         layout = fk["layout"]
-        if {n for n, _ in layout} != set(self.names):
-            raise ValueError(f"the model's arrays {[n for n, _ in layout]} are not the module's "
-                             f"parameters {list(self.names)}")  # fmt: skip
+        self._check_layout(layout)
         m = len(self.inputs)
         inp, tgt = self.inputs, self.targets
         if self.batch_size is not None and self.batch_size < m and not fk["full"]:
@@ -348,20 +335,7 @@ class ModuleGradients:
             gen = torch.Generator().manual_seed(client_seed(base, int(fk["batch_key"])))
             idx = torch.randperm(m, generator=gen)[: self.batch_size]
             inp, tgt = inp[idx], tgt[idx]
-        leaf = x.detach().clone().requires_grad_(True)
-        params, off = {}, 0
-        for name, shape in layout:
-            if tuple(shape) != self.names[name]:
-                raise ValueError(f"array {name!r} has shape {tuple(shape)}, the module's "
-                                 f"parameter {self.names[name]}")  # fmt: skip
-            n = math.prod(shape)
-            params[name] = leaf[off : off + n].view(shape)
-            off += n
-        with torch.enable_grad():
-            f = self.loss(functional_call(self.module, params, (inp,)), tgt)
-            f = f + 0.5 * self.l2 * (leaf * leaf).sum()
-            (g,) = torch.autograd.grad(f, leaf)
-        return g.detach()
+        return self._grad(x, layout, inp, tgt)
 
     def __repr__(self) -> str:
         return f"ModuleGradients({type(self.module).__name__}, samples={len(self.inputs)})"

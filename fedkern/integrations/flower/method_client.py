@@ -391,7 +391,56 @@ class ConvexTrainer:
         return f"ConvexTrainer(n={self.batch.n}, p={self.batch.p}, mode={self.mode!r})"
 
 
-class ModuleTrainer:
+class _ModuleLoss:
+    """What ``ModuleTrainer`` and ``gradient_client.ModuleGradients`` share: a module, its loss and
+    data, and grad f_i at a flat x, f_i(x) = loss(module(inputs), targets) + (l2/2) ||x||^2 with
+    the module's parameters taken from x by the server's layout (``torch.func.functional_call``;
+    the module's own parameters are not modified, its buffers are used as they are)."""
+
+    def __init__(self, module: torch.nn.Module, loss, inputs: torch.Tensor, targets: torch.Tensor,
+                 *, batch_size: int | None = None, l2: float = 0.0):  # fmt: skip
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not callable(loss):
+            raise TypeError("loss must be callable")
+        if len(inputs) != len(targets) or len(inputs) < 1:
+            raise ValueError("inputs and targets must hold the same number (>= 1) of samples")
+        self.module, self.loss = module, loss
+        self.inputs, self.targets = inputs, targets
+        self.batch_size = None if batch_size is None else v.integer("batch_size", batch_size, 1)
+        self.l2 = v.fp32_scalar("l2", l2, nonneg=True)
+        self.names = {n: tuple(t.shape) for n, t in module.named_parameters()}
+
+    def _check_layout(self, layout) -> None:
+        if {n for n, _ in layout} != set(self.names):
+            raise ValueError(f"the model's arrays {[n for n, _ in layout]} are not the module's "
+                             f"parameters {list(self.names)}")  # fmt: skip
+
+    def _params(self, x: torch.Tensor, layout) -> dict:
+        self._check_layout(layout)
+        out, off = {}, 0
+        for name, shape in layout:
+            if tuple(shape) != self.names[name]:
+                raise ValueError(f"array {name!r} has shape {tuple(shape)}, the module's "
+                                 f"parameter {self.names[name]}")  # fmt: skip
+            k = math.prod(shape)
+            out[name] = x[off : off + k].view(shape)
+            off += k
+        return out
+
+    def _grad(self, x: torch.Tensor, layout, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """grad f_i(x) on the samples (inp, tgt): float32 [p], detached; x is not modified."""
+        from torch.func import functional_call
+
+        leaf = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = functional_call(self.module, self._params(leaf, layout), (inp,))
+            f = self.loss(out, tgt) + 0.5 * self.l2 * (leaf * leaf).sum()
+            (g,) = torch.autograd.grad(f, leaf)
+        return g.detach()
+
+
+class ModuleTrainer(_ModuleLoss):
     """A trainer for a PyTorch module: K steps of x <- x - gamma (grad f_i(x) - h) on its data.
 
     The flat model x is split by ``config["fedkern"]["layout"]`` (the server's array names and
@@ -409,37 +458,7 @@ class ModuleTrainer:
         l2: the L2 weight (a float >= 0).
     """
 
-    def __init__(self, module: torch.nn.Module, loss, inputs: torch.Tensor, targets: torch.Tensor,
-                 *, batch_size: int | None = None, l2: float = 0.0):  # fmt: skip
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        if not callable(loss):
-            raise TypeError("loss must be callable")
-        if len(inputs) != len(targets) or len(inputs) < 1:
-            raise ValueError("inputs and targets must hold the same number (>= 1) of samples")
-        self.module, self.loss = module, loss
-        self.inputs, self.targets = inputs, targets
-        self.batch_size = None if batch_size is None else v.integer("batch_size", batch_size, 1)
-        self.l2 = v.fp32_scalar("l2", l2, nonneg=True)
-        self.names = {n: tuple(t.shape) for n, t in module.named_parameters()}
-
-    def _params(self, x: torch.Tensor, layout) -> dict:
-        if {n for n, _ in layout} != set(self.names):
-            raise ValueError(f"the model's arrays {[n for n, _ in layout]} are not the module's "
-                             f"parameters {list(self.names)}")  # fmt: skip
-        out, off = {}, 0
-        for name, shape in layout:
-            if tuple(shape) != self.names[name]:
-                raise ValueError(f"array {name!r} has shape {tuple(shape)}, the module's "
-                                 f"parameter {self.names[name]}")  # fmt: skip
-            k = math.prod(shape)
-            out[name] = x[off : off + k].view(shape)
-            off += k
-        return out
-
     def __call__(self, x, h, K, gamma, config) -> torch.Tensor:
-        from torch.func import functional_call
-
         fk = config["fedkern"]
         layout = fk["layout"]
         m = len(self.inputs)
@@ -452,12 +471,7 @@ class ModuleTrainer:
                 gen = torch.Generator().manual_seed(client_seed(base, fk["round"] * K + t))
                 idx = torch.randperm(m, generator=gen)[: self.batch_size]
                 inp, tgt = self.inputs[idx], self.targets[idx]
-            leaf = x.clone().requires_grad_(True)
-            with torch.enable_grad():
-                out = functional_call(self.module, self._params(leaf, layout), (inp,))
-                f = self.loss(out, tgt) + 0.5 * self.l2 * (leaf * leaf).sum()
-                (g,) = torch.autograd.grad(f, leaf)
-            x = x - gamma * (g - h)
+            x = x - gamma * (self._grad(x, layout, inp, tgt) - h)
         return x
 
     def __repr__(self) -> str:

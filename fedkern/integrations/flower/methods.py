@@ -320,6 +320,7 @@ class BaseMethodStrategy(FedAvg):
         self.summary()
         self.connect(grid, timeout)
         result = Result()
+        self.before_rounds(grid, timeout=timeout, train_config=train_config, result=result)
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         if evaluate_fn:
             res = evaluate_fn(self.rounds, self.global_arrays)
@@ -340,6 +341,12 @@ class BaseMethodStrategy(FedAvg):
                     result.evaluate_metrics_serverapp[t] = res
         result.arrays = self.global_arrays
         return result
+
+    def before_rounds(self, grid: Grid, *, timeout: float, train_config: ConfigRecord | None,
+                      result: Result) -> None:  # fmt: skip
+        """Called by ``start`` after the handshake, before the first of its rounds (default:
+        nothing). A method with a one-time initialization round runs it here and books its
+        metrics in ``result``."""
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -675,6 +682,12 @@ class MethodStrategy(BaseMethodStrategy):
         self.rounds += 1
         self._plan = None
         return self.global_arrays, MetricRecord(plan.metrics)
+
+    def before_rounds(self, grid: Grid, *, timeout: float, train_config: ConfigRecord | None,
+                      result: Result) -> None:  # fmt: skip
+        """Called by ``start`` after the handshake, before the first of its rounds (default:
+        nothing). A method with a one-time initialization round runs it here and books its
+        metrics in ``result``."""
 
     def summary(self) -> None:
         """Log the strategy's settings."""
