@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from logging import INFO, WARNING
 
 import numpy as np
@@ -65,7 +64,6 @@ try:
         ArrayRecord,
         ConfigRecord,
         Context,
-        Error,
         Message,
         MetricRecord,
         RecordDict,
@@ -80,8 +78,8 @@ from fedkern import sampling
 from fedkern import validation as v
 from fedkern.compress import RandK, TopK
 from fedkern.integrations.flower import protocol as P
+from fedkern.integrations.flower.method_client import ClientIdentity, _int, _Reject
 from fedkern.integrations.flower.method_client import _float as _finite
-from fedkern.integrations.flower.method_client import _int, _Reject
 from fedkern.integrations.flower.methods import BaseMethodStrategy
 from fedkern.random import client_seed
 from fedkern.robust import attacks
@@ -657,7 +655,7 @@ class ModuleSampleGradients:
         return f"ModuleSampleGradients({type(self.module).__name__}, samples={len(self.inputs)})"
 
 
-class ByzVRMarinaClient:
+class ByzVRMarinaClient(ClientIdentity):
     """The client side of Byz-VR-MARINA-PP (module docstring, step 3); keeps no state.
 
     Args:
@@ -678,6 +676,8 @@ class ByzVRMarinaClient:
     ``train.fedkern_byz``. One fedkern client helper per ClientApp (``MethodClient`` registers the
     same handshake).
     """
+
+    methods = (METHOD,)
 
     def __init__(self, gradients, *, client_id=None, seed: int | None = None, byzantine=(),
                  attack: str | None = None, bit_flip_scale: float = 1.0):  # fmt: skip
@@ -700,51 +700,8 @@ class ByzVRMarinaClient:
         app.query(P.ACTION_HELLO.split(".")[1])(self.hello)
         app.train(ACTION_BYZ.split(".")[1])(self.train)
 
-    def client_id(self, context: Context) -> int:
-        cid = self._client_id
-        if cid is None:
-            if "partition-id" not in context.node_config:
-                raise _Reject(P.ERR_CLIENT, "no client id: node_config has no 'partition-id' "
-                              "(pass client_id=)")  # fmt: skip
-            cid = context.node_config["partition-id"]
-        elif callable(cid):
-            cid = cid(context)
-        if isinstance(cid, bool) or not isinstance(cid, numbers.Integral) or cid < 0:
-            raise _Reject(P.ERR_CLIENT, f"client id must be an int >= 0, got {cid!r}")
-        return int(cid)
-
-    def _error(self, msg, exc) -> Message:
-        log(WARNING, "fedkern client: refused %s: %s", msg.metadata.message_type, exc)
-        return Message(Error(code=exc.code, reason=str(exc)), reply_to=msg)
-
-    def hello(self, msg: Message, context: Context) -> Message:
-        """The handshake: protocol version, methods served, client id (and seed if set)."""
-        try:
-            cid = self.client_id(context)
-        except _Reject as exc:
-            return self._error(msg, exc)
-        reply = {"protocol": P.PROTOCOL, "methods": [METHOD], "client_id": cid}
-        if self.seed is not None:
-            reply["seed"] = self.seed
-        return Message(RecordDict({P.RECORD: ConfigRecord(reply)}), reply_to=msg)
-
     def _check(self, msg, context):
-        cfg = msg.content.config_records.get(P.RECORD)
-        if cfg is None:
-            raise _Reject(P.ERR_PROTOCOL, f"the message has no {P.RECORD!r} ConfigRecord")
-        if cfg.get("protocol") != P.PROTOCOL:
-            raise _Reject(P.ERR_PROTOCOL, f"protocol version {cfg.get('protocol')!r}; this "
-                          f"client speaks {P.PROTOCOL}")  # fmt: skip
-        if cfg.get("method") != METHOD:
-            raise _Reject(P.ERR_METHOD, f"method {cfg.get('method')!r} is not served (only "
-                          f"{METHOD})")  # fmt: skip
-        seed = _int(cfg, "seed", 0)
-        if self.seed is not None and seed != self.seed:
-            raise _Reject(P.ERR_SEED, f"seed {seed} differs from this client's {self.seed}")
-        cid = self.client_id(context)
-        if _int(cfg, "client_id", 0) != cid:
-            raise _Reject(P.ERR_CLIENT, f"message for client {cfg.get('client_id')}, this is "
-                          f"client {cid}")  # fmt: skip
+        cfg, _, cid = self._common(msg, context)
         kind = cfg.get("kind")
         if kind not in (FULL, DIFF):
             raise _Reject(P.ERR_PROTOCOL, f"field 'kind' must be 'full' or 'diff', got {kind!r}")

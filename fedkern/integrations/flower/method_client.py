@@ -60,7 +60,7 @@ from fedkern.clients import ClientBatch
 from fedkern.integrations.flower import protocol as P
 from fedkern.random import client_seed
 
-__all__ = ["ConvexTrainer", "MethodClient", "ModuleTrainer", "module_arrays"]
+__all__ = ["ClientIdentity", "ConvexTrainer", "MethodClient", "ModuleTrainer", "module_arrays"]
 
 #: The methods whose client side ``MethodClient`` implements.
 METHODS = ("scaffnew", "proxskip", "tamuna")
@@ -92,7 +92,72 @@ def _float(cfg, name: str, positive: bool = False) -> float:
     return float(val)
 
 
-class MethodClient:
+class ClientIdentity:
+    """What every fedkern Flower client shares: its client id, the handshake reply, error replies
+    and the checks of a message's fedkern record (protocol version, method, seed, client id).
+
+    A subclass sets ``methods`` (the method names it serves), ``seed`` (None or the seed it
+    expects) and ``_client_id`` (None: ``context.node_config["partition-id"]``; an int; or a
+    callable ``client_id(context) -> int``).
+    """
+
+    methods: tuple[str, ...] = ()
+    seed: int | None = None
+    _client_id = None
+
+    def client_id(self, context: Context) -> int:
+        """This node's global client id (see the constructor)."""
+        cid = self._client_id
+        if cid is None:
+            if "partition-id" not in context.node_config:
+                raise _Reject(P.ERR_CLIENT, "no client id: node_config has no 'partition-id' "
+                              f"(pass client_id= to {type(self).__name__})")  # fmt: skip
+            cid = context.node_config["partition-id"]
+        elif callable(cid):
+            cid = cid(context)
+        if isinstance(cid, bool) or not isinstance(cid, numbers.Integral) or cid < 0:
+            raise _Reject(P.ERR_CLIENT, f"client id must be an int >= 0, got {cid!r}")
+        return int(cid)
+
+    def _error(self, msg: Message, exc: _Reject) -> Message:
+        log(WARNING, "fedkern client: refused %s: %s", msg.metadata.message_type, exc)
+        return Message(Error(code=exc.code, reason=str(exc)), reply_to=msg)
+
+    def _common(self, msg: Message, context: Context):
+        """The message's fedkern record, checked: (cfg, method, client id)."""
+        cfg = msg.content.config_records.get(P.RECORD)
+        if cfg is None:
+            raise _Reject(P.ERR_PROTOCOL, f"the message has no {P.RECORD!r} ConfigRecord")
+        if cfg.get("protocol") != P.PROTOCOL:
+            raise _Reject(P.ERR_PROTOCOL, f"protocol version {cfg.get('protocol')!r}; this "
+                          f"client speaks {P.PROTOCOL}")  # fmt: skip
+        method = cfg.get("method")
+        if method not in self.methods:
+            raise _Reject(P.ERR_METHOD, f"method {method!r} is not served by this client "
+                          f"({', '.join(self.methods)})")  # fmt: skip
+        seed = _int(cfg, "seed", 0)
+        if self.seed is not None and seed != self.seed:
+            raise _Reject(P.ERR_SEED, f"seed {seed} differs from this client's {self.seed}")
+        cid = self.client_id(context)
+        if _int(cfg, "client_id", 0) != cid:
+            raise _Reject(P.ERR_CLIENT, f"message for client {cfg.get('client_id')}, this is "
+                          f"client {cid}")  # fmt: skip
+        return cfg, method, cid
+
+    def hello(self, msg: Message, context: Context) -> Message:
+        """The handshake: reply with the protocol version, the methods served and the client id
+        (the server checks them; module ``protocol``)."""
+        try:
+            cid = self.client_id(context)
+        except _Reject as exc:
+            return self._error(msg, exc)
+        reply = {"protocol": P.PROTOCOL, "methods": list(self.methods), "client_id": cid}
+        if self.seed is not None:
+            reply["seed"] = self.seed
+        return Message(RecordDict({P.RECORD: ConfigRecord(reply)}), reply_to=msg)
+
+
+class MethodClient(ClientIdentity):
     """The client side of Scaffnew, ProxSkip and TAMUNA (module docstring: the round, the state).
 
     Args:
@@ -139,20 +204,6 @@ class MethodClient:
         app.query(P.ACTION_HELLO.split(".")[1])(self.hello)
         app.train(P.ACTION_TRAIN.split(".")[1])(self.train)
         app.train(P.ACTION_SYNC.split(".")[1])(self.sync)
-
-    def client_id(self, context: Context) -> int:
-        """This node's global client id (see the constructor)."""
-        cid = self._client_id
-        if cid is None:
-            if "partition-id" not in context.node_config:
-                raise _Reject(P.ERR_CLIENT, "no client id: node_config has no 'partition-id' "
-                              "(pass client_id= to MethodClient)")  # fmt: skip
-            cid = context.node_config["partition-id"]
-        elif callable(cid):
-            cid = cid(context)
-        if isinstance(cid, bool) or not isinstance(cid, numbers.Integral) or cid < 0:
-            raise _Reject(P.ERR_CLIENT, f"client id must be an int >= 0, got {cid!r}")
-        return int(cid)
 
     # ---- state in context.state -------------------------------------------------------------
 
@@ -207,48 +258,11 @@ class MethodClient:
 
     # ---- handlers ---------------------------------------------------------------------------
 
-    def _error(self, msg: Message, exc: _Reject) -> Message:
-        log(WARNING, "fedkern client: refused %s: %s", msg.metadata.message_type, exc)
-        return Message(Error(code=exc.code, reason=str(exc)), reply_to=msg)
-
-    def _common(self, msg: Message, context: Context):
-        """The message's fedkern record, checked: (cfg, method, client id)."""
-        cfg = msg.content.config_records.get(P.RECORD)
-        if cfg is None:
-            raise _Reject(P.ERR_PROTOCOL, f"the message has no {P.RECORD!r} ConfigRecord")
-        if cfg.get("protocol") != P.PROTOCOL:
-            raise _Reject(P.ERR_PROTOCOL, f"protocol version {cfg.get('protocol')!r}; this "
-                          f"client speaks {P.PROTOCOL}")  # fmt: skip
-        method = cfg.get("method")
-        if method not in self.methods:
-            raise _Reject(P.ERR_METHOD, f"method {method!r} is not served by this client "
-                          f"({', '.join(self.methods)})")  # fmt: skip
-        seed = _int(cfg, "seed", 0)
-        if self.seed is not None and seed != self.seed:
-            raise _Reject(P.ERR_SEED, f"seed {seed} differs from this client's {self.seed}")
-        cid = self.client_id(context)
-        if _int(cfg, "client_id", 0) != cid:
-            raise _Reject(P.ERR_CLIENT, f"message for client {cfg.get('client_id')}, this is "
-                          f"client {cid}")  # fmt: skip
-        return cfg, method, cid
-
     @staticmethod
     def _echo(cfg, cid: int) -> ConfigRecord:
         return ConfigRecord({"protocol": P.PROTOCOL, "method": cfg["method"], "seed": cfg["seed"],
                              "round": cfg["round"], "client_id": cid,
                              "row": cfg["row"]})  # fmt: skip
-
-    def hello(self, msg: Message, context: Context) -> Message:
-        """The handshake: reply with the protocol version, the methods served and the client id
-        (the server checks them; module ``protocol``)."""
-        try:
-            cid = self.client_id(context)
-        except _Reject as exc:
-            return self._error(msg, exc)
-        reply = {"protocol": P.PROTOCOL, "methods": list(self.methods), "client_id": cid}
-        if self.seed is not None:
-            reply["seed"] = self.seed
-        return Message(RecordDict({P.RECORD: ConfigRecord(reply)}), reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
         """One round's local training (module docstring, steps 1-4)."""
