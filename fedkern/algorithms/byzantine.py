@@ -20,7 +20,7 @@ from fedkern.random import client_seed
 from fedkern.robust import attacks
 from fedkern.robust.aggregator import RULES
 
-__all__ = ["ATTACKS", "STRONG", "ByzVRMarinaPP"]
+__all__ = ["ATTACKS", "STRONG", "ByzVRMarinaPP", "rule_aggregator"]
 
 ATTACKS = ("shift_back", "bit_flip", "alie", "ipm", "none")
 
@@ -34,6 +34,31 @@ ATTACKS = ("shift_back", "bit_flip", "alie", "ipm", "none")
 #: cancer over 20 iid clients, 80 rounds, the mean ends at 0.14 of the start gap with z = 5 and
 #: above it with z = 10.)
 STRONG = {"ipm_eps": 10.0, "alie_z": 10.0, "bit_flip_scale": 10.0}
+
+
+def rule_aggregator(rule: str, f: int, *, options=None, bucketing=None, seed: int = 0,
+                    cohort: int) -> R.Aggregator:  # fmt: skip
+    """The ``fedkern.robust.Aggregator`` that Byz-VR-MARINA-PP builds from a rule name (the
+    simulator and ``ByzVRMarinaPPStrategy`` alike): ``rule`` one of ``RULES``, ``f`` Byzantine
+    rows tolerated, ``options`` the rule's keywords (centered_clip defaults tau = 0.2 and a warm
+    start), ``bucketing`` s (None or 1: none) seeded by ``seed``, ``cohort`` the smallest number of
+    rows a round aggregates (before bucketing). Raises ValueError on an unknown rule, a bad
+    bucketing, or krum with fewer than 3 rows per round."""
+    if rule not in RULES:
+        raise ValueError(f"aggregator must be one of {', '.join(RULES)} (or an Aggregator), "
+                         f"got {rule!r}")  # fmt: skip
+    s = 1 if bucketing is None else v.integer("bucketing", bucketing, 1)
+    opts = dict(options or {})
+    if rule == "centered_clip":
+        opts.setdefault("tau", 0.2)
+        opts.setdefault("warm_start", True)
+    warm = opts.pop("warm_start", False)
+    rows = -(-cohort // s)
+    if rule == "krum" and rows < 3:
+        raise ValueError(f"krum needs at least 3 rows per round; the smallest cohort gives "
+                         f"{rows} (cohort {cohort}, bucketing {s})")  # fmt: skip
+    return R.Aggregator(rule, f, pre="bucketing" if s > 1 else None, bucket_size=s, seed=seed,
+                        warm_start=warm, **opts)  # fmt: skip
 
 
 class ByzVRMarinaPP(Method):
@@ -201,21 +226,9 @@ class ByzVRMarinaPP(Method):
 
     def _rule_aggregator(self, rule, options, bucketing, seed) -> R.Aggregator:
         """The Aggregator of a rule name (see ``aggregator`` in the class docstring)."""
-        if rule not in RULES:
-            raise ValueError(f"aggregator must be one of {', '.join(RULES)} (or an Aggregator), "
-                             f"got {rule!r}")  # fmt: skip
-        s = 1 if bucketing is None else v.integer("bucketing", bucketing, 1)
-        opts = dict(options or {})
-        if rule == "centered_clip":
-            opts.setdefault("tau", 0.2)
-            opts.setdefault("warm_start", True)
-        warm = opts.pop("warm_start", False)
-        rows = -(-min(self.cohort_size, self.full_cohort) // s)
-        if rule == "krum" and rows < 3:
-            raise ValueError(f"krum needs at least 3 rows per round; the smallest cohort gives "
-                             f"{rows} (cohort {self.cohort_size}, bucketing {s})")  # fmt: skip
-        return R.Aggregator(rule, len(self.byzantine), pre="bucketing" if s > 1 else None,
-                            bucket_size=s, seed=seed, warm_start=warm, **opts)  # fmt: skip
+        cohort = min(self.cohort_size, self.full_cohort)
+        return rule_aggregator(rule, len(self.byzantine), options=options, bucketing=bucketing,
+                               seed=seed, cohort=cohort)  # fmt: skip
 
     def _aggregate(self, X: torch.Tensor) -> torch.Tensor:
         """ARAgg(X); a rule-name aggregator gets f capped to what the rule accepts for X."""

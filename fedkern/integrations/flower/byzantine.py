@@ -76,6 +76,7 @@ except ImportError as exc:  # pragma: no cover - flwr is optional
 from fedkern import robust as R
 from fedkern import sampling
 from fedkern import validation as v
+from fedkern.algorithms.byzantine import rule_aggregator
 from fedkern.compress import RandK, TopK
 from fedkern.integrations.flower import protocol as P
 from fedkern.integrations.flower.method_client import ClientIdentity, _int, _Reject
@@ -83,7 +84,6 @@ from fedkern.integrations.flower.method_client import _float as _finite
 from fedkern.integrations.flower.methods import BaseMethodStrategy
 from fedkern.random import client_seed
 from fedkern.robust import attacks
-from fedkern.robust.aggregator import RULES
 
 __all__ = ["ACTION_BYZ", "ByzVRMarinaClient", "ByzVRMarinaPPStrategy", "ProblemSampleGradients",
            "ModuleSampleGradients", "RoundView", "SimulatedAttack"]  # fmt: skip
@@ -271,22 +271,9 @@ class ByzVRMarinaPPStrategy(BaseMethodStrategy):
         self.lam = 0.0
 
     def _rule_aggregator(self, rule, options, bucketing) -> R.Aggregator:
-        """The Aggregator of a rule name, as ``ByzVRMarinaPP._rule_aggregator`` builds it."""
-        if rule not in RULES:
-            raise ValueError(f"aggregator must be one of {', '.join(RULES)} (or an Aggregator), "
-                             f"got {rule!r}")  # fmt: skip
-        s = 1 if bucketing is None else v.integer("bucketing", bucketing, 1)
-        opts = dict(options or {})
-        if rule == "centered_clip":
-            opts.setdefault("tau", 0.2)
-            opts.setdefault("warm_start", True)
-        warm = opts.pop("warm_start", False)
-        rows = -(-min(self.cohort_size, self.full_cohort) // s)
-        if rule == "krum" and rows < 3:
-            raise ValueError(f"krum needs at least 3 rows per round; the smallest cohort gives "
-                             f"{rows} (cohort {self.cohort_size}, bucketing {s})")  # fmt: skip
-        return R.Aggregator(rule, self.f, pre="bucketing" if s > 1 else None, bucket_size=s,
-                            seed=self.seed, warm_start=warm, **opts)  # fmt: skip
+        """The Aggregator of a rule name, as the simulator builds it (``rule_aggregator``)."""
+        return rule_aggregator(rule, self.f, options=options, bucketing=bucketing, seed=self.seed,
+                               cohort=min(self.cohort_size, self.full_cohort))  # fmt: skip
 
     def _aggregate(self, X: torch.Tensor) -> torch.Tensor:
         """ARAgg(X); a rule-name aggregator gets f capped to what the rule accepts for X."""
