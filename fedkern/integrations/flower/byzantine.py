@@ -692,9 +692,7 @@ class ByzVRMarinaClient(ClientIdentity):
         kind = cfg.get("kind")
         if kind not in (FULL, DIFF):
             raise _Reject(P.ERR_PROTOCOL, f"field 'kind' must be 'full' or 'diff', got {kind!r}")
-        layout = cfg.get("layout")
-        if not isinstance(layout, list) or not all(isinstance(k, str) for k in layout):
-            raise _Reject(P.ERR_PROTOCOL, "field 'layout' must be a list of array names")
+        layout = self._layout(cfg)
         recs = msg.content.array_records
         try:
             if X_NEW not in recs:

@@ -493,17 +493,7 @@ class FiveGCSClient(MethodClient):
             k = _int(cfg, "k", 0)
             cseed = _int(cfg, "compressor_seed", 0)
             agg_round = _int(cfg, "agg_round", -1)
-            layout = cfg.get("layout")
-            if not isinstance(layout, list) or not all(isinstance(n, str) for n in layout):
-                raise _Reject(P.ERR_PROTOCOL, "field 'layout' must be a list of array names")
-            records = msg.content.array_records
-            akey = cfg.get("arrays")
-            if akey not in records:
-                raise _Reject(P.ERR_PROTOCOL, f"the message has no model ArrayRecord {akey!r}")
-            try:
-                y_hat = P.flatten(records[akey], layout)
-            except ValueError as exc:
-                raise _Reject(P.ERR_PROTOCOL, str(exc)) from exc
+            y_hat, layout, shapes = self._model(msg, cfg)
             d = y_hat.numel()
             if k > d:
                 raise _Reject(P.ERR_PROTOCOL, f"field 'k' = {k} exceeds the model size {d}")
@@ -521,7 +511,6 @@ class FiveGCSClient(MethodClient):
             self._put(context, u)
         user = msg.content.config_records.get(cfg.get("config", ""), ConfigRecord())
         config = dict(user)
-        shapes = [tuple(records[akey][n].shape) for n in layout]
         config["fedkern"] = {"client_id": cid, "round": rnd, "seed": cfg["seed"], "key": key,
                              "method": METHOD, "mu": mu, "tau": tau, "K": K, "local_lr": lr,
                              "local_solver": solver,

@@ -165,17 +165,7 @@ class GradientClient(MethodClient):
             alpha = _float(cfg, "alpha")
             if not isinstance(cfg.get("feedback"), bool):
                 raise _Reject(P.ERR_PROTOCOL, "field 'feedback' must be a bool")
-            layout = cfg.get("layout")
-            if not isinstance(layout, list) or not all(isinstance(k, str) for k in layout):
-                raise _Reject(P.ERR_PROTOCOL, "field 'layout' must be a list of array names")
-            records = msg.content.array_records
-            akey = cfg.get("arrays")
-            if akey not in records:
-                raise _Reject(P.ERR_PROTOCOL, f"the message has no model ArrayRecord {akey!r}")
-            try:
-                x = P.flatten(records[akey], layout)
-            except ValueError as exc:
-                raise _Reject(P.ERR_PROTOCOL, str(exc)) from exc
+            x, layout, shapes = self._model(msg, cfg)
             p = x.numel()
             k = p if kind == "none" else _int(cfg, "k", 1, p)
             unbiased = cfg.get("unbiased")
@@ -187,7 +177,7 @@ class GradientClient(MethodClient):
             x_old = None
             if method == "marina" and not full:
                 x_round = _int(cfg, "x_round", 0, rnd - 1)
-                prev = records.get(PREV)
+                prev = msg.content.array_records.get(PREV)
                 if prev is not None:
                     a = prev["values"].numpy() if "values" in prev else None
                     if a is None or a.dtype != np.float32 or a.shape != (p,):
@@ -224,7 +214,6 @@ class GradientClient(MethodClient):
             self._write(context, method, {name: state.numpy()}, {"pending": -1})
         user = msg.content.config_records.get(cfg.get("config", ""), ConfigRecord())
         config = dict(user)
-        shapes = [tuple(records[akey][a].shape) for a in layout]
         config["fedkern"] = {"client_id": cid, "round": rnd, "seed": cfg["seed"],
                              "method": method, "layout": list(zip(layout, shapes, strict=True)),
                              "batch_key": batch_key, "full": full}  # fmt: skip

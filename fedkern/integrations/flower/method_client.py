@@ -144,6 +144,29 @@ class ClientIdentity:
                           f"client {cid}")  # fmt: skip
         return cfg, method, cid
 
+    @staticmethod
+    def _layout(cfg) -> list:
+        """The record's field 'layout' (the model's array names, in order), checked."""
+        layout = cfg.get("layout")
+        if not isinstance(layout, list) or not all(isinstance(k, str) for k in layout):
+            raise _Reject(P.ERR_PROTOCOL, "field 'layout' must be a list of array names")
+        return layout
+
+    def _model(self, msg: Message, cfg) -> tuple[torch.Tensor, list, list]:
+        """The model the message carries (the ArrayRecord named by field 'arrays'), flattened in
+        layout order to float32 [p] (``protocol.flatten``), the layout (array names) and the
+        arrays' shapes in that order."""
+        layout = self._layout(cfg)
+        records = msg.content.array_records
+        akey = cfg.get("arrays")
+        if akey not in records:
+            raise _Reject(P.ERR_PROTOCOL, f"the message has no model ArrayRecord {akey!r}")
+        try:
+            flat = P.flatten(records[akey], layout)
+        except ValueError as exc:
+            raise _Reject(P.ERR_PROTOCOL, str(exc)) from exc
+        return flat, layout, [tuple(records[akey][n].shape) for n in layout]
+
     def hello(self, msg: Message, context: Context) -> Message:
         """The handshake: reply with the protocol version, the methods served and the client id
         (the server checks them; module ``protocol``)."""
@@ -278,17 +301,7 @@ class MethodClient(ClientIdentity):
             _int(cfg, "row", 0, c - 1)
             agg_round = _int(cfg, "agg_round", -1)
             shift = _float(cfg, "shift") if "shift" in cfg else 0.0
-            layout = cfg.get("layout")
-            if not isinstance(layout, list) or not all(isinstance(k, str) for k in layout):
-                raise _Reject(P.ERR_PROTOCOL, "field 'layout' must be a list of array names")
-            records = msg.content.array_records
-            akey = cfg.get("arrays")
-            if akey not in records:
-                raise _Reject(P.ERR_PROTOCOL, f"the message has no model ArrayRecord {akey!r}")
-            try:
-                x = P.flatten(records[akey], layout)
-            except ValueError as exc:
-                raise _Reject(P.ERR_PROTOCOL, str(exc)) from exc
+            x, layout, shapes = self._model(msg, cfg)
             p = x.numel()
             h, pending = self._load(context, method, p)
         except _Reject as exc:
@@ -312,7 +325,6 @@ class MethodClient(ClientIdentity):
             self._store(context, method, h)
         user = msg.content.config_records.get(cfg.get("config", ""), ConfigRecord())
         config = dict(user)
-        shapes = [tuple(records[akey][k].shape) for k in layout]
         config["fedkern"] = {"client_id": cid, "round": rnd, "seed": cfg["seed"],
                              "key": cfg.get("key"), "method": method,
                              "layout": list(zip(layout, shapes, strict=True))}  # fmt: skip
