@@ -205,7 +205,13 @@ class RandKGradient(_Compressed):
 
 def gaussians(n: int, *, seed: int, step: int) -> torch.Tensor:
     """n independent N(0, 1) floats (float64) for (seed, step): Box-Muller on the uniforms of
-    stream STREAM_GAUSSIAN."""
+    stream STREAM_GAUSSIAN, in torch's float64 log / cos / sin.
+
+    Not ``fedkern.random.gaussian``: that one is the cross-backend draw (fp32 values from fedkern's
+    own exactly specified fp32 transcendentals, identical on the reference, C++ and Triton, tail
+    cut at |z| <= 5.77). The estimators run in float64 on the host only and want full float64
+    normals (a zeroth-order direction's scale enters the difference quotient), so they keep
+    this host-side float64 draw."""
     u = uniforms(2 * ((n + 1) // 2), seed=seed, step=step, stream=STREAM_GAUSSIAN)
     u1, u2 = u[0::2], u[1::2]
     r = torch.sqrt(-2 * torch.log1p(-u1))  # 1 - u1 in (0, 1]: finite
