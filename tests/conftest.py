@@ -476,3 +476,35 @@ def load_example(monkeypatch):
     for package in loaded:
         for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
             del sys.modules[name]
+
+
+@pytest.fixture
+def ray_example(monkeypatch):
+    """``ray_example((client_app, server_app, task), rounds, supernodes)`` runs an example app
+    (from ``load_example``) in Flower's simulation engine (Ray; skipped without it) with its
+    pyproject settings but ``rounds`` server rounds (the server runs in this process, so only its
+    round count is overridden; the clients read the pyproject's settings in Ray's workers), and
+    returns ``(result, defaults)``: the server's last Result and the app's default configuration.
+    ``final_model(result)`` reads the model."""
+    pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
+    from flwr.simulation import run_simulation
+
+    def run(app, rounds, supernodes):
+        client_app, server_app, task = app
+        config = task.config
+        monkeypatch.setattr(task, "config",
+                            lambda ctx: {**config(ctx), "num-server-rounds": rounds})  # fmt: skip
+        backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                   "init_args": {"num_cpus": 2, "include_dashboard": False}}  # fmt: skip
+        run_simulation(server_app=server_app.app, client_app=client_app.app,
+                       num_supernodes=supernodes, backend_config=backend)  # fmt: skip
+        return server_app.RESULTS[-1], config(type("Ctx", (), {"run_config": {}})())
+
+    return run
+
+
+def final_model(result):
+    """The server model of a Flower ``Result`` (ArrayRecord "x"): a torch tensor."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(result.arrays["x"].numpy()))

@@ -90,23 +90,13 @@ def robust(gaps, gap0):
     return max(gaps[15:]) < 0.05 * gap0
 
 
-def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flower_process, monkeypatch):
-    pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
-    from flwr.simulation import run_simulation
-
+def test_app_in_the_simulation_engine_clipping_defeats_shift_back(app, flower_process, ray_example):
     client_app, server_app, task = app
     rounds = 25
-    config = task.config
-    # the server runs in this process: fewer rounds than the README's 40 (the clients' settings
-    # are the pyproject's, read in Ray's workers)
-    monkeypatch.setattr(task, "config", lambda ctx: {**config(ctx), "num-server-rounds": rounds})
+    # fewer rounds than the README's 40
+    result, _ = ray_example(app, rounds, N)
     cfg = defaults(task)
     assert cfg["attack"] == "shift_back" and cfg["clip"] is True and int(cfg["num-clients"]) == N
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": 2, "include_dashboard": False}}  # fmt: skip
-    run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=N,
-                   backend_config=backend)  # fmt: skip
-    result = server_app.RESULTS[-1]
     sim = simulator(cfg, rounds)
     assert torch.equal(final_model(result), sim.x)  # the simulator's model, bit for bit
     assert not torch.equal(final_model(result), simulator(cfg, rounds - 1).x)  # one round short

@@ -12,13 +12,12 @@ ServerApp ``main`` over an in-process grid (conftest's) against ``fedkern.algori
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
-from conftest import in_process_grid  # noqa: E402
+from conftest import final_model, in_process_grid  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 
@@ -54,10 +53,6 @@ def simulator(task, cfg, rounds):
     return sim
 
 
-def final_model(result):
-    return torch.from_numpy(np.array(result.arrays["x"].numpy()))
-
-
 def run_in_process(client_app, server_app, run_config):
     """The app's ServerApp ``main`` over an in-process grid of N ClientApp nodes (each with its
     own persistent Context, run config ``run_config``); returns the strategy's Result."""
@@ -75,21 +70,11 @@ def relative_gaps(result, rounds):
     return [g[t]["gap"] / g[0]["gap"] for t in range(rounds + 1)]
 
 
-def test_diana_app_in_the_simulation_engine(app, monkeypatch, flower_process):
-    pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
-    from flwr.simulation import run_simulation
-
+def test_diana_app_in_the_simulation_engine(app, ray_example, flower_process):
     client_app, server_app, task = app
     rounds, tol = 30, 1.3e-3
-    config = task.config
-    # the server runs in this process: fewer rounds than the README's 60 (the clients' settings
-    # are the pyproject's, read in Ray's workers)
-    monkeypatch.setattr(task, "config", lambda ctx: {**config(ctx), "num-server-rounds": rounds})
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": 2, "include_dashboard": False}}  # fmt: skip
-    run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=N,
-                   backend_config=backend)  # fmt: skip
-    result = server_app.RESULTS[-1]
+    # fewer rounds than the README's 60
+    result, _ = ray_example(app, rounds, N)
     cfg = task.config(type("Ctx", (), {"run_config": {}})())
     assert cfg["method"] == "diana" and cfg["compressor"] == "auto" and cfg["num-clients"] == N
     sim = simulator(task, cfg, rounds)

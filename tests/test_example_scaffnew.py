@@ -11,13 +11,12 @@ named.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
-from conftest import in_process_grid  # noqa: E402
+from conftest import final_model, in_process_grid  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 
@@ -46,25 +45,11 @@ def simulator(task, cfg, rounds):
     return sim
 
 
-def final_model(result):
-    return torch.from_numpy(np.array(result.arrays["x"].numpy()))
-
-
-def test_scaffnew_app_in_the_simulation_engine(app, monkeypatch):
-    pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
-    from flwr.simulation import run_simulation
-
+def test_scaffnew_app_in_the_simulation_engine(app, ray_example):
     client_app, server_app, task = app
     rounds = 30
-    config = task.config
-    # the server runs in this process: fewer rounds than the README's 60 (the clients' settings
-    # are the pyproject's, read in Ray's workers)
-    monkeypatch.setattr(task, "config", lambda ctx: {**config(ctx), "num-server-rounds": rounds})
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": 2, "include_dashboard": False}}  # fmt: skip
-    run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=N,
-                   backend_config=backend)  # fmt: skip
-    result = server_app.RESULTS[-1]
+    # fewer rounds than the README's 60
+    result, _ = ray_example(app, rounds, N)
     cfg = task.config(type("Ctx", (), {"run_config": {}})())
     assert cfg["method"] == "scaffnew" and int(cfg["num-clients"]) == N
     sim = simulator(task, cfg, rounds)
