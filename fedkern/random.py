@@ -249,7 +249,11 @@ def uniforms(n: int, *, seed: int, step: int, stream: int = STREAM_UNIFORM):
     Args:
         n: int >= 0.
         seed, step: ints in [0, 2**63).
-        stream: the stream tag (distinct features use distinct tags).
+        stream: the stream tag (distinct features use distinct tags). The default,
+            STREAM_UNIFORM, is also the base of ``fedkern.sampling``'s streams (its coins use it
+            as it is; so does ``Quartic.uniform_points``, whose data is therefore the coin's
+            draw at step 0 for the same seed): draws that must be independent of a method's
+            coins pass their own tag.
     """
     import torch
 

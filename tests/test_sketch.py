@@ -214,7 +214,7 @@ def test_bernoulli_cpu_apply_streamed_output(gen):
     require("fedkern._C", in_ci=True)
     seed = fresh_seed("sketch seed")
     d = (1 << 21) + 37  # rows after the first start 148 (fp32) / 74 (bf16) bytes off alignment
-    p_vec = torch.rand(d, generator=gen) * 0.02
+    p_vec = torch.rand(d, generator=gen) * 0.02 + 1e-4  # in (0, 1]: rand can give 0
     for dtype, R in ((torch.float32, 2), (torch.bfloat16, 4)):
         X = torch.randn(R, d, generator=gen).to(dtype)
         V = torch.randn(R, d, generator=gen).to(dtype)
