@@ -106,7 +106,7 @@ class ClientIdentity:
     _client_id = None
 
     def client_id(self, context: Context) -> int:
-        """This node's global client id (see the constructor)."""
+        """This node's global client id (from ``_client_id``: see the class docstring)."""
         cid = self._client_id
         if cid is None:
             if "partition-id" not in context.node_config:
