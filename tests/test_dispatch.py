@@ -55,6 +55,21 @@ def test_auto_uses_the_cpu_core_on_cpu():
     assert impl is fedkern.ops.topk.IMPLS["topk_compress"]["cpu"]
 
 
+def test_auto_order_keeps_the_gpu_measured_kernel(monkeypatch):
+    """On CUDA, "auto" takes the CUDA C++ kernel, then Triton; an AUTO_ORDER entry (a CUDA C++
+    kernel not yet run on a GPU) puts Triton first for that op only. Forcing ignores the entry."""
+    monkeypatch.setattr(_dispatch, "_probe_cache", {"cuda": (True, "x"), "triton": (True, "x")})
+    impls = {"reference": 0, "triton": 1, "cuda": 2}
+    cuda = torch.device("cuda", 0)
+    assert ("microadam_step_", "cuda") in _dispatch.AUTO_ORDER
+    assert _dispatch._choose("microadam_step_", impls, cuda, None) == "triton"
+    assert _dispatch._choose("topk_compress", impls, cuda, None) == "cuda"
+    with fedkern.backend("cuda"):
+        assert _dispatch._choose("microadam_step_", impls, cuda, None) == "cuda"
+    monkeypatch.setitem(_dispatch._probe_cache, "triton", (False, "not installed"))
+    assert _dispatch._choose("microadam_step_", impls, cuda, None) == "cuda"
+
+
 def test_env_variable_forces_a_backend():
     code = (
         "import fedkern, torch; print(fedkern.current_backend());"

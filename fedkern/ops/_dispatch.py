@@ -7,8 +7,10 @@ for the tensors' device: on CPU the C++ core, on CUDA the op's CUDA C++ kernel i
 CuPy works, else its Triton kernel; everything else (and any missing native backend) falls back to
 the plain-PyTorch reference. On a device type with a size crossover for the op
 (``fedkern.ops._crossover``: measured, documented, overridable), "auto" runs the reference for
-calls smaller than the crossover, where it is faster than launching the kernel. A forced backend
-that cannot run the call is an error, never a silent fallback; it ignores the crossovers.
+calls smaller than the crossover, where it is faster than launching the kernel. ``AUTO_ORDER``
+overrides the CUDA order for an op whose CUDA C++ kernel has not yet been run on a GPU, so that
+"auto" keeps the kernel that has. A forced backend that cannot run the call is an error, never a
+silent fallback; it ignores the crossovers and ``AUTO_ORDER``.
 
 Logging (the standard ``logging`` module, logger "fedkern"): the first time "auto" falls back to
 the reference because a native backend that would have run the call failed to load (the C++ core
@@ -33,6 +35,17 @@ from fedkern.ops import _crossover
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
+
+#: Per-op backend order of "auto" on one device type, where it differs from the default order
+#: ("cuda" then "triton" on CUDA). An entry is for a CUDA C++ kernel written and tested on the CPU
+#: (compiled for sm_90 by nvcc, run bit for bit through the SIMT emulator of tests/cuda_emu) that
+#: has not yet been run and timed on a GPU: "auto" keeps the Triton kernel the last GPU run
+#: measured until a GPU check (bench/gpu_check.sh) has shown the new one correct and faster;
+#: ``fedkern.backend("cuda")`` selects it meanwhile.
+AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("microadam_step_", "cuda"): ("triton", "cuda"),
+}
+_DEFAULT_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 _state = threading.local()
 _probe_cache: dict[str, tuple[bool, str]] = {}
@@ -200,7 +213,7 @@ def _choose(op: str, impls: dict[str, Callable], device: torch.device, size: int
     if size is not None and size < _crossover.threshold(op, device.type):
         if _crossover.SMALL in impls:
             return _crossover.SMALL
-    order = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device.type, ())
+    order = AUTO_ORDER.get((op, device.type)) or _DEFAULT_ORDER.get(device.type, ())
     failed = []
     for cand in order:
         if cand in impls:
