@@ -131,7 +131,8 @@ def test_suites():
 
     peer_ops = set(peers.ROBUST) | set(peers.OPTIMIZERS)
     assert peer_ops <= set(B.OPS)
-    assert {c.op for c in quick} == set(B.OPS) - peer_ops  # the peers run only with --peers
+    gpu_only = {"microadam_cuda_vs_adamw"}  # the CUDA C++ MicroAdam forced, full suite on CUDA
+    assert {c.op for c in quick} == set(B.OPS) - peer_ops - gpu_only  # peers: only with --peers
     assert "topk_compress-n1e7-k1e5-bf16" in ids
     assert "sparse_add_batched_-n1e7-m16-k1e5-fp32" in ids
     sized = [c for c in quick
@@ -151,6 +152,10 @@ def test_suites():
     full_gpu = B.suite(full=True, device="cuda")
     assert set(quick) <= set(full_gpu)
     assert {c.n for c in full_gpu} >= {10**8, 10**9}
+    assert {(c.op, c.n) for c in full_gpu if c.op in gpu_only} == {
+        ("microadam_cuda_vs_adamw", 10**7),
+        ("microadam_cuda_vs_adamw", 10**8),
+    }
     assert all(c.n <= 10**7 for c in B.suite(full=True, device="cpu"))
 
 

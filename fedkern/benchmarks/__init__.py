@@ -31,8 +31,9 @@ impl_op=None, full_pass=False, footprint=None, ops_module=None)`` -- one benchma
   the numerator of GB/s.
 - ``position``: where the op's cases run; unique. Now: topk_compress 100, randk_compress 110,
   ef14_topk_ 120, ef21_topk_ 130, ef14_randk_ 140, ef21_randk_ 150, sparse_add_batched_ 200,
-  microadam_step_ 300, microadam_vs_adamw 310, coordinate_median 400, trimmed_mean 410, krum 500,
-  nnm 600, geometric_median 610, centered_clip 620, clip_rows_ 630, diff_compress_clip 700,
+  microadam_step_ 300, microadam_vs_adamw 310, microadam_cuda_vs_adamw 320, coordinate_median 400,
+  trimmed_mean 410, krum 500, nnm 600, geometric_median 610, centered_clip 620, clip_rows_ 630,
+  diff_compress_clip 700,
   local_steps_vs_loop 800, local_steps_vs_vmap 810, module_steps_vs_loop 820, tamuna_aggregate_
   910, tamuna_round_vs_loop 920, fivegcs_round_vs_loop 930, flower_scaffnew_round 940,
   flower_tamuna_round 950; the peer comparisons: median_vs_byzfl 1000, trimmed_mean_vs_byzfl

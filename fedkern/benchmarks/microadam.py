@@ -5,9 +5,13 @@
                        eager way to write MicroAdam)
   microadam_vs_adamw   the same fedkern step against torch.optim.AdamW (foreach=True on CPU,
                        fused=True on CUDA) on the same parameters
+  microadam_cuda_vs_adamw  CUDA only: the same, with the step forced to the CUDA C++ kernel
+                       (csrc/cuda/microadam.cu), which "auto" does not pick until a GPU run has
+                       measured it (fedkern.ops._dispatch.AUTO_ORDER): both kernels side by side
 
 The records also carry the optimizer state in bytes per parameter of both sides. Cases: quick
-n = 1e7 fp32; full adds bf16 and, on CUDA, n = 1e8. k = MICROADAM_K, the default density.
+n = 1e7 fp32; full adds bf16 and, on CUDA, n = 1e8 and the CUDA C++ case at 1e7 and 1e8 bf16.
+k = MICROADAM_K, the default density.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from fedkern.benchmarks.core import Case, Prepared, cases, min_bytes, nothing, r
 
 MICROADAM_K = 41  # keep_count(0.01, 4096): the default density and block size
 OPS = ("microadam_step_", "microadam_vs_adamw")
+FORCED = {"microadam_cuda_vs_adamw": "cuda"}  # case -> the backend its fedkern side is forced to
 
 
 def microadam_bytes_moved(n: int, es: int, *, m: int = 10, k: int = 41, block: int = 4096,
@@ -63,7 +68,14 @@ def _setup_microadam(case, device, gen):
         flag = {"fused": True} if device.type == "cuda" else {"foreach": True}
         eg = torch.optim.AdamW(params(), **opts, **flag)
         eager = eg.step
-    fk.step()  # allocate the state outside the timed calls
+    fk_step = fk.step
+    if case.op in FORCED:
+
+        def fk_step() -> None:
+            with fedkern.backend(FORCED[case.op]):
+                fk.step()
+
+    fk_step()  # allocate the state outside the timed calls
     eager()
 
     def state_bytes(opt) -> int:
@@ -75,7 +87,7 @@ def _setup_microadam(case, device, gen):
         )
 
     return Prepared(
-        fedkern=fk.step,
+        fedkern=fk_step,
         eager=eager,
         rearm_fedkern=nothing,  # a step costs the same whatever the parameter values
         rearm_eager=nothing,
@@ -103,6 +115,9 @@ register("microadam_vs_adamw", family="microadam", setup=_setup_microadam,
          position=310,
          eager="torch.optim.AdamW.step() (foreach=True on CPU, fused=True on CUDA)",
          impl_op="microadam_step_", nbytes=_bytes, footprint=_footprint)  # fmt: skip
+register("microadam_cuda_vs_adamw", family="microadam", setup=_setup_microadam,
+         position=320, eager="torch.optim.AdamW.step(fused=True)",
+         impl_op="microadam_step_", nbytes=_bytes, footprint=_footprint)  # fmt: skip
 
 
 @cases("microadam")
@@ -116,6 +131,8 @@ def _cases(suite, device, sizes):
     if suite == "quick":
         return micro(10**7, f32)
     big = torch.device(device).type == "cuda"
+    forced = [Case(op, n, MICROADAM_K, b16) for op in FORCED for n in (10**7, 10**8)] if big else []
     return (
         (micro(10**8, f32) if big else []) + micro(10**7, b16) + (micro(10**8, b16) if big else [])
-    )
+        + forced
+    )  # fmt: skip
