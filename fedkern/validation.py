@@ -189,3 +189,37 @@ def schema_types(**args) -> None:
             raise TypeError(f"{name} must be {want}, got {type(val).__name__}")
         if name in ("seed", "step") and not 0 <= int(val) < 2**63:
             raise ValueError(f"{name} must be an int in [0, 2**63), got {val}")
+
+
+def cohort_layout(clients, offsets, *, c: int, rows: int, rows_name: str, device,
+                  check: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """The client layout of a batched client op: ``clients`` int64 [c] (one client id per cohort
+    row) and ``offsets`` int64 [n + 1] (client i owns rows offsets[i] .. offsets[i+1] of the data,
+    which has ``rows`` rows and is named ``rows_name`` in messages), both on ``device``.
+
+    With ``check`` (and real tensors, not fake ones) also the values, which reads them to the host
+    (a synchronization on CUDA): offsets rise from 0 to ``rows``, client ids in [0, n). Returns the
+    host copies (offsets, clients) when it read them, else None."""
+    for name, t, shape in (("clients", clients, (c,)), ("offsets", offsets, None)):
+        tensor(name, t)
+        if t.dtype != torch.int64 or t.device != device or (shape is not None and t.shape != shape):
+            raise ValueError(f"{name} must be an int64 tensor of shape {shape or '[n + 1]'} on "
+                             f"{device}, got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
+    if offsets.dim() != 1 or offsets.shape[0] < 2:
+        raise ValueError("offsets must be [n + 1] with n >= 1")
+    if not check or isinstance(offsets, FakeTensor):
+        return None
+    o, cl = offsets.cpu(), clients.cpu()
+    if int(o[0]) != 0 or int(o[-1]) != rows or bool((o[1:] < o[:-1]).any()):
+        raise ValueError(f"offsets must rise from 0 to {rows} (the rows of {rows_name})")
+    if c and (int(cl.min()) < 0 or int(cl.max()) >= o.shape[0] - 1):
+        raise ValueError(f"clients must be ids in [0, {o.shape[0] - 1})")
+    return o, cl
+
+
+def step_keys(keys, *, c: int, K: int, device) -> torch.Tensor:
+    """The per-step sampling keys of a batched client op: int64 [c, K, 8] on ``device``."""
+    tensor("keys", keys)
+    if keys.dtype != torch.int64 or keys.shape != (c, K, 8) or keys.device != device:
+        raise ValueError(f"keys must be an int64 tensor [{c}, {K}, 8] on {device}")
+    return keys

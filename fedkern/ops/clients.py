@@ -104,9 +104,8 @@ def _f32_matrix(name: str, t, rows: int | None, cols: int, device) -> Tensor:
     return t
 
 
-def check_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys,
-                      clip, mu, anchor, check=True) -> None:  # fmt: skip
-    """Every argument of local_steps_; raises before anything is modified."""
+def _check_data(X, A, y, kind, classes) -> tuple[torch.device, int, int]:
+    """A [N, d] float32, y [N] float32, the model kind and class count, X [c, p]: (device, p, c)."""
     v.tensor("A", A)
     if A.dtype != F32 or A.dim() != 2:
         raise TypeError(f"A must be a 2-D float32 tensor, got {A.dtype} {tuple(A.shape)}")
@@ -117,23 +116,19 @@ def check_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H,
     classes = v.integer("classes", classes, 2 if kind == 1 else 1)
     p = classes * d if kind == 1 else d
     c = _f32_matrix("X", X, None, p, dev).shape[0]
+    v.tensor("y", y)
+    if y.dtype != F32 or y.device != dev or y.shape != (A.shape[0],):
+        raise ValueError(f"y must be a float32 tensor of shape ({A.shape[0]},) on {dev}, got "
+                         f"{y.dtype} {tuple(y.shape)} on {y.device}")  # fmt: skip
+    return dev, p, c
+
+
+def check_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys,
+                      clip, mu, anchor, check=True) -> None:  # fmt: skip
+    """Every argument of local_steps_; raises before anything is modified."""
+    dev, p, c = _check_data(X, A, y, kind, classes)
     v.writable("X", X)
-    vectors = (("y", y, F32, (A.shape[0],)), ("clients", clients, torch.int64, (c,)),
-               ("offsets", offsets, torch.int64, None))  # fmt: skip
-    for name, t, dt, shape in vectors:
-        v.tensor(name, t)
-        if t.dtype != dt or t.device != dev or (shape is not None and t.shape != shape):
-            raise ValueError(f"{name} must be a {dt} tensor of shape {shape or '[n + 1]'} on "
-                             f"{dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
-    if offsets.dim() != 1 or offsets.shape[0] < 2:
-        raise ValueError("offsets must be [n + 1] with n >= 1")
-    if check and not isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
-        o = offsets.cpu()
-        if int(o[0]) != 0 or int(o[-1]) != A.shape[0] or bool((o[1:] < o[:-1]).any()):
-            raise ValueError(f"offsets must rise from 0 to {A.shape[0]} (the rows of A)")
-        cl = clients.cpu()
-        if c and (int(cl.min()) < 0 or int(cl.max()) >= o.shape[0] - 1):
-            raise ValueError(f"clients must be ids in [0, {o.shape[0] - 1})")
+    v.cohort_layout(clients, offsets, c=c, rows=A.shape[0], rows_name="A", device=dev, check=check)
     v.integer("K", K, 0)
     v.fp32_scalar("gamma", gamma)
     v.fp32_scalar("l2", l2, nonneg=True)
@@ -146,9 +141,7 @@ def check_local_steps(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H,
         raise ValueError(f"mode must be 0 (gd), 1 (sgd) or 2 (rr), got {mode}")
     v.integer("b", b, 1)
     if mode != 0 and K > 0:
-        v.tensor("keys", keys)
-        if keys.dtype != torch.int64 or keys.shape != (c, K, 8) or keys.device != dev:
-            raise ValueError(f"keys must be an int64 tensor [{c}, {K}, 8] on {dev}")
+        v.step_keys(keys, c=c, K=K, device=dev)
     if mu:
         _f32_matrix("anchor", anchor, c, p, dev)
 
@@ -179,25 +172,9 @@ def _(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, 
 def check_client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, keys,
                        samples, check=True) -> None:  # fmt: skip
     """Every argument of client_grads; raises before any kernel runs."""
-    v.tensor("A", A)
-    if A.dtype != F32 or A.dim() != 2:
-        raise TypeError(f"A must be a 2-D float32 tensor, got {A.dtype} {tuple(A.shape)}")
-    dev, d = A.device, A.shape[1]
-    if kind not in (0, 1, 2):
-        raise ValueError(f"kind must be 0 (logistic), 1 (multinomial) or 2 (least_squares), "
-                         f"got {kind}")  # fmt: skip
-    classes = v.integer("classes", classes, 2 if kind == 1 else 1)
-    p = classes * d if kind == 1 else d
-    c = _f32_matrix("X", X, None, p, dev).shape[0]
-    vectors = (("y", y, F32, (A.shape[0],)), ("clients", clients, torch.int64, (c,)),
-               ("offsets", offsets, torch.int64, None))  # fmt: skip
-    for name, t, dt, shape in vectors:
-        v.tensor(name, t)
-        if t.dtype != dt or t.device != dev or (shape is not None and t.shape != shape):
-            raise ValueError(f"{name} must be a {dt} tensor of shape {shape or '[n + 1]'} on "
-                             f"{dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
-    if offsets.dim() != 1 or offsets.shape[0] < 2:
-        raise ValueError("offsets must be [n + 1] with n >= 1")
+    dev, p, c = _check_data(X, A, y, kind, classes)
+    # the values of offsets and clients are read below, after every argument's type and shape
+    v.cohort_layout(clients, offsets, c=c, rows=A.shape[0], rows_name="A", device=dev, check=False)
     v.fp32_scalar("l2", l2, nonneg=True)
     if mode not in (0, 1, 3):
         raise ValueError(f"mode must be 0 (gd), 1 (sgd) or 3 (samples), got {mode}")
@@ -215,14 +192,11 @@ def check_client_grads(X, clients, A, y, offsets, kind, classes, l2, mode, b, ke
             or (samples.device != dev)
         ):
             raise ValueError(f"samples must be an int64 tensor [{c}, s] on {dev}")
-    if not check or isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
+    host = v.cohort_layout(clients, offsets, c=c, rows=A.shape[0], rows_name="A", device=dev,
+                           check=check)  # fmt: skip
+    if host is None:
         return
-    o = offsets.cpu()
-    if int(o[0]) != 0 or int(o[-1]) != A.shape[0] or bool((o[1:] < o[:-1]).any()):
-        raise ValueError(f"offsets must rise from 0 to {A.shape[0]} (the rows of A)")
-    cl = clients.cpu()
-    if c and (int(cl.min()) < 0 or int(cl.max()) >= o.shape[0] - 1):
-        raise ValueError(f"clients must be ids in [0, {o.shape[0] - 1})")
+    o, cl = host
     if mode == 3 and samples.numel():
         sizes = (o[1:] - o[:-1])[cl]
         sm = samples.cpu()

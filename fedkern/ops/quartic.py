@@ -60,20 +60,8 @@ def check_local_steps(X, clients, points, offsets, K, gamma, H, mode, b, keys, c
                          f"{tuple(X.shape)} on {X.device}")  # fmt: skip
     v.writable("X", X)
     c = X.shape[0]
-    for name, t, shape in (("clients", clients, (c,)), ("offsets", offsets, None)):
-        v.tensor(name, t)
-        if t.dtype != torch.int64 or t.device != dev or (shape is not None and t.shape != shape):
-            raise ValueError(f"{name} must be an int64 tensor of shape {shape or '[n + 1]'} on "
-                             f"{dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
-    if offsets.dim() != 1 or offsets.shape[0] < 2:
-        raise ValueError("offsets must be [n + 1] with n >= 1")
-    if check and not isinstance(offsets, torch._subclasses.fake_tensor.FakeTensor):
-        o = offsets.cpu()
-        if int(o[0]) != 0 or int(o[-1]) != points.shape[0] or bool((o[1:] < o[:-1]).any()):
-            raise ValueError(f"offsets must rise from 0 to {points.shape[0]} (the rows of points)")
-        cl = clients.cpu()
-        if c and (int(cl.min()) < 0 or int(cl.max()) >= o.shape[0] - 1):
-            raise ValueError(f"clients must be ids in [0, {o.shape[0] - 1})")
+    v.cohort_layout(clients, offsets, c=c, rows=points.shape[0], rows_name="points", device=dev,
+                    check=check)  # fmt: skip
     v.integer("K", K, 0)
     v.fp32_scalar("gamma", gamma)
     v.fp32_scalar("clip", clip, nonneg=True)
@@ -86,9 +74,7 @@ def check_local_steps(X, clients, points, offsets, K, gamma, H, mode, b, keys, c
         raise ValueError(f"mode must be 0 (gd), 1 (sgd) or 2 (rr), got {mode}")
     v.integer("b", b, 1)
     if mode != 0 and K > 0:
-        v.tensor("keys", keys)
-        if keys.dtype != torch.int64 or keys.shape != (c, K, 8) or keys.device != dev:
-            raise ValueError(f"keys must be an int64 tensor [{c}, {K}, 8] on {dev}")
+        v.step_keys(keys, c=c, K=K, device=dev)
 
 
 @torch.library.custom_op("fedkern::quartic_local_steps_", mutates_args=("X",))
