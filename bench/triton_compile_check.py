@@ -41,16 +41,24 @@ META = torch.device("meta")
 
 #: @triton.jit functions only called from other kernels (compiled as part of their callers).
 HELPERS = {
-    "_common": ("load_f32", "round_to", "store_f32"),
-    "clients": ("_div", "_sample_index"),
+    "_common": (
+        "load_f32",
+        "round_to",
+        "store_f32",
+        "mix32",
+        "feistel",
+        "feistel_perm",
+        "sample_index",
+        "load_round_keys",
+        "half_width",
+    ),
+    "clients": ("_div",),
     "manifolds": ("_div", "_sqrt", "_col", "_sym_product", "_apply"),
     "microadam": ("_ptr", "_f32_at", "_window_rows"),
-    "quartic": ("_perm_index",),
     "robust": ("_key", "_load_keys", "_count_below", "_rank_key", "_tie_row"),
     "rowops": ("_row_norms",),
     "sparse": ("_lower_bound",),
     "topk": ("_key", "_source_key"),
-    "randk": ("_mix32", "_feistel", "perm_at"),
     "random": (
         "philox",
         "entry_word",

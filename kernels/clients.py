@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .randk import _feistel
+from ._common import half_width, load_round_keys, sample_index
 
 #: Largest padded parameter tile next_pow2(C) * next_pow2(d) kept in registers by local_steps_.
 MAX_TILE = 8192
@@ -77,25 +77,6 @@ def _div(a, b):
     return tl.math.div_rn(a, b)
 
 
-@triton.jit
-def _sample_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE: tl.constexpr):
-    """Sample index (0 .. m-1 within the client) at batch positions pos: identity for gd, else
-    the Feistel permutation of [0, m) with cycle walking (masked lanes: 0)."""
-    if MODE == 0:
-        return tl.where(valid, pos, 0)
-    else:
-        mask = tl.full(pos.shape, 0xFFFFFFFF, tl.uint32) >> (32 - h)
-        limit = m.to(tl.uint64)
-        v = _feistel(tl.where(valid, pos, 0).to(tl.uint64), h, mask, k0, k1, k2, k3, k4, k5, k6,
-                     k7)  # fmt: skip
-        walking = valid & (v >= limit)
-        while tl.max(walking.to(tl.int32), 0) > 0:  # ends: each orbit returns below m
-            w = _feistel(v, h, mask, k0, k1, k2, k3, k4, k5, k6, k7)
-            v = tl.where(walking, w, v)
-            walking = walking & (v >= limit)
-        return tl.where(valid, v.to(tl.int64), 0)
-
-
 @triton.jit(do_not_specialize=["C", "d", "p", "K", "b", "has_h", "nkeys"])
 def _local_kernel(
     x_ptr, clients_ptr, a_ptr, y_ptr, off_ptr, h_ptr, keys_ptr, anchor_ptr, clip_ptr,
@@ -115,12 +96,7 @@ def _local_kernel(
     xoffs = r * p + crow[:, None] * d + cols[None, :]
     x = tl.load(x_ptr + xoffs, mask=pmask, other=0.0)  # padding stays 0 through every step
     clipv = tl.load(clip_ptr)
-    # Feistel half width: the smallest h >= 1 with 4^h >= m (kernels/randk.py _half_bits)
-    h = tl.full([], 1, tl.int32)
-    span = tl.full([], 4, tl.int64)
-    while span < m:
-        span *= 4
-        h += 1
+    h = half_width(m)  # of the Feistel permutation of the client's m samples
     if MODE == 0:
         bsz = m
     else:
@@ -134,11 +110,7 @@ def _local_kernel(
     t = K * 0
     while t < K:
         if MODE != 0:
-            kb = keys_ptr + (r * nkeys + t) * 8
-            k0, k1 = tl.load(kb).to(tl.uint32), tl.load(kb + 1).to(tl.uint32)
-            k2, k3 = tl.load(kb + 2).to(tl.uint32), tl.load(kb + 3).to(tl.uint32)
-            k4, k5 = tl.load(kb + 4).to(tl.uint32), tl.load(kb + 5).to(tl.uint32)
-            k6, k7 = tl.load(kb + 6).to(tl.uint32), tl.load(kb + 7).to(tl.uint32)
+            k0, k1, k2, k3, k4, k5, k6, k7 = load_round_keys(keys_ptr + (r * nkeys + t) * 8)
         bi = m * 0
         while bi < nb:
             start = bi * bsz
@@ -148,7 +120,7 @@ def _local_kernel(
             while j < end:
                 pos = j + tl.arange(0, BLOCK_M).to(tl.int64)
                 valid = pos < end
-                idx = _sample_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE)
+                idx = sample_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE)
                 rows = lo + idx
                 a = tl.load(a_ptr + rows[:, None] * d + cols[None, :],
                             mask=valid[:, None] & cmask[None, :], other=0.0)  # fmt: skip
@@ -208,19 +180,11 @@ def _grads_kernel(
     pmask = (crow < C)[:, None] & cmask[None, :]
     xoffs = r * p + crow[:, None] * d + cols[None, :]
     x = tl.load(x_ptr + xoffs, mask=pmask, other=0.0)
-    h = tl.full([], 1, tl.int32)
-    span = tl.full([], 4, tl.int64)
-    while span < m:
-        span *= 4
-        h += 1
+    h = half_width(m)
     zero = tl.full([], 0, tl.uint32)
     k0, k1, k2, k3, k4, k5, k6, k7 = zero, zero, zero, zero, zero, zero, zero, zero
     if MODE == 1:
-        kb = keys_ptr + r * 8
-        k0, k1 = tl.load(kb).to(tl.uint32), tl.load(kb + 1).to(tl.uint32)
-        k2, k3 = tl.load(kb + 2).to(tl.uint32), tl.load(kb + 3).to(tl.uint32)
-        k4, k5 = tl.load(kb + 4).to(tl.uint32), tl.load(kb + 5).to(tl.uint32)
-        k6, k7 = tl.load(kb + 6).to(tl.uint32), tl.load(kb + 7).to(tl.uint32)
+        k0, k1, k2, k3, k4, k5, k6, k7 = load_round_keys(keys_ptr + r * 8)
     if MODE == 0:
         end = m
     elif MODE == 1:
@@ -238,7 +202,7 @@ def _grads_kernel(
             valid = valid & (idx >= 0)
             idx = tl.where(valid, idx, 0)
         else:
-            idx = _sample_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE)
+            idx = sample_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE)
         count += tl.sum(valid.to(tl.int64), 0)
         rows = lo + idx
         a = tl.load(a_ptr + rows[:, None] * d + cols[None, :],

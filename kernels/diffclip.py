@@ -16,7 +16,7 @@ fedkern.topk_compress on the difference row (ties to the lower index, NaN above 
 and nothing syncs with the host.
 
 Rand-k: _perm_kernel (row axis; keys [n, 8] per row) evaluates randk.py's keyed permutation
-(perm_at), a torch row sort orders the k indices, then only the values at them are read.
+(feistel_perm), a torch row sort orders the k indices, then only the values at them are read.
 
 The message (k values, or the d dense values) is written by _message_kernel, which also writes
 one fp64 partial sum of squares per (row, tile); _clip_kernel adds a row's partials in a fixed
@@ -31,8 +31,17 @@ import triton
 import triton.language as tl
 
 from . import topk as _topk
-from ._common import Tiling, block_for, load_f32, round_to, row_tiles, store_f32
-from .randk import _half_bits, perm_at
+from ._common import (
+    Tiling,
+    block_for,
+    feistel_perm,
+    half_bits,
+    load_f32,
+    load_round_keys,
+    round_to,
+    row_tiles,
+    store_f32,
+)
 
 # Launch shapes (_common.row_tiles) of the select's passes and of the message / clip kernels: on a
 # GPU about TILING.programs programs per pass over all rows (and at least min_tile_blocks blocks per
@@ -44,16 +53,12 @@ TILING = Tiling(programs=2048, tiles_interpreted=2)
 @triton.jit(do_not_specialize=["n", "k", "h"])
 def _perm_kernel(out_ptr, keys_ptr, n, k, h, BLOCK: tl.constexpr):
     """out[r, i] = perm_r(i) for i < k (unsorted); row r's 8 round keys at keys[r, :] (int64
-    holding uint32 values).  The permutation is randk.py's (perm_at)."""
+    holding uint32 values).  The permutation is randk.py's (feistel_perm)."""
     r = tl.program_id(1)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = i < k
-    kp = keys_ptr + r.to(tl.int64) * 8
-    u0, u1 = tl.load(kp).to(tl.uint32), tl.load(kp + 1).to(tl.uint32)
-    u2, u3 = tl.load(kp + 2).to(tl.uint32), tl.load(kp + 3).to(tl.uint32)
-    u4, u5 = tl.load(kp + 4).to(tl.uint32), tl.load(kp + 5).to(tl.uint32)
-    u6, u7 = tl.load(kp + 6).to(tl.uint32), tl.load(kp + 7).to(tl.uint32)
-    x = perm_at(i, valid, n, h, u0, u1, u2, u3, u4, u5, u6, u7, BLOCK)
+    u0, u1, u2, u3, u4, u5, u6, u7 = load_round_keys(keys_ptr + r.to(tl.int64) * 8)
+    x = feistel_perm(i, valid, n, h, u0, u1, u2, u3, u4, u5, u6, u7)
     tl.store(out_ptr + r.to(tl.int64) * k + i, x, mask=valid)
 
 
@@ -174,7 +179,7 @@ def diff_randk_clip(g_new, g_old, k, keys, scale, max_norm, idx, val):
     perm = torch.empty(rows, k, dtype=torch.int64, device=g_new.device)
     block = block_for(k, g_new.device)
     _perm_kernel[(triton.cdiv(k, block), rows)](
-        perm, keys, d, k, _half_bits(d), block, enable_fp_fusion=False
+        perm, keys, d, k, half_bits(d), block, enable_fp_fusion=False
     )
     idx.copy_(torch.sort(perm, dim=1).values)
     return _message_and_clip(2, g_new, g_old, idx, val, max_norm, scale)

@@ -17,8 +17,8 @@ it (BLOCK_M + BLOCK_N Gaussians per k and tile: cheap next to the tile's BLOCK_M
 import triton
 import triton.language as tl
 
+from ._common import block_for
 from .random import gaussian_at, key_words
-from .topk import block_for
 
 
 @triton.jit(do_not_specialize=["m", "n", "r", "k0", "k1", "k2", "k3"])

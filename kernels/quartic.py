@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .randk import _feistel
+from ._common import half_width, load_round_keys, sample_index
 
 #: Largest padded dimension next_pow2(d) kept in registers.
 MAX_TILE = 8192
@@ -35,24 +35,6 @@ MAX_TILE = 8192
 TUNING = {"chunk_elems": 4096, "block_m_max": 64}
 # Interpreter (CPU tensors; tests): small chunks, so small cases run several chunks per batch.
 INTERPRETED = {"chunk_elems": 64, "block_m_max": 4}
-
-
-@triton.jit
-def _perm_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE: tl.constexpr):
-    """Point index within the client at batch positions pos: identity for gd, else the keyed
-    Feistel permutation of [0, m) with cycle walking (masked lanes: 0)."""
-    if MODE == 0:
-        return tl.where(valid, pos, 0)
-    else:
-        mask = tl.full(pos.shape, 0xFFFFFFFF, tl.uint32) >> (32 - h)
-        v = _feistel(tl.where(valid, pos, 0).to(tl.uint64), h, mask, k0, k1, k2, k3, k4, k5, k6,
-                     k7)  # fmt: skip
-        walking = valid & (v >= m.to(tl.uint64))
-        while tl.max(walking.to(tl.int32), 0) > 0:
-            w = _feistel(v, h, mask, k0, k1, k2, k3, k4, k5, k6, k7)
-            v = tl.where(walking, w, v)
-            walking = walking & (v >= m.to(tl.uint64))
-        return tl.where(valid, v.to(tl.int64), 0)
 
 
 @triton.jit(do_not_specialize=["d", "K", "b", "has_h"])
@@ -68,11 +50,7 @@ def _local_kernel(
     cmask = cols < d
     x = tl.load(x_ptr + r * d + cols, mask=cmask, other=0.0)
     clipv = tl.load(clip_ptr)
-    h = tl.full([], 1, tl.int32)  # Feistel half width: smallest h >= 1 with 4^h >= m
-    span = tl.full([], 4, tl.int64)
-    while span < m:
-        span *= 4
-        h += 1
+    h = half_width(m)  # of the Feistel permutation of the client's m points
     if MODE == 0:
         bsz = m
     elif MODE == 1:
@@ -88,11 +66,7 @@ def _local_kernel(
     t = K * 0
     while t < K:
         if MODE != 0:
-            kb = keys_ptr + (r * K + t) * 8
-            k0, k1 = tl.load(kb).to(tl.uint32), tl.load(kb + 1).to(tl.uint32)
-            k2, k3 = tl.load(kb + 2).to(tl.uint32), tl.load(kb + 3).to(tl.uint32)
-            k4, k5 = tl.load(kb + 4).to(tl.uint32), tl.load(kb + 5).to(tl.uint32)
-            k6, k7 = tl.load(kb + 6).to(tl.uint32), tl.load(kb + 7).to(tl.uint32)
+            k0, k1, k2, k3, k4, k5, k6, k7 = load_round_keys(keys_ptr + (r * K + t) * 8)
         bi = m * 0
         while bi < nb:
             start = bi * bsz
@@ -102,7 +76,7 @@ def _local_kernel(
             while j < end:
                 pos = j + tl.arange(0, BLOCK_M).to(tl.int64)
                 valid = pos < end
-                rows = lo + _perm_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE)
+                rows = lo + sample_index(pos, valid, h, k0, k1, k2, k3, k4, k5, k6, k7, m, MODE)
                 tmask = valid[:, None] & cmask[None, :]
                 pts = tl.load(p_ptr + rows[:, None] * d + cols[None, :], mask=tmask, other=0.0)
                 D = tl.where(tmask, x[None, :] - pts, 0.0)

@@ -32,48 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_for, load_f32, round_to, store_f32
-
-
-@triton.jit
-def _mix32(x):
-    x ^= x >> 16
-    x *= 0x7FEB352D
-    x ^= x >> 15
-    x *= 0x846CA68B
-    x ^= x >> 16
-    return x
-
-
-@triton.jit
-def _feistel(x, h, mask, k0, k1, k2, k3, k4, k5, k6, k7):
-    """One pass of the 8-round network on uint64 x < 2^(2h); mask = 2^h - 1 as uint32."""
-    left = (x >> h).to(tl.uint32)
-    right = (x & mask.to(tl.uint64)).to(tl.uint32)
-    left, right = right, left ^ (_mix32(right ^ k0) & mask)
-    left, right = right, left ^ (_mix32(right ^ k1) & mask)
-    left, right = right, left ^ (_mix32(right ^ k2) & mask)
-    left, right = right, left ^ (_mix32(right ^ k3) & mask)
-    left, right = right, left ^ (_mix32(right ^ k4) & mask)
-    left, right = right, left ^ (_mix32(right ^ k5) & mask)
-    left, right = right, left ^ (_mix32(right ^ k6) & mask)
-    left, right = right, left ^ (_mix32(right ^ k7) & mask)
-    return (left.to(tl.uint64) << h) | right.to(tl.uint64)
-
-
-@triton.jit
-def perm_at(i, valid, n, h, u0, u1, u2, u3, u4, u5, u6, u7, BLOCK: tl.constexpr):
-    """perm(i) (int64) for the BLOCK lanes i (int64, < 2^(2h)) where valid; keys as uint32.
-    Also used by diffclip.py's per-row rand-k."""
-    mask = tl.full([BLOCK], 0xFFFFFFFF, tl.uint32) >> (32 - h)
-    limit = n.to(tl.uint64)
-    x = _feistel(i.to(tl.uint64), h, mask, u0, u1, u2, u3, u4, u5, u6, u7)
-    walking = valid & (x >= limit)
-    while tl.max(walking.to(tl.int32), 0) > 0:  # ends: every lane's walk ends (module docstring)
-        y = _feistel(x, h, mask, u0, u1, u2, u3, u4, u5, u6, u7)
-        x = tl.where(walking, y, x)
-        walking = walking & (x >= limit)
-    return x.to(tl.int64)
+from ._common import block_for, feistel_perm, half_bits, load_f32, round_to, store_f32
 
 
 @triton.jit(do_not_specialize=["n", "k", "h", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"])
@@ -83,7 +42,7 @@ def _perm_kernel(out_ptr, n, k, h, k0, k1, k2, k3, k4, k5, k6, k7, BLOCK: tl.con
     valid = i < k
     u0, u1, u2, u3 = k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32), k3.to(tl.uint32)
     u4, u5, u6, u7 = k4.to(tl.uint32), k5.to(tl.uint32), k6.to(tl.uint32), k7.to(tl.uint32)
-    x = perm_at(i, valid, n, h, u0, u1, u2, u3, u4, u5, u6, u7, BLOCK)
+    x = feistel_perm(i, valid, n, h, u0, u1, u2, u3, u4, u5, u6, u7)
     tl.store(out_ptr + i, x, mask=valid)
 
 
@@ -130,11 +89,6 @@ def _gather_kernel(
     store_f32(val_ptr, offs, c, mask, IS_BF16)
 
 
-def _half_bits(n):
-    b = max((n - 1).bit_length(), 2)
-    return (b + 1) // 2
-
-
 def _as_int32(key):
     key = int(key) & 0xFFFFFFFF
     return key - (1 << 32) if key >= 1 << 31 else key
@@ -146,7 +100,7 @@ def randk_indices(n, k, keys, device):
     out = torch.empty(k, dtype=torch.int64, device=device)
     block = block_for(k, out.device)
     _perm_kernel[(triton.cdiv(k, block),)](
-        out, n, k, _half_bits(n), *(_as_int32(key) for key in keys), block, enable_fp_fusion=False
+        out, n, k, half_bits(n), *(_as_int32(key) for key in keys), block, enable_fp_fusion=False
     )
     return torch.sort(out).values
 

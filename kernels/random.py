@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import block_for, round_to, store_f32
+from ._common import block_for, round_to, store_f32
 
 
 @triton.jit

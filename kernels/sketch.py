@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .randk import _feistel, _half_bits
+from ._common import block_for, feistel_perm, half_bits, load_f32, round_to, store_f32
 from .random import entry_word, keep_threshold
-from .topk import block_for, load_f32, round_to, store_f32
 
 
 @triton.jit
@@ -43,15 +42,7 @@ def _lane_perm(keys_ptr, r, t, valid, d, h):
     u5 = tl.load(base + 5, mask=valid, other=0).to(tl.uint32)
     u6 = tl.load(base + 6, mask=valid, other=0).to(tl.uint32)
     u7 = tl.load(base + 7, mask=valid, other=0).to(tl.uint32)
-    mask = (tl.zeros_like(t) + 0xFFFFFFFF).to(tl.uint32) >> (32 - h)
-    limit = d.to(tl.uint64)
-    x = _feistel(t.to(tl.uint64), h, mask, u0, u1, u2, u3, u4, u5, u6, u7)
-    walking = valid & (x >= limit)
-    while tl.max(walking.to(tl.int32), 0) > 0:  # every walk ends (kernels/randk.py)
-        y = _feistel(x, h, mask, u0, u1, u2, u3, u4, u5, u6, u7)
-        x = tl.where(walking, y, x)
-        walking = walking & (x >= limit)
-    return tl.where(valid, x.to(tl.int64), 0)
+    return feistel_perm(t, valid, d, h, u0, u1, u2, u3, u4, u5, u6, u7)
 
 
 @triton.jit
@@ -174,7 +165,7 @@ def perm_apply(x, v, keys, ranges, scale):
     total = R * L
     block = block_for(total, x.device)
     _perm_apply_kernel[(triton.cdiv(total, block),)](
-        x, out if v is None else v, out, keys, ranges, scale, d, _half_bits(d),
+        x, out if v is None else v, out, keys, ranges, scale, d, half_bits(d),
         d if x.shape[0] > 1 else 0, d if v is not None and v.shape[0] > 1 else 0, total, L,
         v is not None, x.dtype == torch.bfloat16, block, enable_fp_fusion=False,
     )  # fmt: skip
@@ -193,7 +184,7 @@ def perm_grad_step_(x, g, keys, ranges, scale, gamma):
         total = nrows * L
         block = block_for(total, x.device)
         _perm_step_kernel[(triton.cdiv(total, block),)](
-            x, g, keys, ranges, scale, float(gamma), d, _half_bits(d), 0 if shared else d, total,
+            x, g, keys, ranges, scale, float(gamma), d, half_bits(d), 0 if shared else d, total,
             L, row0, x.dtype == torch.bfloat16, block, enable_fp_fusion=False,
         )  # fmt: skip
     return x
