@@ -48,13 +48,18 @@ def batch_grad(kind: int, classes: int, x: torch.Tensor, a: torch.Tensor, y: tor
     return (P.T @ a).reshape(-1) / a.shape[0]
 
 
-def local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip,
-                 mu, anchor):  # fmt: skip
-    """In place on X [c, p]: K local steps for every cohort row (see the module docstring)."""
+def step_loop_(X, clients, offsets, K, gamma, H, mode, b, keys, clip, grad) -> torch.Tensor:
+    """The local-step loop shared by the batched client ops (this module's and the quartic's), in
+    place on X [c, p]: for every cohort row r (client i = clients[r], which owns the data rows
+    offsets[i] .. offsets[i+1]), K steps, each a sequence of batches (gd: all m_i rows in order;
+    sgd: the first min(b, m_i) of perm_t; rr: perm_t cut into batches of b), each batch
+        u = grad(r, x, rows) - H[r] (if H);  u = min(1, clip / ||u||) u (if clip > 0, the norm in
+        float64);  x = x - gamma u
+    where ``rows`` are the batch's data rows (int64, absolute) and perm_t the keyed permutation of
+    [0, m_i) under keys[r, t]. Returns X."""
     off = offsets.tolist()
     for r, i in enumerate(clients.tolist()):
-        a_all, y_all = A[off[i] : off[i + 1]], y[off[i] : off[i + 1]]
-        m = a_all.shape[0]
+        lo, m = off[i], off[i + 1] - off[i]
         x = X[r].clone()
         for t in range(K):
             if mode == 0 or m == 0:
@@ -63,10 +68,9 @@ def local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode
                 perm = permutation(m, keys[r, t])
                 batches = [perm[: min(b, m)]] if mode == 1 else list(torch.split(perm, b))
             for B in batches:
-                g = batch_grad(kind, classes, x, a_all[B], y_all[B]) + l2 * x
-                if mu:
-                    g = g + mu * (x - anchor[r])
-                u = g - H[r] if H is not None else g
+                u = grad(r, x, lo + B)
+                if H is not None:
+                    u = u - H[r]
                 if clip > 0:
                     nrm = float(u.double().norm())
                     if nrm > clip:
@@ -74,6 +78,17 @@ def local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode
                 x = x - gamma * u
         X[r] = x
     return X
+
+
+def local_steps_(X, clients, A, y, offsets, kind, classes, K, gamma, l2, H, mode, b, keys, clip,
+                 mu, anchor):  # fmt: skip
+    """In place on X [c, p]: K local steps for every cohort row (see the module docstring)."""
+
+    def grad(r, x, rows):
+        g = batch_grad(kind, classes, x, A[rows], y[rows]) + l2 * x
+        return g + mu * (x - anchor[r]) if mu else g
+
+    return step_loop_(X, clients, offsets, K, gamma, H, mode, b, keys, clip, grad)
 
 
 def scaffnew_sync_(X, H, coef: float):

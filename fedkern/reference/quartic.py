@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fedkern.reference.clients import permutation
+from fedkern.reference.clients import step_loop_
 
 MODE_TAG = {"gd": 0, "sgd": 1, "rr": 2}
 
@@ -32,25 +32,5 @@ def batch_grad(x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
 
 def local_steps_(X, clients, points, offsets, K, gamma, H, mode, b, keys, clip):
     """In place on X [c, d]: K local steps of every cohort row (module docstring); returns X."""
-    off = offsets.tolist()
-    for r, i in enumerate(clients.tolist()):
-        P_all = points[off[i] : off[i + 1]]
-        m = P_all.shape[0]
-        x = X[r].clone()
-        for t in range(K):
-            if mode == 0 or m == 0:
-                batches = [torch.arange(m)]
-            else:
-                perm = permutation(m, keys[r, t])
-                batches = [perm[: min(b, m)]] if mode == 1 else list(torch.split(perm, b))
-            for B in batches:
-                u = batch_grad(x, P_all[B])
-                if H is not None:
-                    u = u - H[r]
-                if clip > 0:
-                    nrm = float(u.double().norm())
-                    if nrm > clip:
-                        u = u * torch.tensor(clip / nrm, dtype=torch.float32)
-                x = x - gamma * u
-        X[r] = x
-    return X
+    return step_loop_(X, clients, offsets, K, gamma, H, mode, b, keys, clip,
+                      lambda r, x, rows: batch_grad(x, points[rows]))  # fmt: skip
