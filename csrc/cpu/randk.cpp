@@ -147,17 +147,7 @@ struct Perm {
   }
 };
 
-// Runs fn(lo, hi) over contiguous blocks of [0, n) in parallel, at least min_per_block each.
-template <class Fn>
-void parallel_blocks(int64_t n, int64_t min_per_block, Fn&& fn) {
-  const int nb = detail::num_blocks(n, min_per_block);
-#pragma omp parallel for schedule(static, 1) num_threads(nb)
-  for (int b = 0; b < nb; ++b) {
-    int64_t lo, hi;
-    detail::block_range(n, nb, b, &lo, &hi);
-    fn(lo, hi);
-  }
-}
+using detail::parallel_blocks;
 
 // One stable counting-sort pass of src[0..k) into dst on `bits` bits starting at `shift`:
 // per-block histograms, offsets ordered by (digit, block), then each block scatters in order.

@@ -36,16 +36,7 @@ constexpr int64_t kMinChunks = 8;        // work items per thread at least (~16k
 constexpr int64_t kMinStream = 1 << 18;  // elements of a dense pass per thread
 constexpr int64_t kMinCoords = 1 << 15;  // Bernoulli coordinates per thread (8 blocks)
 
-template <class Fn>
-void parallel_blocks(int64_t n, int64_t min_per_block, Fn&& fn) {
-  const int nb = detail::num_blocks(n, min_per_block);
-#pragma omp parallel for schedule(static, 1) num_threads(nb)
-  for (int b = 0; b < nb; ++b) {
-    int64_t lo, hi;
-    detail::block_range(n, nb, b, &lo, &hi);
-    fn(lo, hi);
-  }
-}
+using detail::parallel_blocks;
 
 // A fresh dense output of apply (torch.empty: untouched pages) is first written here. At tens of
 // MB that first touch is mostly page faults, ~1 us per 4 KiB page (40 MB: ~10 ms, more than the

@@ -183,6 +183,18 @@ inline void block_range(int64_t n, int nb, int b, int64_t* lo, int64_t* hi) {
   *hi = *lo + base + (b < rem ? 1 : 0);
 }
 
+// Runs fn(lo, hi) over the num_blocks(n, min_per_block) contiguous blocks of [0, n), in parallel.
+template <class Fn>
+void parallel_blocks(int64_t n, int64_t min_per_block, Fn&& fn) {
+  const int nb = num_blocks(n, min_per_block);
+#pragma omp parallel for schedule(static, 1) num_threads(nb)
+  for (int b = 0; b < nb; ++b) {
+    int64_t lo, hi;
+    block_range(n, nb, b, &lo, &hi);
+    fn(lo, hi);
+  }
+}
+
 }  // namespace detail
 }  // namespace fedkern
 
