@@ -202,20 +202,19 @@ def picture(results: list[dict], path: Path, title: str) -> bool:
     """A PNG of the speed-ups: one horizontal bar per case (ratio eager / fedkern, log scale,
     coloured by family, the parity line at 1). False when matplotlib is missing (nothing
     written)."""
-    import warnings
+    from fedkern._plot import pyplot
 
     ok = [r for r in results if r["status"] == "ok"]
     if not ok:
         return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+    with pyplot() as plt:
+        if plt is None:
             return False
+        _draw_speedups(plt, ok, path, title)
+    return True
+
+
+def _draw_speedups(plt, ok: list[dict], path: Path, title: str) -> None:
     families = sorted({B.spec(r["case"]).family for r in ok})
     colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
     labels = []
@@ -238,7 +237,6 @@ def picture(results: list[dict], path: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def write_results(out_dir: Path, meta: dict, results: list[dict], md: str) -> list[Path]:

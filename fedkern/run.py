@@ -23,7 +23,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 import fedkern
 from fedkern import data
+from fedkern._plot import pyplot
 from fedkern.algorithms import REGISTRY
 from fedkern.clients import ClientBatch
 from fedkern.problems import Problem
@@ -86,15 +86,25 @@ def register_problem(spec: ProblemSpec) -> ProblemSpec:
     return spec
 
 
-def _build_convex(args, parser):
+def split_problem(args, parser, check=None) -> tuple[Problem, str]:
+    """The convex problem of the command line: the dataset (``--dataset``) split over
+    ``--clients`` clients (``--split``, ``--alpha``, ``--seed``) with ``--l2``; returns (problem,
+    kind). ``check(n_samples)``, when given, validates more options before the split. Errors go
+    to ``parser.error`` (exit 2 with the usage line)."""
     A, y, kind = _load(args, parser)
     if args.clients > A.shape[0]:
         _fail(parser, f"--clients must be at most the {A.shape[0]} samples of {args.dataset}")
+    if check is not None:
+        check(A.shape[0])
     parts = data.split(y, args.clients, args.split, seed=args.seed, alpha=args.alpha)
     try:
-        problem = Problem(A, y, parts, kind, args.l2)
+        return Problem(A, y, parts, kind, args.l2), kind
     except ValueError as exc:
         _fail(parser, f"{exc} (try --split iid or fewer --clients)")
+
+
+def _build_convex(args, parser):
+    problem, kind = split_problem(args, parser)
     batch = ClientBatch(problem, seed=args.seed, device=args.device)
     print(f"{problem}; kappa = {problem.L / problem.mu:.4g}; split {args.split}")
     meta = {"dataset": args.dataset, "clients": args.clients, "split": args.split, "l2": args.l2,
@@ -214,14 +224,7 @@ register_problem(ProblemSpec(
 
 
 def _build_mast(args, parser):
-    A, y, kind = _load(args, parser)
-    if args.clients > A.shape[0]:
-        _fail(parser, f"--clients must be at most the {A.shape[0]} samples of {args.dataset}")
-    parts = data.split(y, args.clients, args.split, seed=args.seed, alpha=args.alpha)
-    try:
-        problem = Problem(A, y, parts, kind, args.l2)
-    except ValueError as exc:
-        _fail(parser, f"{exc} (try --split iid or fewer --clients)")
+    problem, kind = split_problem(args, parser)
     print(f"{problem}; MAST sketches of its {problem.p} parameters (nodes = clients)")
     meta = {"dataset": args.dataset, "clients": args.clients, "split": args.split, "l2": args.l2,
             "kind": kind, "L": problem.L, "f_star": problem.optimum()[1]}  # fmt: skip
@@ -502,14 +505,8 @@ class _Progress:
 def plot(results: dict, path: Path, spec: ProblemSpec | None = None) -> bool:
     """The PNG at ``path``: the problem's metric vs rounds and vs each cost axis (running sums)."""
     spec = spec or PROBLEMS["convex"]
-    with warnings.catch_warnings():  # notices from matplotlib's own dependencies
-        warnings.simplefilter("ignore")
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+    with pyplot() as plt:
+        if plt is None:
             return False
         _draw(plt, results, path, spec)
     return True

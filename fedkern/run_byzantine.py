@@ -27,14 +27,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import warnings
 from pathlib import Path
 
-from fedkern import data
+from fedkern._plot import pyplot
 from fedkern.algorithms.byzantine import ATTACKS, STRONG, ByzVRMarinaPP
-from fedkern.problems import Problem
 from fedkern.robust.aggregator import RULES
-from fedkern.run import ProblemSpec, _fail, _load, _write_atomic, register_problem
+from fedkern.run import ProblemSpec, _fail, _write_atomic, register_problem, split_problem
 
 __all__ = ["PARTICIPATION", "run_matrix"]
 
@@ -44,17 +42,13 @@ FAILED = 0.1
 
 
 def _build(args, parser):
-    A, y, kind = _load(args, parser)
-    if args.clients > A.shape[0]:
-        _fail(parser, f"--clients must be at most the {A.shape[0]} samples of {args.dataset}")
     f = getattr(args, "byzantine", None) or 0
-    if not 0 <= f < args.clients:
-        _fail(parser, f"--byzantine must be in [0, --clients={args.clients}), got {f}")
-    parts = data.split(y, args.clients, args.split, seed=args.seed, alpha=args.alpha)
-    try:
-        problem = Problem(A, y, parts, kind, args.l2)
-    except ValueError as exc:
-        _fail(parser, f"{exc} (try --split iid or fewer --clients)")
+
+    def check(_samples: int) -> None:
+        if not 0 <= f < args.clients:
+            _fail(parser, f"--byzantine must be in [0, --clients={args.clients}), got {f}")
+
+    problem, kind = split_problem(args, parser, check)
     print(f"{problem}; {f} of {args.clients} clients Byzantine; split {args.split}")
     meta = {"dataset": args.dataset, "clients": args.clients, "split": args.split, "l2": args.l2,
             "kind": kind, "byzantine": f, "L": problem.L}  # fmt: skip
@@ -135,14 +129,8 @@ def table(matrix: dict, attacks, rules) -> str:
 def heatmap(matrix: dict, attacks, rules, path: Path) -> bool:
     """matrix.png: log10 of each cell (diverged drawn at the top of the scale); False without
     matplotlib."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+    with pyplot() as plt:
+        if plt is None:
             return False
         import numpy as np
 

@@ -386,7 +386,7 @@ def test_topk_indices_are_checked(heterogeneous, caplog):
                           **COMMON)  # fmt: skip
     assert torch.equal(strat.x, sim.x) and torch.equal(strat.g, sim.g)
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert text.count("top-k indices must be strictly ascending in [0, d)") >= 2
+    assert text.count("indices must be strictly ascending in [0, ") >= 2
     assert sum(strat.history["rejected"]) >= 2
 
 

@@ -36,6 +36,16 @@ ATTACKS = ("shift_back", "bit_flip", "alie", "ipm", "none")
 STRONG = {"ipm_eps": 10.0, "alie_z": 10.0, "bit_flip_scale": 10.0}
 
 
+def capped_aggregate(agg: R.Aggregator, X: torch.Tensor) -> torch.Tensor:
+    """agg(X) with f capped to what agg's rule accepts for X's rows (after bucketing, when agg
+    buckets): trimmed mean (rows - 1) // 2, Krum (rows - 3) // 2, any other rule rows - 1. For an
+    aggregator built from a rule name, whose f is the number of Byzantine clients of the whole
+    population while a round's cohort may be smaller. X: [n, d] on agg's device; not modified."""
+    rows = X.shape[0] if agg.pre != "bucketing" else -(-X.shape[0] // agg.bucket_size)
+    cap = {"trimmed_mean": (rows - 1) // 2, "krum": (rows - 3) // 2}.get(agg.rule, rows - 1)
+    return agg(X, f=max(0, min(agg.f, cap)))
+
+
 def rule_aggregator(rule: str, f: int, *, options=None, bucketing=None, seed: int = 0,
                     cohort: int) -> R.Aggregator:  # fmt: skip
     """The ``fedkern.robust.Aggregator`` that Byz-VR-MARINA-PP builds from a rule name (the
@@ -232,12 +242,7 @@ class ByzVRMarinaPP(Method):
 
     def _aggregate(self, X: torch.Tensor) -> torch.Tensor:
         """ARAgg(X); a rule-name aggregator gets f capped to what the rule accepts for X."""
-        if not self._cap_f:
-            return self.aggregator(X)
-        agg = self.aggregator
-        rows = X.shape[0] if agg.pre != "bucketing" else -(-X.shape[0] // agg.bucket_size)
-        cap = {"trimmed_mean": (rows - 1) // 2, "krum": (rows - 3) // 2}.get(agg.rule, rows - 1)
-        return agg(X, f=max(0, min(agg.f, cap)))
+        return capped_aggregate(self.aggregator, X) if self._cap_f else self.aggregator(X)
 
     # ---- one round ---------------------------------------------------------------------------
 

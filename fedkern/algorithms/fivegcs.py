@@ -130,7 +130,7 @@ def _probabilities(sampling, M: int) -> torch.Tensor:
     if sampling.dim() != 1 or sampling.numel() != M:
         raise ValueError(f"sampling must hold one probability per client ({M}), got shape "
                          f"{tuple(sampling.shape)}")  # fmt: skip
-    if not (sampling.is_floating_point() or sampling.dtype in (torch.int32, torch.int64)):
+    if not sampling.is_floating_point():
         raise TypeError(f"sampling must be a float tensor of probabilities, got {sampling.dtype}")
     q = sampling.detach().to("cpu", torch.float64)
     bad = ~((q > 0) & (q <= 1))
@@ -139,6 +139,36 @@ def _probabilities(sampling, M: int) -> torch.Tensor:
         raise ValueError(f"sampling must hold probabilities in (0, 1], got sampling[{i}] = "
                          f"{float(q[i])}")  # fmt: skip
     return q.contiguous()
+
+
+def cohort_probabilities(sampling, M: int, cohort, L, alpha: float):
+    """The client sampling of 5GCS / 5GCS-CC from the user's options: ``sampling`` "uniform",
+    "importance" (needs L, the clients' smoothness float64 [M]; ``fedkern.sampling.importance``
+    with exponent ``alpha``) or a tensor of M probabilities in (0, 1] (then ``cohort`` must be
+    None); ``cohort``: the cohort size C (None: M).
+
+    Returns (name, probabilities float64 [M] CPU, expected cohort C as a float, the cohort size as
+    an int or None for a probability tensor). Raises TypeError / ValueError naming the argument."""
+    if isinstance(sampling, torch.Tensor):
+        if cohort is not None:
+            raise ValueError("cohort must be None when sampling is a probability tensor "
+                             "(the expected cohort is sum(sampling))")  # fmt: skip
+        probs = _probabilities(sampling, M)
+        return "probabilities", probs, float(probs.sum()), None
+    if not isinstance(sampling, str):
+        raise TypeError(f"sampling must be 'uniform', 'importance' or a tensor of "
+                        f"probabilities, got {type(sampling).__name__}")  # fmt: skip
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be 'uniform', 'importance' or a tensor of "
+                         f"probabilities, got {sampling!r}")  # fmt: skip
+    size = v.integer("cohort", M if cohort is None else cohort, 1, M)
+    C = float(size)
+    if sampling == "uniform":
+        return sampling, torch.full((M,), C / M, dtype=torch.float64), C, size
+    if L is None:
+        raise ValueError("sampling 'importance' needs smoothness (the clients' L_m), or pass the "
+                         "probabilities as sampling=")  # fmt: skip
+    return sampling, smp.importance(L, C, alpha), C, size
 
 
 class FiveGCS(FederatedMethod):
@@ -219,28 +249,9 @@ class FiveGCS(FederatedMethod):
             compressor = RandK(v.integer("k", k, 1, d), seed=kw.get("seed", 0))
         L = client_smoothness(P)
         self.alpha = v.finite("alpha", alpha)
-        if isinstance(sampling, torch.Tensor):
-            if cohort is not None:
-                raise ValueError("cohort must be None when sampling is a probability tensor "
-                                 "(the expected cohort is sum(sampling))")  # fmt: skip
-            self.probs = _probabilities(sampling, M)
-            self.sampling = "probabilities"
-            C = float(self.probs.sum())
-            self.cohort_size = C
-        elif isinstance(sampling, str):
-            if sampling not in SAMPLINGS:
-                raise ValueError(f"sampling must be 'uniform', 'importance' or a tensor of "
-                                 f"probabilities, got {sampling!r}")  # fmt: skip
-            self.sampling = sampling
-            self.cohort_size = v.integer("cohort", M if cohort is None else cohort, 1, M)
-            C = float(self.cohort_size)
-            if sampling == "uniform":
-                self.probs = torch.full((M,), C / M, dtype=torch.float64)
-            else:
-                self.probs = smp.importance(L, C, self.alpha)
-        else:
-            raise TypeError(f"sampling must be 'uniform', 'importance' or a tensor of "
-                            f"probabilities, got {type(sampling).__name__}")  # fmt: skip
+        self.sampling, self.probs, C, size = cohort_probabilities(sampling, M, cohort, L,
+                                                                  self.alpha)  # fmt: skip
+        self.cohort_size = C if size is None else size
         if local_solver not in SOLVERS:
             raise ValueError(f"local_solver must be 'gd' or 'agd', got {local_solver!r}")
         self.local_solver = local_solver

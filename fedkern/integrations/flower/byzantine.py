@@ -76,10 +76,10 @@ except ImportError as exc:  # pragma: no cover - flwr is optional
 from fedkern import robust as R
 from fedkern import sampling
 from fedkern import validation as v
-from fedkern.algorithms.byzantine import rule_aggregator
+from fedkern.algorithms.byzantine import capped_aggregate, rule_aggregator
 from fedkern.compress import RandK, TopK
 from fedkern.integrations.flower import protocol as P
-from fedkern.integrations.flower.method_client import ClientIdentity, _int, _Reject
+from fedkern.integrations.flower.method_client import ClientIdentity, _int, _ModuleLoss, _Reject
 from fedkern.integrations.flower.method_client import _float as _finite
 from fedkern.integrations.flower.methods import BaseMethodStrategy
 from fedkern.random import client_seed
@@ -96,19 +96,6 @@ METHOD = "byz_vr_marina_pp"
 FULL, DIFF = "full", "diff"
 LOCAL_ATTACKS = ("bit_flip",)
 SIM_ATTACKS = ("none", "shift_back", "bit_flip", "alie", "ipm")
-
-
-def _flatten64(record, keys) -> torch.Tensor:
-    """The named arrays of ``record`` flattened in order: float64 [d] CPU (a copy)."""
-    parts = []
-    for k in keys:
-        if k not in record:
-            raise ValueError(f"the model record has no array {k!r}")
-        a = record[k].numpy()
-        if a.dtype.kind != "f":
-            raise ValueError(f"array {k!r} must be floating point, got {a.dtype}")
-        parts.append(torch.from_numpy(np.array(a, dtype=np.float64).reshape(-1)))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def _compressor_spec(compressor) -> tuple:
@@ -277,12 +264,7 @@ class ByzVRMarinaPPStrategy(BaseMethodStrategy):
 
     def _aggregate(self, X: torch.Tensor) -> torch.Tensor:
         """ARAgg(X); a rule-name aggregator gets f capped to what the rule accepts for X."""
-        if not self._cap_f:
-            return self.aggregator(X)
-        agg = self.aggregator
-        rows = X.shape[0] if agg.pre != "bucketing" else -(-X.shape[0] // agg.bucket_size)
-        cap = {"trimmed_mean": (rows - 1) // 2, "krum": (rows - 3) // 2}.get(agg.rule, rows - 1)
-        return agg(X, f=max(0, min(agg.f, cap)))
+        return capped_aggregate(self.aggregator, X) if self._cap_f else self.aggregator(X)
 
     # ---- the model ----------------------------------------------------------------------------
 
@@ -300,7 +282,7 @@ class ByzVRMarinaPPStrategy(BaseMethodStrategy):
                 raise ValueError(f"initial_arrays have the layout {layout}; the strategy's model "
                                  f"(checkpoint) has {self.layout}")  # fmt: skip
             return
-        x = _flatten64(arrays, [k for k, _ in layout])
+        x = P.flatten(arrays, [k for k, _ in layout], np.float64)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("initial_arrays must be finite")
         self.layout, self.x, self.x0 = layout, x, x.clone()
@@ -350,29 +332,13 @@ class ByzVRMarinaPPStrategy(BaseMethodStrategy):
         return list(replies), down
 
     def _problem(self, msg, want: dict, full: bool) -> str | None:
-        """Why a reply is rejected (None: fine)."""
-        cfg = msg.content.config_records.get(P.RECORD)
-        if cfg is None:
-            return f"no {P.RECORD!r} ConfigRecord"
-        for k in ("protocol", "method", "seed", "round", "client_id", "kind"):
-            if cfg.get(k) != want[k]:
-                return f"its {k} is {cfg.get(k)!r}, expected {want[k]!r}"
-        rec = msg.content.array_records.get(P.VALUES)
-        if rec is None or "values" not in rec:
-            return f"no {P.VALUES!r} ArrayRecord with 'values'"
-        a = rec["values"].numpy()
+        """Why a reply is rejected (None: fine); ``want``: the expected seed, round, client_id and
+        kind."""
         k = self.dim if full else self._k()
-        if a.dtype != np.float32 or a.shape != (k,):
-            return f"values are {a.dtype} {a.shape}, expected float32 ({k},)"
-        if not np.isfinite(a).all():
-            return "values are not finite"
-        if not full and self.compressor_spec[0] == "topk":
-            idx = rec["indices"].numpy() if "indices" in rec else None
-            if idx is None or idx.dtype != np.int64 or idx.shape != (k,):
-                return f"top-k indices must be int64 ({k},)"
-            if k and (idx[0] < 0 or idx[-1] >= self.dim or (np.diff(idx) <= 0).any()):
-                return "top-k indices must be strictly ascending in [0, d)"
-        return None
+        why = P.header_problem(msg, self.method, want) or P.values_problem(msg, k)
+        if why is None and not full and self.compressor_spec[0] == "topk":
+            why = P.indices_problem(msg, k, self.dim)
+        return why
 
     def _dense(self, msg, cid: int, full: bool) -> torch.Tensor:
         """The reply as a dense float32 [d] row."""
@@ -405,8 +371,7 @@ class ByzVRMarinaPPStrategy(BaseMethodStrategy):
             key = self.key(2)
         lam = 0.0 if initial else self.alpha * float((x_new - self.x).norm())
         replies, down = self._send(grid, timeout, t, key, full, S, x_new, self.x, lam, config)
-        base = {"protocol": P.PROTOCOL, "method": self.method, "seed": self.seed, "round": t,
-                "kind": FULL if full else DIFF}  # fmt: skip
+        base = {"seed": self.seed, "round": t, "kind": FULL if full else DIFF}
         node_cid = {self.nodes[c]: c for c in S if c in self.nodes}
         got, failures, rejected, up = {}, 0, 0, 0
         for msg in replies:
@@ -585,7 +550,7 @@ class ProblemSampleGradients:
         return f"ProblemSampleGradients(n={self.problem.n})"
 
 
-class ModuleSampleGradients:
+class ModuleSampleGradients(_ModuleLoss):
     """Gradients of a PyTorch module's loss on this client's data, at the flat model x.
 
     ``provider(x, client_id, samples, config) -> [d]``: x (float64 [d]) is split by the server's
@@ -599,44 +564,17 @@ class ModuleSampleGradients:
     """
 
     def __init__(self, module: torch.nn.Module, loss, inputs, targets, *, l2: float = 0.0):
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        if not callable(loss):
-            raise TypeError("loss must be callable")
-        if len(inputs) != len(targets) or len(inputs) < 1:
-            raise ValueError("inputs and targets must hold the same number (>= 1) of samples")
-        self.module, self.loss, self.inputs, self.targets = module, loss, inputs, targets
-        self.l2 = v.fp32_scalar("l2", l2, nonneg=True)
-        self.names = {n: tuple(t.shape) for n, t in module.named_parameters()}
+        super().__init__(module, loss, inputs, targets, l2=l2)
         self.dtype = next(module.parameters()).dtype
 
     def num_samples(self, client_id: int) -> int:
         return len(self.inputs)
 
     def __call__(self, x, client_id, samples, config=None) -> torch.Tensor:
-        from torch.func import functional_call
-
-        layout = config["fedkern"]["layout"]
-        if {n for n, _ in layout} != set(self.names):
-            raise ValueError(f"the model's arrays {[n for n, _ in layout]} are not the module's "
-                             f"parameters {list(self.names)}")  # fmt: skip
-        leaf = x.detach().to(self.dtype).clone().requires_grad_(True)
-        params, off = {}, 0
-        for name, shape in layout:
-            if tuple(shape) != self.names[name]:
-                raise ValueError(f"array {name!r} has shape {tuple(shape)}, the module's "
-                                 f"{self.names[name]}")  # fmt: skip
-            k = math.prod(shape)
-            params[name] = leaf[off : off + k].view(shape)
-            off += k
         inp, tgt = self.inputs, self.targets
         if samples is not None:
             inp, tgt = inp[samples], tgt[samples]
-        with torch.enable_grad():
-            f = self.loss(functional_call(self.module, params, (inp,)), tgt)
-            f = f + 0.5 * self.l2 * (leaf * leaf).sum()
-            (g,) = torch.autograd.grad(f, leaf)
-        return g.double()
+        return self._grad(x.to(self.dtype), config["fedkern"]["layout"], inp, tgt).double()
 
     def __repr__(self) -> str:
         return f"ModuleSampleGradients({type(self.module).__name__}, samples={len(self.inputs)})"
@@ -697,12 +635,12 @@ class ByzVRMarinaClient(ClientIdentity):
         try:
             if X_NEW not in recs:
                 raise ValueError(f"the message has no model ArrayRecord {X_NEW!r}")
-            x_new = _flatten64(recs[X_NEW], layout)
+            x_new = P.flatten(recs[X_NEW], layout, np.float64)
             x_old = None
             if kind == DIFF:
                 if X_OLD not in recs:
                     raise ValueError(f"a compressed round needs the ArrayRecord {X_OLD!r}")
-                x_old = _flatten64(recs[X_OLD], layout)
+                x_old = P.flatten(recs[X_OLD], layout, np.float64)
                 if x_old.shape != x_new.shape:
                     raise ValueError("x and x+ have different sizes")
         except ValueError as exc:

@@ -235,34 +235,13 @@ class CompressedStrategy(BaseMethodStrategy):
         return self.comp.k, self.comp.kind == "topk"
 
     def _check(self, msg: Message, rnd: _Round, cid: int) -> str | None:
-        cfg = msg.content.config_records.get(P.RECORD)
-        if cfg is None:
-            return f"no {P.RECORD!r} ConfigRecord"
-        if cfg.get("protocol") != P.PROTOCOL:
-            return f"protocol version {cfg.get('protocol')!r}, expected {P.PROTOCOL}"
-        if cfg.get("method") != self.method:
-            return f"it reports method {cfg.get('method')!r}, not {self.method!r}"
-        want = self._fields(rnd, cid)
-        for k in ("seed", "round", "client_id", "row"):
-            if cfg.get(k) != want[k]:
-                return f"its {k} is {cfg.get(k)!r}, expected {want[k]!r}"
-        rec = msg.content.array_records.get(P.VALUES)
-        if rec is None or "values" not in rec:
-            return f"no {P.VALUES!r} ArrayRecord with 'values'"
+        fields = self._fields(rnd, cid)
+        want = {k: fields[k] for k in ("seed", "round", "client_id", "row")}
         k, topk = self._expected(rnd)
-        a = rec["values"].numpy()
-        if a.dtype != np.float32 or a.shape != (k,):
-            return f"values are {a.dtype} {a.shape}, expected float32 ({k},)"
-        if not np.isfinite(a).all():
-            return "values are not finite"
-        if topk:
-            idx = rec["indices"].numpy() if "indices" in rec else None
-            if idx is None or idx.dtype != np.int64 or idx.shape != (k,):
-                got = None if idx is None else f"{idx.dtype} {idx.shape}"
-                return f"indices are {got}, expected int64 ({k},)"
-            if idx.min() < 0 or idx.max() >= self.dim or (k > 1 and (np.diff(idx) <= 0).any()):
-                return f"indices must be strictly ascending in [0, {self.dim})"
-        return None
+        why = P.header_problem(msg, self.method, want) or P.values_problem(msg, k)
+        if why is None and topk:
+            why = P.indices_problem(msg, k, self.dim)
+        return why
 
     def collect(self, replies) -> dict:
         """client id -> (values float32 [k], indices int64 [k] or None) of the valid replies;

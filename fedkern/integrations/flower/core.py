@@ -172,3 +172,46 @@ class RobustCore:
         norm = state["last_step_norm"]
         self.last_step_norm = None if norm is None else float(norm)
         self.aggregator.load_state_dict(state["aggregator"])
+
+
+class RobustOptions:
+    """What the Message-API ``FedkernStrategy`` and its ``LegacyFedkernStrategy`` adapter share:
+    the ``RobustCore`` built from their constructors' keywords (``_build_core``), read-only views
+    of it and the ``repr``."""
+
+    core: RobustCore
+
+    def _build_core(self, rule, f, pre, bucket_size, clip, clip_alpha, seed, rule_options, device,
+                    log) -> None:  # fmt: skip
+        aggregator = make_aggregator(rule, f, pre, bucket_size, seed, rule_options)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.core = RobustCore(aggregator, clip=clip, clip_alpha=clip_alpha, device=device,
+                               log=log)  # fmt: skip
+
+    @property
+    def aggregator(self) -> R.Aggregator:
+        return self.core.aggregator
+
+    @property
+    def clip(self) -> float | None:
+        return self.core.clip
+
+    @property
+    def clip_alpha(self) -> float | None:
+        return self.core.clip_alpha
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.device
+
+    @property
+    def last_step_norm(self) -> float | None:
+        """||aggregate|| of the last round (adaptive clipping's memory), or None."""
+        return self.core.last_step_norm
+
+    def __repr__(self) -> str:
+        c = self.core
+        clip = f", clip={c.clip}" if c.clip is not None else ""
+        alpha = f", clip_alpha={c.clip_alpha}" if c.clip_alpha is not None else ""
+        return f"{type(self).__name__}({c.aggregator!r}{clip}{alpha}, device={c.device})"

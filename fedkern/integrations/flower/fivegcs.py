@@ -63,12 +63,17 @@ except ImportError as exc:  # pragma: no cover - flwr is optional
 from fedkern import sampling as smp
 from fedkern import validation as v
 from fedkern.algorithms.federated import SLOT_COHORT
-from fedkern.algorithms.fivegcs import GAMMA_SCALE, SOLVERS
+from fedkern.algorithms.fivegcs import GAMMA_SCALE, SOLVERS, cohort_probabilities
 from fedkern.algorithms.messages import RowCompressor
 from fedkern.algorithms.vr import SLOT_MASK
-from fedkern.clients import ClientBatch
 from fedkern.integrations.flower import protocol as P
-from fedkern.integrations.flower.method_client import MethodClient, _float, _int, _Reject
+from fedkern.integrations.flower.method_client import (
+    MethodClient,
+    _ConvexLocal,
+    _float,
+    _int,
+    _Reject,
+)
 from fedkern.integrations.flower.methods import BaseMethodStrategy
 from fedkern.ops import clients as client_ops
 
@@ -77,21 +82,6 @@ __all__ = ["ACTION_5GCS", "ConvexSolver", "FiveGCSClient", "FiveGCSStrategy", "M
 #: The message type of a 5GCS round (server -> each cohort client).
 ACTION_5GCS = "train.fedkern_5gcs"
 METHOD = "fivegcs"
-
-
-def _probs(probs, M: int) -> torch.Tensor:
-    if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or probs.numel() != M:
-        got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-        raise ValueError(f"sampling must hold one probability per client ({M}), got {got}")
-    if not probs.is_floating_point():
-        raise TypeError(f"sampling must be a float tensor of probabilities, got {probs.dtype}")
-    q = probs.detach().to("cpu", torch.float64).contiguous()
-    bad = ~((q > 0) & (q <= 1))
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0])
-        raise ValueError(f"sampling must hold probabilities in (0, 1], got sampling[{i}] = "
-                         f"{float(q[i])}")  # fmt: skip
-    return q
 
 
 def _smoothness(L, M: int) -> torch.Tensor:
@@ -150,28 +140,8 @@ class FiveGCSStrategy(BaseMethodStrategy):
         self.mu = v.positive("mu", mu)
         self.alpha = v.finite("alpha", alpha)
         L = None if smoothness is None else _smoothness(smoothness, M)
-        if isinstance(sampling, torch.Tensor):
-            if cohort is not None:
-                raise ValueError("cohort must be None when sampling is a probability tensor "
-                                 "(the expected cohort is sum(sampling))")  # fmt: skip
-            self.probs = _probs(sampling, M)
-            self.sampling, C, c_int = "probabilities", float(self.probs.sum()), None
-        elif isinstance(sampling, str):
-            if sampling not in ("uniform", "importance"):
-                raise ValueError(f"sampling must be 'uniform', 'importance' or a tensor of "
-                                 f"probabilities, got {sampling!r}")  # fmt: skip
-            c_int = v.integer("cohort", M if cohort is None else cohort, 1, M)
-            self.sampling, C = sampling, float(c_int)
-            if sampling == "uniform":
-                self.probs = torch.full((M,), C / M, dtype=torch.float64)
-            elif L is None:
-                raise ValueError("sampling 'importance' needs smoothness (the clients' L_m), or "
-                                 "pass the probabilities as sampling=")  # fmt: skip
-            else:
-                self.probs = smp.importance(L, C, self.alpha)
-        else:
-            raise TypeError(f"sampling must be 'uniform', 'importance' or a tensor of "
-                            f"probabilities, got {type(sampling).__name__}")  # fmt: skip
+        self.sampling, self.probs, C, c_int = cohort_probabilities(sampling, M, cohort, L,
+                                                                   self.alpha)  # fmt: skip
         if local_solver not in SOLVERS:
             raise ValueError(f"local_solver must be 'gd' or 'agd', got {local_solver!r}")
         self.local_solver = local_solver
@@ -346,26 +316,9 @@ class FiveGCSStrategy(BaseMethodStrategy):
         return self.global_arrays, MetricRecord(metrics)
 
     def _problem(self, msg: Message, rnd: int, cid: int, row: int, width: int) -> str | None:
-        cfg = msg.content.config_records.get(P.RECORD)
-        if cfg is None:
-            return f"no {P.RECORD!r} ConfigRecord"
-        if cfg.get("protocol") != P.PROTOCOL:
-            return f"protocol version {cfg.get('protocol')!r}, expected {P.PROTOCOL}"
-        if cfg.get("method") != self.method:
-            return f"it reports method {cfg.get('method')!r}, not {self.method!r}"
-        want = self._fields(rnd, cid, row)
-        for key_ in ("seed", "round", "client_id", "row"):
-            if cfg.get(key_) != want[key_]:
-                return f"its {key_} is {cfg.get(key_)!r}, expected {want[key_]!r}"
-        rec = msg.content.array_records.get(P.VALUES)
-        if rec is None or "values" not in rec:
-            return f"no {P.VALUES!r} ArrayRecord with 'values'"
-        a = rec["values"].numpy()
-        if a.dtype != np.float32 or a.shape != (width,):
-            return f"values are {a.dtype} {a.shape}, expected float32 ({width},)"
-        if not np.isfinite(a).all():
-            return "values are not finite"
-        return None
+        fields = self._fields(rnd, cid, row)
+        want = {k: fields[k] for k in ("seed", "round", "client_id", "row")}
+        return P.header_problem(msg, self.method, want) or P.values_problem(msg, width)
 
     def summary(self) -> None:
         log(INFO, "\t└──> %r", self)
@@ -547,7 +500,7 @@ class FiveGCSClient(MethodClient):
 # ---- solvers --------------------------------------------------------------------------------
 
 
-class ConvexSolver:
+class ConvexSolver(_ConvexLocal):
     """5GCS's local solver for fedkern's convex problems, on the client's row of a ClientBatch.
 
     K steps ("gd": one ``local_steps_`` call; "agd": Nesterov, K one-step calls with the
@@ -562,15 +515,6 @@ class ConvexSolver:
 
     The round's mu must equal the batch's problem mu (else the solver raises: an error reply).
     """
-
-    def __init__(self, batch: ClientBatch, *, mode: str = "gd", batch_size: int = 1):
-        if not isinstance(batch, ClientBatch):
-            raise TypeError(f"batch must be a fedkern.clients.ClientBatch, got "
-                            f"{type(batch).__name__}")  # fmt: skip
-        if mode not in ("gd", "sgd", "rr"):
-            raise ValueError(f"mode must be 'gd', 'sgd' or 'rr', got {mode!r}")
-        self.batch, self.mode = batch, mode
-        self.batch_size = v.integer("batch_size", batch_size, 1)
 
     def __call__(self, y_hat, u, config) -> torch.Tensor:
         fk = config["fedkern"]

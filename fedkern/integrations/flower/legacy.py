@@ -27,12 +27,12 @@ except ImportError as exc:  # pragma: no cover - flwr is optional
     raise ImportError("fedkern.integrations.flower needs Flower: pip install flwr==1.42.0") from exc
 
 import fedkern.robust as R
-from fedkern.integrations.flower.core import MalformedReply, RobustCore, make_aggregator
+from fedkern.integrations.flower.core import MalformedReply, RobustOptions
 
 __all__ = ["LegacyFedkernStrategy"]
 
 
-class LegacyFedkernStrategy(FedAvg):
+class LegacyFedkernStrategy(RobustOptions, FedAvg):
     """The legacy-API (``flwr.server.strategy.FedAvg``, ``aggregate_fit``) FedkernStrategy.
 
     A thin adapter over the same aggregation as the Message-API ``FedkernStrategy``
@@ -91,41 +91,12 @@ class LegacyFedkernStrategy(FedAvg):
                  pre: str | None = None, bucket_size: int = 2, clip: float | None = None,
                  clip_alpha: float | None = None, seed: int = 0, rule_options: dict | None = None,
                  device: str | torch.device | None = None, **kwargs):  # fmt: skip
-        aggregator = make_aggregator(rule, f, pre, bucket_size, seed, rule_options)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.core = RobustCore(aggregator, clip=clip, clip_alpha=clip_alpha, device=device,
-                               log=log)  # fmt: skip
+        self._build_core(rule, f, pre, bucket_size, clip, clip_alpha, seed, rule_options, device,
+                         log)  # fmt: skip
         super().__init__(**kwargs)
         self._global: list[np.ndarray] | None = None
         if self.initial_parameters is not None:
             self.set_global_parameters(self.initial_parameters)
-
-    @property
-    def aggregator(self) -> R.Aggregator:
-        return self.core.aggregator
-
-    @property
-    def clip(self) -> float | None:
-        return self.core.clip
-
-    @property
-    def clip_alpha(self) -> float | None:
-        return self.core.clip_alpha
-
-    @property
-    def device(self) -> torch.device:
-        return self.core.device
-
-    @property
-    def last_step_norm(self) -> float | None:
-        """||aggregate|| of the last round (adaptive clipping's memory), or None."""
-        return self.core.last_step_norm
-
-    def __repr__(self) -> str:
-        clip = f", clip={self.clip}" if self.clip is not None else ""
-        alpha = f", clip_alpha={self.clip_alpha}" if self.clip_alpha is not None else ""
-        return f"LegacyFedkernStrategy({self.aggregator!r}{clip}{alpha}, device={self.device})"
 
     # -- the current global parameters ----------------------------------------------------------
 

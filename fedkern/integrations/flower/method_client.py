@@ -379,7 +379,22 @@ class MethodClient(ClientIdentity):
 # ---- trainers --------------------------------------------------------------------------------
 
 
-class ConvexTrainer:
+class _ConvexLocal:
+    """What the client-side workers on a ``ClientBatch`` share (``ConvexTrainer`` here, 5GCS's
+    ``ConvexSolver``): the batch, the local gradient's mode ("gd", "sgd" or "rr") and batch size,
+    validated."""
+
+    def __init__(self, batch: ClientBatch, *, mode: str = "gd", batch_size: int = 1):
+        if not isinstance(batch, ClientBatch):
+            raise TypeError(f"batch must be a fedkern.clients.ClientBatch, got "
+                            f"{type(batch).__name__}")  # fmt: skip
+        if mode not in ("gd", "sgd", "rr"):
+            raise ValueError(f"mode must be 'gd', 'sgd' or 'rr', got {mode!r}")
+        self.batch, self.mode = batch, mode
+        self.batch_size = v.integer("batch_size", batch_size, 1)
+
+
+class ConvexTrainer(_ConvexLocal):
     """A trainer for fedkern's convex problems: ``ClientBatch.local_steps_`` on the client's row.
 
     x_i <- x_i - gamma (g_i(x_i) - h_i), K times, on client ``config["fedkern"]["client_id"]``'s
@@ -393,15 +408,6 @@ class ConvexTrainer:
         mode, batch_size: the local gradient ("gd", "sgd", "rr"; ``ClientBatch.local_steps_``),
             as given to the simulator's method.
     """
-
-    def __init__(self, batch: ClientBatch, *, mode: str = "gd", batch_size: int = 1):
-        if not isinstance(batch, ClientBatch):
-            raise TypeError(f"batch must be a fedkern.clients.ClientBatch, got "
-                            f"{type(batch).__name__}")  # fmt: skip
-        if mode not in ("gd", "sgd", "rr"):
-            raise ValueError(f"mode must be 'gd', 'sgd' or 'rr', got {mode!r}")
-        self.batch, self.mode = batch, mode
-        self.batch_size = v.integer("batch_size", batch_size, 1)
 
     def __call__(self, x, h, K, gamma, config) -> torch.Tensor:
         fk = config["fedkern"]

@@ -514,18 +514,9 @@ class MethodStrategy(BaseMethodStrategy):
 
     def _check_reply(self, msg: Message, plan: _Plan, row: int) -> str | None:
         """Why a reply to ``row`` is rejected (None: fine)."""
-        cfg = msg.content.config_records.get(P.RECORD)
-        if cfg is None:
-            return f"no {P.RECORD!r} ConfigRecord"
-        if cfg.get("protocol") != P.PROTOCOL:
-            return f"protocol version {cfg.get('protocol')!r}, expected {P.PROTOCOL}"
-        if cfg.get("method") != self.method:
-            return f"it reports method {cfg.get('method')!r}, not {self.method!r}"
-        want = self._fields(plan, row)
-        for k in ("seed", "round", "client_id", "row"):
-            if cfg.get(k) != want[k]:
-                return f"its {k} is {cfg.get(k)!r}, expected {want[k]!r}"
-        return None
+        fields = self._fields(plan, row)
+        want = {k: fields[k] for k in ("seed", "round", "client_id", "row")}
+        return P.header_problem(msg, self.method, want)
 
     def _replies(self, replies, plan: _Plan, rows, what: str):
         """(row -> reply) of the valid non-error replies; counts failures and rejections."""
@@ -559,17 +550,11 @@ class MethodStrategy(BaseMethodStrategy):
         return {r: m for r, m in got.items() if m is not None}, failures, rejected
 
     def _values_problem(self, msg: Message, plan: _Plan, row: int) -> str | None:
-        rec = msg.content.array_records.get(P.VALUES)
-        if rec is None or "values" not in rec:
-            return f"no {P.VALUES!r} ArrayRecord with 'values'"
-        a = rec["values"].numpy()
         k = P.held_count(self.dim, self.cohort_size, plan.s, plan.slot[row])
-        if a.dtype != np.float32 or a.shape != (k,):
-            return f"values are {a.dtype} {a.shape}, expected float32 ({k},)"
-        if not np.isfinite(a).all():
-            return "values are not finite"
-        plan.values[row] = a
-        return None
+        why = P.values_problem(msg, k)
+        if why is None:
+            plan.values[row] = msg.content.array_records[P.VALUES]["values"].numpy()
+        return why
 
     @staticmethod
     def stream_mean(plan: _Plan) -> torch.Tensor:

@@ -126,9 +126,10 @@ def held_positions(p: int, c: int, s: int, j: int, perm_slots=None) -> tuple[Ten
     return slot, pos
 
 
-def flatten(record, keys) -> torch.Tensor:
-    """The arrays of an ArrayRecord named by ``keys``, flattened in that order: float32 [p] CPU
-    (a copy). Raises ValueError when a key is missing or an array is not floating point."""
+def flatten(record, keys, dtype=np.float32) -> torch.Tensor:
+    """The arrays of an ArrayRecord named by ``keys``, flattened in that order: [p] CPU of
+    ``dtype`` (float32 by default; a copy). Raises ValueError when a key is missing or an array is
+    not floating point."""
     parts = []
     for k in keys:
         if k not in record:
@@ -136,5 +137,49 @@ def flatten(record, keys) -> torch.Tensor:
         a = record[k].numpy()
         if a.dtype.kind != "f":
             raise ValueError(f"array {k!r} must be floating point, got {a.dtype}")
-        parts.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(-1)))
-    return torch.cat(parts) if parts else torch.zeros(0)
+        parts.append(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype).reshape(-1)))
+    return torch.cat(parts) if parts else torch.from_numpy(np.zeros(0, dtype))
+
+
+def header_problem(msg, method: str, want: dict) -> str | None:
+    """Why the fedkern ConfigRecord of a reply is rejected (None: fine): it is missing, states
+    another protocol version than PROTOCOL or another method than ``method``, or differs from
+    ``want`` (field -> expected value) in any of its fields."""
+    cfg = msg.content.config_records.get(RECORD)
+    if cfg is None:
+        return f"no {RECORD!r} ConfigRecord"
+    if cfg.get("protocol") != PROTOCOL:
+        return f"protocol version {cfg.get('protocol')!r}, expected {PROTOCOL}"
+    if cfg.get("method") != method:
+        return f"it reports method {cfg.get('method')!r}, not {method!r}"
+    for k, w in want.items():
+        if cfg.get(k) != w:
+            return f"its {k} is {cfg.get(k)!r}, expected {w!r}"
+    return None
+
+
+def values_problem(msg, width: int) -> str | None:
+    """Why the VALUES ArrayRecord of a reply is rejected (None: fine): it is missing, has no
+    'values' array, or its values are not finite float32 of shape (width,)."""
+    rec = msg.content.array_records.get(VALUES)
+    if rec is None or "values" not in rec:
+        return f"no {VALUES!r} ArrayRecord with 'values'"
+    a = rec["values"].numpy()
+    if a.dtype != np.float32 or a.shape != (width,):
+        return f"values are {a.dtype} {a.shape}, expected float32 ({width},)"
+    if not np.isfinite(a).all():
+        return "values are not finite"
+    return None
+
+
+def indices_problem(msg, k: int, dim: int) -> str | None:
+    """Why the top-k 'indices' of a reply's VALUES ArrayRecord are rejected (None: fine): they
+    must be int64 of shape (k,), strictly ascending in [0, dim)."""
+    rec = msg.content.array_records[VALUES]
+    idx = rec["indices"].numpy() if "indices" in rec else None
+    if idx is None or idx.dtype != np.int64 or idx.shape != (k,):
+        got = None if idx is None else f"{idx.dtype} {idx.shape}"
+        return f"indices are {got}, expected int64 ({k},)"
+    if k and (idx[0] < 0 or idx[-1] >= dim or (np.diff(idx) <= 0).any()):
+        return f"indices must be strictly ascending in [0, {dim})"
+    return None

@@ -24,13 +24,13 @@ except ImportError as exc:  # pragma: no cover - flwr is optional
 
 import fedkern.robust as R
 from fedkern.integrations.flower.codec import is_compressed
-from fedkern.integrations.flower.core import MalformedReply, RobustCore, make_aggregator
+from fedkern.integrations.flower.core import MalformedReply, RobustOptions
 from fedkern.integrations.flower.mod import message_arrays
 
 __all__ = ["FedkernStrategy"]
 
 
-class FedkernStrategy(FedAvg):
+class FedkernStrategy(RobustOptions, FedAvg):
     """Flower's (Message API) FedAvg with fedkern's clipping, pre-aggregation and robust rule.
 
     Sampling, messages and evaluation are FedAvg's. ``aggregate_train`` (round r, the replies
@@ -77,29 +77,11 @@ class FedkernStrategy(FedAvg):
                  pre: str | None = None, bucket_size: int = 2, clip: float | None = None,
                  clip_alpha: float | None = None, seed: int = 0, rule_options: dict | None = None,
                  device: str | torch.device | None = None, **kwargs):  # fmt: skip
-        aggregator = make_aggregator(rule, f, pre, bucket_size, seed, rule_options)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.core = RobustCore(aggregator, clip=clip, clip_alpha=clip_alpha, device=device,
-                               log=log)  # fmt: skip
+        self._build_core(rule, f, pre, bucket_size, clip, clip_alpha, seed, rule_options, device,
+                         log)  # fmt: skip
         super().__init__(**kwargs)
         self._keys: list[str] | None = None
         self._global: list[np.ndarray] | None = None
-
-    @property
-    def aggregator(self) -> R.Aggregator:
-        return self.core.aggregator
-
-    @property
-    def last_step_norm(self) -> float | None:
-        """||aggregate|| of the last round (adaptive clipping's memory), or None."""
-        return self.core.last_step_norm
-
-    def __repr__(self) -> str:
-        c = self.core
-        clip = f", clip={c.clip}" if c.clip is not None else ""
-        alpha = f", clip_alpha={c.clip_alpha}" if c.clip_alpha is not None else ""
-        return f"FedkernStrategy({c.aggregator!r}{clip}{alpha}, device={c.device})"
 
     def summary(self) -> None:
         """Flower's summary log, with the fedkern aggregation."""
