@@ -431,14 +431,17 @@ class Quartic:
     def uniform_points(N: int, d: int, *, low: float = -10.0, high: float = 10.0,
                        seed: int = 0) -> torch.Tensor:  # fmt: skip
         """[N, d] float64 points uniform in [low, high]^d from the counter-based stream
-        (``fedkern.random.uniforms`` at (seed, step 0)): the official experiments' data law."""
-        from fedkern.random import uniforms
+        (``fedkern.random.uniforms``, stream STREAM_QUARTIC at (seed, step 0)): the official
+        experiments' data law. The data has its own stream, so it is independent of the coins
+        (``fedkern.sampling.coin``) that a method draws from the same seed."""
+        from fedkern.random import STREAM_QUARTIC, uniforms
 
         N, d = v.integer("N", N, 1), v.integer("d", d, 1)
         lo, hi = v.finite("low", low), v.finite("high", high)
         if not hi > lo:
             raise ValueError(f"need low < high, got {low}, {high}")
-        u = uniforms(N * d, seed=v.integer("seed", seed, 0, (1 << 63) - 1), step=0)
+        seed = v.integer("seed", seed, 0, (1 << 63) - 1)
+        u = uniforms(N * d, seed=seed, step=0, stream=STREAM_QUARTIC)
         return (lo + (hi - lo) * u).reshape(N, d)
 
     @classmethod

@@ -40,6 +40,7 @@ __all__ = [
     "STREAM_SKETCH",
     "STREAM_PARTITION",
     "STREAM_PATTERN",
+    "STREAM_QUARTIC",
     "draw_key",
     "draw_keys_tensor",
     "gaussian",
@@ -73,6 +74,9 @@ STREAM_SKETCH = 0x534B5443  # "SKTC"
 STREAM_PARTITION = 0x50415254  # "PART"
 #: Stream tag of random points and tangent vectors of ``fedkern.manifolds``.
 STREAM_MANIFOLD = 0x4D414E49  # "MANI"
+#: Stream tag of the quartic problem's data (``fedkern.problems.Quartic.uniform_points``): its own
+#: tag, so that the data drawn from a seed is independent of the coins drawn from the same seed.
+STREAM_QUARTIC = 0x51444154  # "QDAT"
 
 
 def philox4x32(counter: tuple[int, int, int, int], key: tuple[int, int], rounds: int = 10):
@@ -251,9 +255,8 @@ def uniforms(n: int, *, seed: int, step: int, stream: int = STREAM_UNIFORM):
         seed, step: ints in [0, 2**63).
         stream: the stream tag (distinct features use distinct tags). The default,
             STREAM_UNIFORM, is also the base of ``fedkern.sampling``'s streams (its coins use it
-            as it is; so does ``Quartic.uniform_points``, whose data is therefore the coin's
-            draw at step 0 for the same seed): draws that must be independent of a method's
-            coins pass their own tag.
+            as it is): a draw that must be independent of a method's coins passes its own tag,
+            as ``Quartic.uniform_points`` does (STREAM_QUARTIC).
     """
     import torch
 

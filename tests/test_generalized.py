@@ -5,6 +5,10 @@ no-host-sync, resume and bad-input tests.
 Setup (the official code's): N = 1000 points uniform in [-10, 10]^d, sorted by norm into 10
 contiguous clients of 100, x0 = 100 * ones, d in {1, 100}. "Converges" = f - f* <= 1e-6 (f(x0) - f*)
 within the round budget, without diverging.
+
+The budget: on the data of seed 0 the clipped methods reach the bar at round 72 (d = 1) and 62
+(d = 100); on the data of seeds 0..11 at rounds 71-85 (d = 1) and 60-64 (d = 100). 100 rounds
+leave 15% to spare on the slowest of those; the controls diverge by round 4 or end above 1e-2.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from fedkern.algorithms import (
 from fedkern.clients import ClientBatch
 from fedkern.problems import Quartic
 
-ROUNDS = 80
+ROUNDS = 100
 
 
 def quartic(d: int) -> ClientBatch:
@@ -64,7 +68,8 @@ def test_clip_localgdj_converges_where_local_gd_and_unclipped_jump_fail(d, tau):
     x0 = torch.full((d,), 100.0)
     theory = ClipLocalGDJ(b, local_steps=tau, x0=x0).gamma
     # tau = 1: a step 100x the theory's, where GD itself diverges; tau = 10: the theory step
-    # (larger ones overflow the shared first local phase of every method)
+    # (Local GD diverges only from ~1000x, where the shared first local phase of every method
+    # overflows; from ~100x it reaches the bar too: docs/methods/generalized_smoothness_biased_sgd)
     gamma = theory * (100 if tau == 1 else 1)
     clip = ClipLocalGDJ(b, gamma=gamma, local_steps=tau, x0=x0)
     unclipped = ClipLocalGDJ(b, gamma=gamma, local_steps=tau, x0=x0, c1=0.0)

@@ -152,6 +152,18 @@ def test_vectorized_keys_match_scalar():
                                                stream=STREAM_GAUSSIAN))  # fmt: skip
 
 
+def test_stream_tags_are_distinct():
+    """Every feature has its own Philox stream: the tags of fedkern.random, and the coin /
+    geometric / participation offsets that fedkern.sampling adds to STREAM_UNIFORM, are all
+    different (two features on one tag draw the same words from one seed)."""
+    import fedkern.random as frandom
+
+    tags = {n: getattr(frandom, n) for n in frandom.__all__ if n.startswith("STREAM_")}
+    tags |= {f"STREAM_UNIFORM + {k}": frandom.STREAM_UNIFORM + k for k in (1, 2)}
+    assert len(tags) >= 15 and len(set(tags.values())) == len(tags), tags
+    assert all(0 <= t <= 0xFFFFFFFF for t in tags.values())
+
+
 def test_opcheck():
     out = torch.empty(37)
     torch.library.opcheck(torch.ops.fedkern.gaussian_fill_, (out, 3, 1, 0.5))

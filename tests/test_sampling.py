@@ -599,16 +599,35 @@ def test_streams_are_independent(shared):
     assert same == 0
 
 
-@pytest.mark.xfail(strict=True, reason="found here: sampling.coin's stream (STREAM_UNIFORM + 0) is "
-                   "the default stream of fedkern.random.uniforms, which Quartic.uniform_points "
-                   "draws its data from at step 0; left for the lead (fixing it moves either the "
-                   "coins or the quartic data)")  # fmt: skip
 def test_coin_stream_is_not_shared_with_the_default_uniform_stream():
+    """Found here: the quartic data used to be the coin's draw (the default stream of
+    fedkern.random.uniforms at step 0), so that with one seed the data's first float was the first
+    coin's uniform. At the coin's own uniform as p, a coin is tails at p and heads just above it;
+    the data's first float as p must not sit on that edge."""
     from fedkern.problems import Quartic
 
     s = fresh_seed("collision seed")
     u0 = float(Quartic.uniform_points(1, 1, low=0.0, high=1.0, seed=s)[0, 0])
     assert sampling.coin(u0, seed=s, step=0) or not sampling.coin(u0 + 1e-9, seed=s, step=0)
+    # the negative control: the coin's own uniform (the default stream) sits on the edge
+    c0 = float(frandom.uniforms(1, seed=s, step=0)[0])
+    assert not sampling.coin(c0, seed=s, step=0) and sampling.coin(c0 + 1e-9, seed=s, step=0)
+
+
+def test_quartic_data_has_its_own_stream():
+    """Quartic.uniform_points at (seed, step 0) is the documented draw of stream "QDAT", bit for
+    bit (the oracle), and shares no float with the coin stream's words of that seed."""
+    from fedkern.problems import Quartic
+
+    assert frandom.STREAM_QUARTIC == tag("QDAT")
+    for s in seeds():
+        data = Quartic.uniform_points(40, 3, low=0.0, high=1.0, seed=s).flatten().tolist()
+        assert data == oracle_floats(120, s, 0, tag("QDAT"))
+        coins = oracle_floats(120, s, 0, COIN_STREAM)
+        assert coins == frandom.uniforms(120, seed=s, step=0).tolist()  # the default stream
+        assert not set(data) & set(coins)
+        # what the data was before it had its own stream: the control the check above fails
+        assert set(oracle_floats(120, s, 0, UNIF)) & set(coins)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
