@@ -508,3 +508,22 @@ def final_model(result):
     import numpy as np
 
     return torch.from_numpy(np.array(result.arrays["x"].numpy()))
+
+
+@pytest.fixture(scope="module")
+def cancer():
+    """The bundled breast-cancer data (A [569, 30] float32, y [569] float32), once per module."""
+    from fedkern import data
+
+    return data.load("breast_cancer")
+
+
+def cancer_batch(cancer, n: int, l2: float = 0.05):
+    """A ClientBatch of the breast-cancer logistic problem over n label-sorted clients (seed 3):
+    the Flower strategy tests' problem."""
+    from fedkern import data
+    from fedkern.clients import ClientBatch
+    from fedkern.problems import Problem
+
+    A, y = cancer
+    return ClientBatch(Problem(A, y, data.split(y, n, "label_sorted"), "logistic", l2), seed=3)

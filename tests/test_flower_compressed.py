@@ -21,14 +21,13 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import fault_grid  # noqa: E402
+from conftest import cancer_batch, fault_grid  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from fedkern import data, sampling  # noqa: E402
+from fedkern import sampling  # noqa: E402
 from fedkern.algorithms import DIANA, EF21, MARINA  # noqa: E402
 from fedkern.algorithms.messages import RowCompressor  # noqa: E402
-from fedkern.clients import ClientBatch  # noqa: E402
 from fedkern.integrations.flower import protocol as P  # noqa: E402
 from fedkern.integrations.flower.compressed import (  # noqa: E402
     DianaStrategy,
@@ -42,7 +41,6 @@ from fedkern.integrations.flower.gradient_client import (  # noqa: E402
     ModuleGradients,
 )
 from fedkern.integrations.flower.method_client import module_arrays  # noqa: E402
-from fedkern.problems import Problem  # noqa: E402
 
 N = 6
 NODES = [2000 + 3 * i for i in range(N)]
@@ -51,14 +49,8 @@ NODES = [2000 + 3 * i for i in range(N)]
 pytestmark = pytest.mark.usefixtures("flower_process")  # conftest: Flower's process identity
 
 
-@pytest.fixture(scope="module")
-def cancer():
-    return data.load("breast_cancer")
-
-
-def make_batch(cancer, l2=0.05, n=N):
-    A, y = cancer
-    return ClientBatch(Problem(A, y, data.split(y, n, "label_sorted"), "logistic", l2), seed=3)
+def make_batch(cancer, l2=0.05, n=N):  # cancer: conftest's fixture
+    return cancer_batch(cancer, n, l2)
 
 
 class Grid(fault_grid(ACTION_GRAD)):

@@ -21,7 +21,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import fault_grid  # noqa: E402
+from conftest import cancer_batch, fault_grid  # noqa: E402
 from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
@@ -32,10 +32,8 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from fedkern import data  # noqa: E402
 from fedkern.algorithms import FedAvg, FiveGCS  # noqa: E402
 from fedkern.algorithms.fivegcs import client_smoothness  # noqa: E402
-from fedkern.clients import ClientBatch  # noqa: E402
 from fedkern.integrations import flower as F  # noqa: E402
 from fedkern.integrations.flower import protocol as P  # noqa: E402
 from fedkern.integrations.flower.fivegcs import (  # noqa: E402
@@ -45,7 +43,6 @@ from fedkern.integrations.flower.fivegcs import (  # noqa: E402
     FiveGCSStrategy,
     ModuleSolver,
 )
-from fedkern.problems import Problem  # noqa: E402
 
 N = 10
 NODES = [2000 + 3 * i for i in range(N)]
@@ -54,14 +51,8 @@ NODES = [2000 + 3 * i for i in range(N)]
 pytestmark = pytest.mark.usefixtures("flower_process")  # conftest: Flower's process identity
 
 
-@pytest.fixture(scope="module")
-def cancer():
-    return data.load("breast_cancer")
-
-
-def make_batch(cancer, l2=0.05, n=N):
-    A, y = cancer
-    return ClientBatch(Problem(A, y, data.split(y, n, "label_sorted"), "logistic", l2), seed=3)
+def make_batch(cancer, l2=0.05, n=N):  # cancer: conftest's fixture
+    return cancer_batch(cancer, n, l2)
 
 
 class Grid(fault_grid(ACTION_5GCS)):

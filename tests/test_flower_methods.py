@@ -23,7 +23,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import BACKEND_PARAMS, device_for, fault_grid, fresh_seed  # noqa: E402
+from conftest import BACKEND_PARAMS, cancer_batch, device_for, fault_grid, fresh_seed  # noqa: E402
 from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
@@ -35,14 +35,12 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from fedkern import data, sampling  # noqa: E402
+from fedkern import sampling  # noqa: E402
 from fedkern.algorithms import TAMUNA, ProxSkip, Scaffnew  # noqa: E402
 from fedkern.algorithms.federated import soft_threshold  # noqa: E402
 from fedkern.algorithms.tamuna import chi  # noqa: E402
-from fedkern.clients import ClientBatch  # noqa: E402
 from fedkern.integrations import flower as F  # noqa: E402
 from fedkern.integrations.flower import protocol as P  # noqa: E402
-from fedkern.problems import Problem  # noqa: E402
 from fedkern.reference.tamuna import pattern_mask  # noqa: E402
 
 N = 10  # clients
@@ -52,14 +50,8 @@ NODES = [1000 + 7 * i for i in range(N)]  # node ids; node_config partition-id =
 pytestmark = pytest.mark.usefixtures("flower_process")  # conftest: Flower's process identity
 
 
-@pytest.fixture(scope="module")
-def cancer():
-    return data.load("breast_cancer")
-
-
-def make_batch(cancer, l2=0.05, n=N):
-    A, y = cancer
-    return ClientBatch(Problem(A, y, data.split(y, n, "label_sorted"), "logistic", l2), seed=3)
+def make_batch(cancer, l2=0.05, n=N):  # cancer: conftest's fixture
+    return cancer_batch(cancer, n, l2)
 
 
 class InProcessGrid(fault_grid()):
