@@ -136,16 +136,18 @@ step gpu-tests 150 230 "$PY" -m pytest $TEST_FILES -q -p no:cacheprovider --maxf
     -k "(cuda or triton) and not cuda_emu" --junitxml="$LOGS/gpu-tests.xml" "${XDIST[@]}"
 
 # The integrations (spawned DDP ranks over NCCL / gloo, Flower rounds, CuPy): a step and a limit
-# of their own; with pytest-xdist one worker per test module (the DDP module launches its ranks
-# once, for both of its CUDA tests).
+# of their own, 60 s with pytest-xdist (one worker per test module: the DDP module launches its
+# ranks once, for both of its CUDA tests), 90 s without it (the modules one after the other).
 INTEG_FILES=$("$PY" bench/gpu_targets.py --test-files integrations)
 INTEG_XDIST=()
+INTEG_LIMIT=90
 if ((${#XDIST[@]})); then
     INTEG_XDIST=(-n 4 --dist loadfile)
+    INTEG_LIMIT=60
 fi
 # shellcheck disable=SC2086 # INTEG_FILES is a list of paths without spaces
-step gpu-integration 60 200 "$PY" -m pytest $INTEG_FILES -q -p no:cacheprovider --maxfail=50 \
-    -k "(cuda or triton) and not cuda_emu" --junitxml="$LOGS/gpu-integration.xml" \
+step gpu-integration "$INTEG_LIMIT" 200 "$PY" -m pytest $INTEG_FILES -q -p no:cacheprovider \
+    --maxfail=50 -k "(cuda or triton) and not cuda_emu" --junitxml="$LOGS/gpu-integration.xml" \
     "${INTEG_XDIST[@]}"
 
 # The benchmark: everything the later steps do not reserve; it stops starting cases 30 s before

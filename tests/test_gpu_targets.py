@@ -229,4 +229,4 @@ def test_gpu_check_script_parses_and_runs_its_cpu_parts(tmp_path):
     assert not list(tmp_path.glob("latest-*")), list(tmp_path.iterdir())
     limits = {line.split()[1]: int(line.split("limit ")[1].split("s")[0]) for line in out
               if line.startswith("== ") and "(limit " in line}  # fmt: skip
-    assert limits["gpu-tests"] == 150 and limits["gpu-integration"] == 60, limits
+    assert limits["gpu-tests"] == 150 and limits["gpu-integration"] in (60, 90), limits
