@@ -204,11 +204,14 @@ def authors_row(path: str | None) -> tuple[str, str, str]:
     parts = []
     for r in sorted(done, key=lambda r: -r["n"]):
         sb = r.get("state_bytes_per_param", {})
+        q1e5 = r.get("fedkern_over_authors_q1e5")
         parts.append(f"{short(r['n'])} {r['dtype']}: fedkern/authors "
                      f"{r['fedkern_over_authors']:.2f}x time ({r['fedkern_ms']:.2f} vs "
-                     f"{r['authors_ms']:.2f} ms), fedkern/AdamW "
-                     f"{r['fedkern_over_adamw']:.2f}x, state {sb.get('fedkern', 0):.2f} vs "
-                     f"{sb.get('authors', 0):.2f} B/param")  # fmt: skip
+                     f"{r['authors_ms']:.2f} ms), "
+                     + ("" if q1e5 is None else f"fedkern/authors(q=1e5) {q1e5:.2f}x, ")
+                     + f"fedkern/AdamW {r['fedkern_over_adamw']:.2f}x, state "
+                     f"{sb.get('fedkern', 0):.2f} vs {sb.get('authors', 0):.2f} "
+                     "B/param")  # fmt: skip
     return AUTHORS, "ok", "; ".join(parts)
 
 

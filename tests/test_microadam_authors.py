@@ -67,12 +67,14 @@ class _StandIn(torch.optim.Optimizer):
     ``log_interval``, and a step that overwrites p.grad (here: with zeros)."""
 
     seen: list = []
+    made: list = []
 
     def __init__(self, params, lr, m, quant_block_size, k_init=0.01, alpha=0, betas=(0.9, 0.999),
                  weight_decay=0, eps=1e-8):  # fmt: skip
         super().__init__(params, {"lr": lr})
         self.options = (m, quant_block_size, k_init, alpha, betas, weight_decay, eps)
         self.log_interval = 100
+        _StandIn.made.append(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -89,13 +91,16 @@ def test_timing_loop_restores_the_authors_gradients():
     fedkern's, logging is off, every step sees the original gradients (restored, untimed), the
     ratios and state bytes are recorded."""
     mod = _load("microadam_authors", SCRIPT)
-    _StandIn.seen = []
+    _StandIn.seen, _StandIn.made = [], []
     rec = mod.measure(20_000, torch.device("cpu"), _StandIn, reps=2, warmup=1)
-    assert rec["status"] == "ok" and rec["authors_ms"] > 0
+    assert rec["status"] == "ok" and rec["authors_ms"] > 0 and rec["authors_q1e5_ms"] > 0
     assert rec["fedkern_over_authors"] == pytest.approx(rec["fedkern_ms"] / rec["authors_ms"])
     assert rec["state_bytes_per_param"]["authors"] == pytest.approx(0.5, abs=1e-3)
+    (a, b) = _StandIn.made  # the matched options, then their README's bucket
+    assert a.options[:4] == (10, 256, 0.01, 0) and b.options[1] == 100_000
+    assert a.options[4:] == ((0.9, 0.999), 0.01, 1e-8) and a.log_interval > 10**9
     per_step = [sum(_StandIn.seen[i : i + 4]) for i in range(0, len(_StandIn.seen), 4)]
-    assert len(per_step) == 3 and min(per_step) > 0 and max(per_step) == min(per_step)
+    assert len(per_step) == 6 and min(per_step) > 0 and max(per_step) == min(per_step)
 
 
 def test_authors_loader_stands_in_for_the_logging_modules(tmp_path, monkeypatch):
