@@ -1,12 +1,17 @@
 """The targets of the GPU work (issue 16), each ok or MISS, from what bench/gpu_check.sh wrote.
 
-    python bench/gpu_targets.py RESULTS.json [--tests JUNIT.xml] [--cases]
-    python bench/gpu_targets.py --test-files     (the GPU test modules, for gpu_check.sh)
+    python bench/gpu_targets.py RESULTS.json [--tests JUNIT.xml ...] [--authors AUTHORS.json]
+                                [--cases]
+    python bench/gpu_targets.py --test-files [FAMILY]   (GPU test modules, for gpu_check.sh)
 
 RESULTS.json is a ``fedkern bench --device cuda`` record (``meta`` and ``results``); JUNIT.xml the
-pytest report of the GPU tests. ``--cases`` first prints every case in a short table. The targets
-table comes last. A target whose cases were not measured (not run, skipped, failed) is a MISS
-that says so: nothing counts as met without a measurement. ratio = eager / fedkern time.
+pytest report of GPU tests (``--tests`` once per report: gpu_check.sh writes one for the kernel
+families and one for the integrations); AUTHORS.json the record of bench/microadam_authors.py.
+``--cases`` first prints every case in a short table. The targets table comes last. A target whose
+cases were not measured (not run, skipped, failed) is a MISS that says so: nothing counts as met
+without a measurement. ratio = eager / fedkern time. ``--test-files`` prints the test files of
+every family that runs in gpu_check.sh's gpu-tests step, or of the one family named (the
+"integrations" family has a step of its own).
 
 Targets (TARGETS below): every op >= 1.0x its eager baseline at every benchmarked size (MicroAdam
 against AdamW has its own target); the top-k and rand-k families >= 3x at 1e8 and 1e9;
@@ -14,8 +19,12 @@ against AdamW has its own target); the top-k and rand-k families >= 3x at 1e8 an
 >= 1.0x one ``index_add_``; a MicroAdam step <= 1.0x ``AdamW(fused=True)`` on 1e8 bf16 parameters;
 coordinate median and trimmed mean >= 10x at 64 x 1e6; Krum and the iterative rules (geometric
 median, centered clipping) >= 2x; a round of 1000 clients (``local_steps_vs_loop``) >= 100x a
-client loop; and every GPU test family green. Exit status 0 (the table is the result), 2 when
-RESULTS.json cannot be read.
+client loop; and every GPU test family green (the kernel families; "integrations": the DDP hooks
+over NCCL and gloo on CUDA, the Flower strategies with device="cuda", CuPy arrays through
+fedkern.interop). With ``--authors``, a report row: "authors' MicroAdam ratio reported", ok when
+bench/microadam_authors.py measured the authors' MicroAdam (it shows fedkern's step time over
+theirs and over AdamW's, and the state bytes per parameter). Exit status 0 (the table is the
+result), 2 when RESULTS.json cannot be read.
 """
 
 from __future__ import annotations
@@ -41,7 +50,13 @@ FAMILIES = {
     "topk": ("test_topk",),
     "randk": ("test_randk",),
     "sparse": ("test_sparse",),
-}
+    "integrations": ("test_ddp", "test_flower", "test_flower_methods", "test_flower_compressed",
+                     "test_flower_fivegcs", "test_interop"),
+}  # fmt: skip
+#: Families with a step of their own in gpu_check.sh (ranks spawned, Flower rounds): left out of
+#: ``--test-files`` without a family name.
+OWN_STEP = ("integrations",)
+AUTHORS = "authors' MicroAdam ratio reported"
 
 
 def short(n: int) -> str:
@@ -131,17 +146,25 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
-def test_families(path: str | None) -> list[tuple[str, str, str]]:
-    """(target, status, detail) per GPU test family from a JUnit XML report."""
-    if path is None:
+def test_families(paths) -> list[tuple[str, str, str]]:
+    """(target, status, detail) per GPU test family from JUnit XML reports (a path, a list of
+    them, or None). A report that cannot be read is a MISS row of its own; the families it held
+    then show no test."""
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
         return [("GPU tests", "MISS", "no test report given")]
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
-        return [("GPU tests", "MISS", f"no test report ({exc})")]
+    roots, unread = [], []
+    for path in paths:
+        try:
+            roots.append(ET.parse(path).getroot())
+        except (OSError, ET.ParseError) as exc:
+            unread.append(("GPU tests", "MISS", f"no test report ({exc})"))
+    if not roots:
+        return unread
     counts = {f: [0, 0, 0] for f in FAMILIES}  # passed, failed, skipped
     module_of = {m: f for f, mods in FAMILIES.items() for m in mods}
-    for case in root.iter("testcase"):
+    for case in (c for root in roots for c in root.iter("testcase")):
         mod = case.get("classname", "").split(".")[-1]
         fam = module_of.get(mod)
         if fam is None:
@@ -157,7 +180,39 @@ def test_families(path: str | None) -> list[tuple[str, str, str]]:
         status = "ok" if p and not f else "MISS"
         detail = f"{p} passed, {f} failed, {s} skipped" if p + f + s else "no test ran"
         out.append((f"GPU tests: {fam}", status, detail))
-    return out
+    return unread + out
+
+
+def authors_row(path: str | None) -> tuple[str, str, str]:
+    """(target, status, detail) of the report row on the authors' MicroAdam, from the record of
+    bench/microadam_authors.py: ok when their step was timed at some size."""
+    if path is None:
+        return AUTHORS, "MISS", "no record given"
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        status, why = doc["authors"]["status"], doc["authors"].get("detail", "")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return AUTHORS, "MISS", f"no record ({exc})"
+    if status != "ok":
+        return AUTHORS, "MISS", f"{status}: {why}" if why else status
+    done = [r for r in doc.get("results", []) if r.get("status") == "ok" and "authors_ms" in r]
+    if not done:
+        failed = [r for r in doc.get("results", []) if r.get("status") != "ok"]
+        why = f" ({failed[0].get('detail', '')})"[:80] if failed else ""
+        return AUTHORS, "MISS", "not measured" + why
+    parts = []
+    for r in sorted(done, key=lambda r: -r["n"]):
+        sb = r.get("state_bytes_per_param", {})
+        q1e5 = r.get("fedkern_over_authors_q1e5")
+        parts.append(f"{short(r['n'])} {r['dtype']}: fedkern/authors "
+                     f"{r['fedkern_over_authors']:.2f}x time ({r['fedkern_ms']:.2f} vs "
+                     f"{r['authors_ms']:.2f} ms), "
+                     + ("" if q1e5 is None else f"fedkern/authors(q=1e5) {q1e5:.2f}x, ")
+                     + f"fedkern/AdamW {r['fedkern_over_adamw']:.2f}x, state "
+                     f"{sb.get('fedkern', 0):.2f} vs {sb.get('authors', 0):.2f} "
+                     "B/param")  # fmt: skip
+    return AUTHORS, "ok", "; ".join(parts)
 
 
 def case_table(doc: dict) -> str:
@@ -193,14 +248,22 @@ def render(rows: list[tuple[str, str, str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="?", help="a fedkern bench --device cuda JSON record")
-    parser.add_argument("--tests", default=None, help="JUnit XML of the GPU tests")
+    parser.add_argument("--tests", action="append", default=None,
+                        help="JUnit XML of GPU tests (repeat for several reports)")  # fmt: skip
+    parser.add_argument("--authors", default=None,
+                        help="the record of bench/microadam_authors.py (adds its row)")  # fmt: skip
     parser.add_argument("--cases", action="store_true", help="print every case first")
-    parser.add_argument("--test-files", action="store_true",
-                        help="print the test files of the GPU test families and exit")  # fmt: skip
+    parser.add_argument("--test-files", nargs="?", const="", default=None, metavar="FAMILY",
+                        help="print the test files of the gpu-tests step's families (or of "
+                             "FAMILY) and exit")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.test_files:
-        print(" ".join(f"tests/{m}.py" for mods in FAMILIES.values() for m in mods))
+    if args.test_files is not None:
+        if args.test_files and args.test_files not in FAMILIES:
+            parser.error(f"no GPU test family {args.test_files!r}; families: {', '.join(FAMILIES)}")
+        fams = [args.test_files] if args.test_files else [f for f in FAMILIES if f not in OWN_STEP]
+        print(" ".join(f"tests/{m}.py" for f in fams for m in FAMILIES[f]))
         return 0
+    extra = [] if args.authors is None else [authors_row(args.authors)]
     if args.results is None:
         parser.error("RESULTS.json is required")
     try:
@@ -210,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"no benchmark results ({exc})")
         print(render(test_families(args.tests)
-                     + [("benchmark targets", "MISS", "no results")]))  # fmt: skip
+                     + [("benchmark targets", "MISS", "no results")] + extra))  # fmt: skip
         return 2
     m = doc.get("meta", {})
     print(f"{m.get('device_name')} | torch {m.get('torch')} | triton {m.get('triton')} | "
@@ -218,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases:
         print(case_table(doc))
         print()
-    print(render(test_families(args.tests) + targets(records)))
+    print(render(test_families(args.tests) + targets(records) + extra))
     return 0
 
 

@@ -7,6 +7,11 @@ what they saw to a file after each one; the tests below assert on those results.
 over a FileStore in tmp_path on loopback; every process group has a timeout, and the launcher kills
 ranks that outlive the deadline, so nothing hangs. Argument checks that need no communication run
 in the test process itself, on a DDP model over a process group with no working backend.
+
+On a CUDA machine two more launches run concurrently (skipped without CUDA): NCCL with world size
+1 and gloo over CUDA tensors with two ranks on one GPU. Each rank runs every hook on CUDA tensors
+and, as the control, on CPU tensors (gloo), with gradients that are exact on both devices (a loss
+linear in the parameters); the tests compare the two and the hand-computed average.
 """
 
 from __future__ import annotations
@@ -520,7 +525,10 @@ SCENARIOS = {
 }
 
 
-def _worker(rank, world, tmp):
+def _worker(rank, world, tmp, kind="cpu"):
+    """One rank. kind "cpu": gloo on CPU tensors, every scenario of SCENARIOS, then the death;
+    "nccl" / "gloo-cuda": the rank's GPU is cuda:0, the backend nccl / gloo, and it runs
+    ``_on_cuda`` (the hooks on CUDA tensors and, as the control, on CPU tensors)."""
     path = Path(tmp) / f"rank{rank}.pt"
     results = {}
 
@@ -534,9 +542,17 @@ def _worker(rank, world, tmp):
         torch.set_num_threads(1)
         if sys.platform.startswith("linux"):
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        if kind != "cpu":
+            torch.cuda.set_device(0)
         store = dist.FileStore(str(Path(tmp) / "store"), world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=PG_TIMEOUT)  # fmt: skip
+        dist.init_process_group("nccl" if kind == "nccl" else "gloo", store=store, rank=rank,
+                                world_size=world, timeout=PG_TIMEOUT)  # fmt: skip
+        if kind != "cpu":
+            t0 = time.monotonic()
+            results["on_cuda"] = _on_cuda(rank, world, kind)
+            results["seconds"] = {"on_cuda": time.monotonic() - t0}
+            save()
+            return
         for name, scenario in SCENARIOS.items():
             t0 = time.monotonic()
             try:
@@ -558,13 +574,20 @@ def _worker(rank, world, tmp):
         os._exit(0)  # skip process-group teardown: a peer is gone
 
 
-def _launch(world: int, tmp: Path) -> list[dict]:
+def _start(world: int, tmp: Path, kind: str = "cpu") -> list:
+    """The ranks of one world, started (spawned: CUDA and fork do not mix)."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp)), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp), kind), daemon=True)
              for r in range(world)]  # fmt: skip
     for p in procs:
         p.start()
-    deadline = time.monotonic() + DEADLINE_S
+    return procs
+
+
+def _finish(procs: list, tmp: Path, deadline_s: float = DEADLINE_S) -> list[dict]:
+    """Each rank's saved results once it exits; ranks alive after ``deadline_s`` are killed and
+    marked "hung"."""
+    deadline = time.monotonic() + deadline_s
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
@@ -573,12 +596,16 @@ def _launch(world: int, tmp: Path) -> list[dict]:
             p.kill()
             p.join(5)
     results = []
-    for r in range(world):
+    for r in range(len(procs)):
         path = tmp / f"rank{r}.pt"
         results.append(torch.load(path) if path.exists() else {})
     for r in hung:
         results[r]["hung"] = True
     return results
+
+
+def _launch(world: int, tmp: Path) -> list[dict]:
+    return _finish(_start(world, tmp), tmp)
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"world{w}")
@@ -802,3 +829,141 @@ def test_bad_model_and_group(offline_ddp):
         fddp.register(offline_ddp(), "topk_ef14", 0.1, process_group=object())
     with pytest.raises(TypeError, match=r"parameter 'module.0.weight' has dtype torch.float64"):
         fddp.register(offline_ddp(torch.float64), "randk", 0.1)
+
+
+# ------------------------------------------------------- on CUDA (skipped without a CUDA device)
+
+#: (hook, register options, start_iter) of the CUDA runs: every hook, rand-k without error
+#: feedback (unbiased), momentum correction; two dense steps first (EF21's warm start included).
+CUDA_CASES = {
+    "topk_ef14": ("topk_ef14", {}, 2),
+    "topk_ef21": ("topk_ef21", {}, 2),
+    "randk": ("randk", {}, 2),
+    "randk-unbiased-noEF": ("randk", {"error_feedback": False, "unbiased": True}, 2),
+    "randk_ef21": ("randk_ef21", {}, 2),
+    "topk_ef14-momentum": ("topk_ef14", {"momentum": 0.9}, 2),
+    "randk_ef21-momentum": ("randk_ef21", {"momentum": 0.5}, 1),
+}
+CUDA_STEPS = 5
+CUDA_DEADLINE_S = 150  # both CUDA launches together (CUDA init, NCCL, kernel compiles)
+
+
+class _Linear(torch.nn.Module):
+    """``_mlp``'s parameters (so DDP buckets them as in the gloo tests) under a loss linear in
+    them: loss = sum_i <p_i, c_i>, whose gradients are exactly the c_i on every device."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp(0)
+
+    def forward(self, coefs):
+        return sum((p * c).sum() for p, c in zip(self.net.parameters(), coefs, strict=True))
+
+
+def _coefs(rank: int, step: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s gradients at ``step`` (CPU, float32), one per parameter of ``_Linear``."""
+    g = torch.Generator().manual_seed(50_000 + 100 * rank + step)
+    return [torch.randn(p.shape, generator=g) for p in _mlp(0).parameters()]
+
+
+def _hook_grads(rank, device, group):
+    """Per CUDA_CASES case: the gradients after each backward (flat, CPU copies) and the buckets
+    the hook saw, with the model on ``device`` and the hooks communicating in ``group``."""
+    import warnings
+
+    out = {}
+    for name, (hook, opts, start_iter) in CUDA_CASES.items():
+        model = _Linear().to(device)
+        ids = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        ddp = DDP(model, process_group=group, **TWO_BUCKETS, **ids)
+        calls = []
+        _record_buckets(ddp, calls)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rand-k without momentum correction warns
+            fddp.register(ddp, hook, RATIO, start_iter=start_iter, seed=7, **opts)
+        grads, layouts = [], []
+        for step in range(CUDA_STEPS):
+            calls.clear()
+            ddp.zero_grad()
+            ddp([c.to(device) for c in _coefs(rank, step)]).backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).cpu())
+            layouts.append(list(calls))
+        out[name] = {"grads": grads, "layouts": layouts}
+    return out
+
+
+def _on_cuda(rank, world, kind):
+    """The hooks on CUDA tensors over the default group (nccl, or gloo), and the same hooks on
+    CPU tensors over gloo (the default group, or a gloo group beside nccl) as the control."""
+    cpu_group = dist.new_group(backend="gloo") if kind == "nccl" else None
+    return {
+        "backend": str(dist.get_backend()),
+        "cuda": _hook_grads(rank, torch.device("cuda", 0), None),
+        "cpu": _hook_grads(rank, torch.device("cpu"), cpu_group),
+    }
+
+
+@pytest.fixture(scope="module")
+def cuda_runs(tmp_path_factory):
+    """The CUDA launches, concurrently: "nccl" (world size 1: one process per GPU, and one GPU)
+    and "gloo-cuda" (world size 2, both ranks on cuda:0, gloo over CUDA tensors)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    started = {}
+    if dist.is_nccl_available():
+        started["nccl"] = (1, tmp_path_factory.mktemp("ddp-nccl"))
+    if dist.is_gloo_available():
+        started["gloo-cuda"] = (2, tmp_path_factory.mktemp("ddp-gloo-cuda"))
+    procs = {kind: _start(world, tmp, kind) for kind, (world, tmp) in started.items()}
+    deadline = time.monotonic() + CUDA_DEADLINE_S
+    return {kind: _finish(procs[kind], started[kind][1], max(1.0, deadline - time.monotonic()))
+            for kind in started}  # fmt: skip
+
+
+def _check_on_cuda(runs, kind):
+    """Every rank: the CUDA gradients equal the CPU control's (the same hook on the same
+    gradients, the same buckets), and both equal the hand-computed average (``_Reference``)."""
+    if kind not in runs:
+        pytest.skip(f"torch.distributed has no {kind.split('-')[0]} backend here")
+    per_rank = _get(runs[kind], "on_cuda")
+    world = len(per_rank)
+    numels = [p.numel() for p in _mlp(0).parameters()]
+    everyone = [[torch.cat([c.reshape(-1) for c in _coefs(r, s)]) for r in range(world)]
+                for s in range(CUDA_STEPS)]  # fmt: skip
+    for r, res in enumerate(per_rank):
+        assert kind.split("-")[0] in res["backend"], res["backend"]
+        for name, (hook, opts, start_iter) in CUDA_CASES.items():
+            got, ctl = res["cuda"][name], res["cpu"][name]
+            if got["layouts"] == ctl["layouts"]:  # the same buckets: the same numbers
+                for step, (a, b) in enumerate(zip(got["grads"], ctl["grads"], strict=True)):
+                    diff = float((a - b).abs().max() / b.abs().max())
+                    assert diff <= 1e-6, f"rank {r}, {name}, step {step}: CUDA vs CPU {diff}"
+            for run in (got, ctl):  # each against the reference over the buckets it saw
+                ref = _Reference(hook, world, numels, start_iter=start_iter, seed=7,
+                                 error_feedback=opts.get("error_feedback", True),
+                                 unbiased=opts.get("unbiased", False),
+                                 momentum=opts.get("momentum"))  # fmt: skip
+                for step in range(CUDA_STEPS):
+                    grads = [list(g.split(numels)) for g in everyone[step]]
+                    expected = [None] * len(numels)
+                    for bucket, layout in run["layouts"][step]:
+                        flat = ref.bucket(step, bucket, layout, grads)
+                        for i, piece in zip(layout, flat.split([numels[i] for i in layout]),
+                                            strict=True):  # fmt: skip
+                            expected[i] = piece
+                    exp = torch.cat(expected)
+                    err = float((run["grads"][step] - exp).abs().max() / exp.abs().max())
+                    assert err < 1e-5, f"rank {r}, {name}, step {step}: relative error {err}"
+
+
+def test_hooks_on_cuda_over_nccl_equal_the_cpu_run(cuda_runs):
+    """(a) Every hook on CUDA tensors with NCCL (world size 1, a real process group in a spawned
+    process): the gradients DDP hands back equal the CPU/gloo run of the same hook on the same
+    gradients, step by step, and the hand-computed reference."""
+    _check_on_cuda(cuda_runs, "nccl")
+
+
+def test_hooks_on_cuda_over_gloo_two_ranks_equal_the_cpu_run(cuda_runs):
+    """(b) Two ranks on one GPU, gloo over CUDA tensors: equal to the same two ranks on CPU
+    tensors and to the hand-computed average of both ranks' gradients."""
+    _check_on_cuda(cuda_runs, "gloo-cuda")

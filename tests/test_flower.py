@@ -209,8 +209,10 @@ def test_strategy_matches_fedkern_robust(api, rule, f, pre, opts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("rule,f,pre,opts", CASES[:7], ids=lambda c: str(c))
+@pytest.mark.parametrize("rule,f,pre,opts", CASES, ids=lambda c: str(c))
 def test_strategy_on_cuda_matches_cpu(api, rule, f, pre, opts):
+    """Every rule and pre-aggregation with X on CUDA, two of the replies compressed (rand-k,
+    top-k) and a fixed clip: the CPU result."""
     glob, replies, _ = _setup()
     replies[1] = F.compress_update(
         [r - g for r, g in zip(replies[1], glob, strict=True)], RandK(k=4, seed=2, unbiased=False)
@@ -224,6 +226,24 @@ def test_strategy_on_cuda_matches_cpu(api, rule, f, pre, opts):
         out[dev], m = api.round(s, glob, replies)
         assert m["fedkern_compressed"] == 2 and m["fedkern_malformed"] == 0
     np.testing.assert_allclose(_flat(out["cuda"]), _flat(out["cpu"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rule,f,opts", [("mean", 0, {}), ("krum", 1, {}),
+                                         ("centered_clip", 0, {"tau": 0.5})])  # fmt: skip
+def test_strategy_adaptive_clip_on_cuda_matches_cpu(api, rule, f, opts):
+    """Adaptive clipping (the radius from the last step's norm, kept on the strategy) over two
+    rounds with X on CUDA: the CPU rounds, models and radii."""
+    glob, replies, _ = _setup(seed=6)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        s = api.make(rule=rule, f=f, rule_options=opts, clip=0.05, clip_alpha=3.0, device=dev)
+        new1, m1 = api.round(s, glob, replies)
+        new2, m2 = api.round(s, new1, replies, server_round=2)
+        out[dev] = (_flat(new1), _flat(new2), m1["fedkern_clip"], m2["fedkern_clip"])
+    for got, want in zip(out["cuda"], out["cpu"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_strategy_median_and_trimmed_mean_vs_numpy(api):

@@ -98,19 +98,21 @@ def client_states(grid, strategy):
 GAMMA = {"marina": 0.5, "diana": 0.5, "ef21": 1.0}
 
 
-def pair(kind, B, compressor, mode="gd", seed=5, **kw):
-    """(strategy, simulator) with the same arguments."""
+def pair(kind, B, compressor, mode="gd", seed=5, device="cpu", **kw):
+    """(strategy, simulator) with the same arguments; the strategy's server on ``device``."""
     gamma = GAMMA[kind] / B.problem.L
     args = dict(gamma=gamma, compressor=compressor, seed=seed, **kw)
     if compressor != "none":
         args["k"] = 5
     if kind == "marina":
         args.setdefault("p", 0.3)
-        return (MarinaStrategy(num_clients=N, **args),
+        return (MarinaStrategy(num_clients=N, device=device, **args),
                 MARINA(B, mode=mode, batch_size=4, **args))  # fmt: skip
     if kind == "diana":
-        return DianaStrategy(num_clients=N, **args), DIANA(B, mode=mode, batch_size=4, **args)
-    return Ef21Strategy(num_clients=N, **args), EF21(B, mode=mode, batch_size=4, **args)
+        return (DianaStrategy(num_clients=N, device=device, **args),
+                DIANA(B, mode=mode, batch_size=4, **args))  # fmt: skip
+    return (Ef21Strategy(num_clients=N, device=device, **args),
+            EF21(B, mode=mode, batch_size=4, **args))  # fmt: skip
 
 
 CASES = [("marina", "randk"), ("marina", "none"), ("diana", "randk"), ("diana", "none"),
@@ -152,6 +154,27 @@ def test_equals_the_simulator_bit_for_bit(cancer, kind, compressor, mode):
         assert h["heads"] == [1] + heads and 0 < sum(heads) < 10
     first = [] if kind == "diana" else [0]
     assert list(res.train_metrics_clientapp) == first + list(range(1, 11))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind,compressor", CASES)
+def test_server_on_cuda_equals_the_simulator(cancer, kind, compressor):
+    """device="cuda": 10 rounds give the CPU simulator's model and server state (to float32
+    rounding) and the same round bookkeeping; the server's state stays on CUDA."""
+    B = make_batch(cancer)
+    strategy, sim = pair(kind, B, compressor, device="cuda")
+    res, grid = run(strategy, B, 10)
+    sim.run(10)
+    assert strategy.x.device.type == "cuda"
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(res), sim.x, **close)
+    torch.testing.assert_close(strategy.x.cpu(), sim.x, **close)
+    name = "h" if kind == "diana" else "g"  # the server's shift / gradient estimate
+    torch.testing.assert_close(getattr(strategy, name).cpu(), getattr(sim, name), **close)
+    if kind != "marina":  # the clients' shifts (DIANA) / feedback states (EF21)
+        want = sim.H if kind == "diana" else sim.G
+        torch.testing.assert_close(client_states(grid, strategy), want, **close)
+    assert strategy.history["failures"] == [0] * 11 and strategy.history["rejected"] == [0] * 11
 
 
 def test_randk_replies_carry_only_the_values(cancer):

@@ -140,6 +140,26 @@ def test_equals_the_simulator_bit_for_bit(cancer, kw):
     assert float(sim.x.abs().max()) > 0  # it moved
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_server_on_cuda_equals_the_simulator(cancer, kw):
+    """device="cuda": 8 rounds give the CPU simulator's x, v and duals (to float32 rounding) and
+    the same cohorts; the server's x and v stay on CUDA."""
+    B = make_batch(cancer)
+    sim = FiveGCS(B, seed=5, **kw)
+    st = strategy_for(B, device="cuda", **kw)
+    grid = setup(B)
+    st.start(grid=grid, initial_arrays=initial(B.p), num_rounds=8)
+    sim.run(8)
+    assert st.x.device.type == "cuda" and st.v.device.type == "cuda"
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(st.x.cpu(), sim.x, **close)
+    torch.testing.assert_close(st.v.cpu(), sim.v, **close)
+    torch.testing.assert_close(duals(grid, st, B.p), sim.U, **close)
+    assert st.history["cohort"] == sim.history["cohort"][1:]
+    assert st.history["failures"] == [0] * 8
+
+
 def test_probability_tensor_and_explicit_hyperparameters_equal_the_simulator(cancer):
     """No smoothness given: sampling = a probability tensor and gamma, local_lr, local_steps
     explicit (tau = q / gamma) equal ``FiveGCS`` with the same explicit values."""

@@ -199,6 +199,26 @@ def test_server_aggregation_on_every_backend_equals_the_simulator(cancer, kind, 
     assert torch.equal(client_H(grid, strategy), sim.H)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", [k for k in KINDS if not k.startswith("proxskip")])
+def test_server_on_cuda_equals_the_simulator(cancer, kind):
+    """device="cuda" with the default backend choice: 5 rounds over the in-process grid give the
+    CPU simulator's model and control variates (to float32 rounding: the CUDA reductions may sum
+    in another order); the server's model stays on CUDA. (ProxSkip's server is Scaffnew's with a
+    prox, slow to simulate; it runs on CUDA in the triton case of the backend test above.)"""
+    B = make_batch(cancer)
+    strategy, args = strategy_of(kind, B, device="cuda")
+    res, grid, _ = flower_run(strategy, B, 5)
+    sim = simulator_of(kind, B, args)
+    sim.run(5)
+    assert strategy.x.device.type == "cuda"
+    x = model(res)
+    torch.testing.assert_close(x, sim.x, rtol=1e-4, atol=1e-5)
+    H = client_H(grid, strategy, None if kind == "tamuna-deferred" else x)
+    torch.testing.assert_close(H, sim.H, rtol=1e-4, atol=1e-5)
+    assert strategy.history["failures"] == [0] * 5 and strategy.history["rejected"] == [0] * 5
+
+
 def test_held_index_and_count_equal_the_pattern_mask():
     """protocol.held_index / held_count (built from the pattern's period, O(k)) select exactly
     the coordinates of held_mask, ascending, for fresh (p, c, s, slot) including p < period,

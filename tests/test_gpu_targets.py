@@ -1,6 +1,7 @@
 """bench/gpu_targets.py (the ok / MISS table that bench/gpu_check.sh prints last) against a fixture
 record (tests/data/gpu_results_fixture.json: every target met) and edits of it that break one
-target each; and bench/gpu_check.sh's syntax and the parts of it that run without a GPU."""
+target each, the test families of both GPU test steps and the authors' MicroAdam row; and
+bench/gpu_check.sh's syntax and the parts of it that run without a GPU."""
 
 from __future__ import annotations
 
@@ -108,6 +109,7 @@ def _junit(tmp_path, failing=()):
 def test_test_families(tmp_path):
     rows = T.test_families(_junit(tmp_path))
     assert [n for n, _, _ in rows] == [f"GPU tests: {f}" for f in T.FAMILIES]
+    assert "integrations" in T.FAMILIES
     assert all(s == "ok" for _, s, _ in rows), rows
     rows = dict((n, (s, d)) for n, s, d in T.test_families(_junit(tmp_path, ("test_sketch",))))
     assert rows["GPU tests: sketch"] == ("MISS", "0 passed, 1 failed, 1 skipped")
@@ -116,10 +118,78 @@ def test_test_families(tmp_path):
     assert T.test_families(str(tmp_path / "absent.xml"))[0][1] == "MISS"
 
 
+def test_test_families_over_two_reports(tmp_path):
+    """gpu_check.sh's two reports (kernel families, integrations) count together; a report that
+    cannot be read is a MISS row, and its families show no test."""
+    kernels, integ = tmp_path / "k", tmp_path / "i"
+    kernels.mkdir()
+    integ.mkdir()
+    one = _junit(kernels, ("test_ddp",))
+    rows = {n: (s, d) for n, s, d in T.test_families([one, _junit(integ)])}
+    assert rows["GPU tests: integrations"] == ("MISS", "11 passed, 1 failed, 12 skipped")
+    assert rows["GPU tests: topk"] == ("ok", "2 passed, 0 failed, 2 skipped")
+    rows = T.test_families([_junit(integ), str(tmp_path / "absent.xml")])
+    assert rows[0][0] == "GPU tests" and rows[0][1] == "MISS" and "absent.xml" in rows[0][2]
+    assert dict((n, s) for n, s, _ in rows[1:])["GPU tests: integrations"] == "ok"
+
+
+def test_test_files_per_step(capsys):
+    """--test-files: the gpu-tests step's files (no integrations); --test-files integrations:
+    the integrations step's (only modules with CUDA cases, all present)."""
+    assert T.main(["--test-files"]) == 0
+    kernels = capsys.readouterr().out.split()
+    assert "tests/test_topk.py" in kernels and "tests/test_ddp.py" not in kernels
+    assert T.main(["--test-files", "integrations"]) == 0
+    integ = capsys.readouterr().out.split()
+    assert integ == [f"tests/{m}.py" for m in T.FAMILIES["integrations"]]
+    for path in kernels + integ:
+        assert (ROOT / path).is_file(), path
+    for path in integ:  # each has CUDA cases of its own (the kernel modules: conftest's backend)
+        assert "torch.cuda.is_available()" in (ROOT / path).read_text(), path
+    with pytest.raises(SystemExit):
+        T.main(["--test-files", "nope"])
+
+
+AUTHORS_OK = {
+    "authors": {"status": "ok", "detail": ""},
+    "results": [
+        {"n": 10**8, "dtype": "bf16", "status": "ok", "fedkern_ms": 2.0, "authors_ms": 2.5,
+         "adamw_ms": 4.0, "fedkern_over_authors": 0.8, "fedkern_over_adamw": 0.5,
+         "state_bytes_per_param": {"fedkern": 0.93, "authors": 0.92, "adamw": 4.0}},
+        {"n": 10**7, "dtype": "bf16", "status": "failed", "detail": "OOM"},
+    ],
+}  # fmt: skip
+
+
+def test_authors_row(tmp_path):
+    """The report row: ok with the ratios when the authors' step was timed; a MISS saying why
+    when it was not installed, not measured or not recorded."""
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(AUTHORS_OK))
+    name, status, detail = T.authors_row(str(path))
+    assert (name, status) == (T.AUTHORS, "ok")
+    assert detail == ("1e8 bf16: fedkern/authors 0.80x time (2.00 vs 2.50 ms), fedkern/AdamW "
+                      "0.50x, state 0.93 vs 0.92 B/param")  # fmt: skip
+    doc = copy.deepcopy(AUTHORS_OK)
+    doc["authors"] = {"status": "not installed", "detail": "the install failed (exit 1)"}
+    path.write_text(json.dumps(doc))
+    assert T.authors_row(str(path))[1:] == ("MISS", "not installed: the install failed (exit 1)")
+    doc = copy.deepcopy(AUTHORS_OK)
+    doc["results"] = doc["results"][1:]
+    path.write_text(json.dumps(doc))
+    assert T.authors_row(str(path))[1:] == ("MISS", "not measured (OOM)")
+    assert T.authors_row(str(tmp_path / "absent.json"))[1] == "MISS"
+    assert T.authors_row(None)[1:] == ("MISS", "no record given")
+
+
 def test_cli_prints_the_table_last(tmp_path, capsys):
-    assert T.main([str(FIXTURE), "--tests", _junit(tmp_path), "--cases"]) == 0
+    authors = tmp_path / "authors.json"
+    authors.write_text(json.dumps(AUTHORS_OK))
+    assert T.main([str(FIXTURE), "--tests", _junit(tmp_path), "--authors", str(authors),
+                   "--cases"]) == 0  # fmt: skip
     out = capsys.readouterr().out.rstrip().splitlines()
-    assert out[-1] == f"targets: {len(T.FAMILIES) + len(NAMES)} ok, 0 MISS"
+    assert out[-1] == f"targets: {len(T.FAMILIES) + len(NAMES) + 1} ok, 0 MISS"
+    assert any(line.startswith(T.AUTHORS) for line in out)
     assert any("reference (<1e9)" in line for line in out)  # the crossover shows in the cases
     assert T.main([str(tmp_path / "absent.json")]) == 2
     assert capsys.readouterr().out.rstrip().endswith("MISS")
@@ -148,8 +218,15 @@ def test_gpu_check_script_parses_and_runs_its_cpu_parts(tmp_path):
                          timeout=120, cwd=ROOT)  # fmt: skip
     out = res.stdout.rstrip().splitlines()
     assert any(line.startswith("== gpu-tests (limit") for line in out), res.stdout
+    assert any(line.startswith("== gpu-integration (limit") for line in out), res.stdout
+    assert any(line.startswith("== peers-install") for line in out), res.stdout
     assert any(line.startswith("== bench (limit") for line in out), res.stdout
+    assert any(line.startswith("== microadam-authors (limit") for line in out), res.stdout
     assert any(line.startswith("== crossover (limit") for line in out), res.stdout
+    assert any(line.startswith(T.AUTHORS) for line in out), res.stdout  # the report row
     assert res.returncode == 0, res.stdout + res.stderr
     assert out[-1].startswith("targets: ") and "MISS" in out[-1], res.stdout  # the table is last
     assert not list(tmp_path.glob("latest-*")), list(tmp_path.iterdir())
+    limits = {line.split()[1]: int(line.split("limit ")[1].split("s")[0]) for line in out
+              if line.startswith("== ") and "(limit " in line}  # fmt: skip
+    assert limits["gpu-tests"] == 150 and limits["gpu-integration"] in (60, 90), limits

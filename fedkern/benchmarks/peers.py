@@ -33,10 +33,17 @@ Low-bit optimizers (one step on n parameters in 4 tensors, weight decay 0.01, as
   microadam_vs_torchao_8bit  torchao.optim.AdamW8bit
   microadam_vs_torchao_4bit  torchao.optim.AdamW4bit
   microadam_vs_bnb_8bit      bitsandbytes.optim.AdamW8bit
+  microadam_vs_authors       the MicroAdam of its authors (IST Austria DASLab: pip packages
+                             ista-daslab-optimizers and ista-daslab-optimizers-cuda, their CUDA
+                             kernels), m = 10, k_init = 0.01, quant_block_size = 256 (fedkern's
+                             window, density and 4-bit bucket); bfloat16 on CUDA only (its
+                             kernels' one dtype and device). It overwrites p.grad with its
+                             update, so its gradients are restored before every call, untimed.
 
 Cases: the aggregators at m = 16 and 64 vectors of n = 1e5 and 1e6 (Bulyan: m = 16 at both n and
 m = 64 at n = 1e5, since Flower's recomputes every distance at each of its theta Krum steps and
-takes minutes at m = 64, n = 1e6); the optimizers at n = 1e7.
+takes minutes at m = 64, n = 1e6); the optimizers at n = 1e7 (the authors' MicroAdam in bfloat16
+on a CUDA device; bench/microadam_authors.py times it at 1e8 too).
 The DDP hooks against PyTorch's PowerSGD and fp16 / bf16 compression hooks need several processes:
 ``python bench/bench_ddp.py``.
 """
@@ -44,6 +51,9 @@ The DDP hooks against PyTorch's PowerSGD and fp16 / bf16 compression hooks need 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+import types
 
 import torch
 
@@ -52,6 +62,9 @@ from fedkern.benchmarks.core import Case, Prepared, cases, nothing, register, ro
 from fedkern.benchmarks.core import stack_of as _stack_of
 from fedkern.benchmarks.microadam import MICROADAM_K, _bytes, _footprint, _setup_microadam
 
+#: The authors' MicroAdam's package (module name), and the modules it imports only for logging.
+AUTHORS = "ista_daslab_optimizers"
+LOGGING_ONLY = ("wandb", "gpustat")
 #: op -> (peer module, fedkern family, fedkern op doing the work, position, the peer's call)
 ROBUST = {
     "median_vs_byzfl": ("byzfl", "robust", "coordinate_median", 1000, "byzfl.Median()(X)"),
@@ -75,16 +88,41 @@ OPTIMIZERS = {
     "microadam_vs_torchao_8bit": ("torchao", "torchao.optim.AdamW8bit", 1200),
     "microadam_vs_torchao_4bit": ("torchao", "torchao.optim.AdamW4bit", 1210),
     "microadam_vs_bnb_8bit": ("bitsandbytes", "bitsandbytes.optim.AdamW8bit", 1220),
+    "microadam_vs_authors": (AUTHORS, f"{AUTHORS}.MicroAdam", 1230),
 }
+#: The authors' MicroAdam's constructor options that match fedkern's MicroAdam defaults (window
+#: m, density k_init, the 4-bit error feedback's bucket quant_block_size); alpha 0 is the paper's.
+AUTHORS_OPTIONS = {"m": 10, "k_init": 0.01, "quant_block_size": 256, "alpha": 0}
 
 
 def available(module: str) -> bool:
     """Whether a peer library imports here (any failure counts as not available)."""
     try:
-        importlib.import_module(module)
+        authors_microadam() if module == AUTHORS else importlib.import_module(module)
     except Exception:  # a missing or broken peer is skipped, never an error of fedkern's
         return False
     return True
+
+
+def authors_microadam() -> type:
+    """The authors' ``MicroAdam`` class (``ista_daslab_optimizers.MicroAdam``).
+
+    Their package imports wandb and gpustat when it is imported, for the logs MicroAdam writes
+    every ``log_interval`` steps (100); where those are not installed, empty stand-in modules take
+    their place for the import only (removed from ``sys.modules`` afterwards), and the callers set
+    ``log_interval`` beyond their runs. Raises ImportError (or what the import raised) when the
+    package or its compiled kernels are missing.
+    """
+    added = []
+    for name in LOGGING_ONLY:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            sys.modules[name] = types.ModuleType(name)
+            added.append(name)
+    try:
+        return importlib.import_module(AUTHORS).MicroAdam
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 def _robust_pair(op: str, x: torch.Tensor, f: int):
@@ -138,12 +176,24 @@ def _setup_robust(case, device, gen):
 def _setup_optimizer(case, device, gen):
     prep = _setup_microadam(Case("microadam_vs_adamw", case.n, case.k, case.dtype), device, gen)
     module, path, _ = OPTIMIZERS[case.op]
-    mod_name, cls_name = path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(mod_name), cls_name)
+    if module == AUTHORS:
+        cls = authors_microadam()
+    else:
+        mod_name, cls_name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(mod_name), cls_name)
     params = [torch.nn.Parameter(torch.randn_like(g)) for g in prep.tensors["grads"]]
     for p, g in zip(params, prep.tensors["grads"], strict=True):
-        p.grad = g
-    peer = cls(params, lr=1e-3, weight_decay=0.01)
+        p.grad = g.clone() if module == AUTHORS else g  # the authors' step overwrites p.grad
+    opts = AUTHORS_OPTIONS if module == AUTHORS else {}
+    peer = cls(params, lr=1e-3, weight_decay=0.01, **opts)
+    if module == AUTHORS:
+        peer.log_interval = 1 << 62  # no logging steps (wandb, extra norms) in the timed calls
+
+        def rearm_peer() -> None:
+            for p, g in zip(params, prep.tensors["grads"], strict=True):
+                p.grad.copy_(g)
+
+        prep.rearm_eager = rearm_peer
     peer.step()  # allocate the state outside the timed calls
 
     def state_bytes(opt) -> int:
@@ -190,6 +240,9 @@ def _cases(suite, device, sizes):
         else:
             out += [Case(op, n, m // 4, torch.float32, m) for m in (16, 64) for n in (10**5, 10**6)]
     for op, (peer, *_) in OPTIMIZERS.items():
-        if available(peer):
+        if peer == AUTHORS:  # its kernels: bfloat16 on CUDA only
+            if torch.device(device).type == "cuda" and available(peer):
+                out.append(Case(op, 10**7, MICROADAM_K, torch.bfloat16))
+        elif available(peer):
             out.append(Case(op, 10**7, MICROADAM_K, torch.float32))
     return out
