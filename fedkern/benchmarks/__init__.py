@@ -33,15 +33,15 @@ impl_op=None, full_pass=False, footprint=None, ops_module=None)`` -- one benchma
   ef14_topk_ 120, ef21_topk_ 130, ef14_randk_ 140, ef21_randk_ 150, sparse_add_batched_ 200,
   microadam_step_ 300, microadam_vs_adamw 310, microadam_cuda_vs_adamw 320, coordinate_median 400,
   trimmed_mean 410, krum 500, nnm 600, geometric_median 610, centered_clip 620, clip_rows_ 630,
-  diff_compress_clip 700,
-  local_steps_vs_loop 800, local_steps_vs_vmap 810, module_steps_vs_loop 820, tamuna_aggregate_
-  910, tamuna_round_vs_loop 920, fivegcs_round_vs_loop 930, flower_scaffnew_round 940,
-  flower_tamuna_round 950; the peer comparisons: median_vs_byzfl 1000, trimmed_mean_vs_byzfl
-  1010, krum_vs_byzfl 1020, multikrum_vs_byzfl 1030, geometric_median_vs_byzfl 1040,
-  centered_clip_vs_byzfl 1050, nnm_vs_byzfl 1060, median_vs_flower 1100, trimmed_mean_vs_flower
-  1110, krum_vs_flower 1120, bulyan_vs_flower 1130, microadam_vs_torchao_8bit 1200,
-  microadam_vs_torchao_4bit 1210, microadam_vs_bnb_8bit 1220 (tests/test_bench_registry.py checks
-  this list against the registry). A new family takes a free number (e.g. 960 and up).
+  diff_compress_clip 700, local_steps_vs_loop 800, local_steps_vs_vmap 810, module_steps_vs_loop
+  820, tamuna_aggregate_ 910, tamuna_round_vs_loop 920, fivegcs_round_vs_loop 930,
+  flower_scaffnew_round 940, flower_tamuna_round 950; the peer comparisons: median_vs_byzfl 1000,
+  trimmed_mean_vs_byzfl 1010, krum_vs_byzfl 1020, multikrum_vs_byzfl 1030,
+  geometric_median_vs_byzfl 1040, centered_clip_vs_byzfl 1050, nnm_vs_byzfl 1060,
+  median_vs_flower 1100, trimmed_mean_vs_flower 1110, krum_vs_flower 1120, bulyan_vs_flower 1130,
+  microadam_vs_torchao_8bit 1200, microadam_vs_torchao_4bit 1210, microadam_vs_bnb_8bit 1220,
+  microadam_vs_authors 1230 (tests/test_bench_registry.py checks this list against the
+  registry). A new family takes a free number (e.g. 960 and up).
 - ``by_size``: the cases of by-size ops run size by size, interleaved with the other by-size
   families' (1-D ops); the others run after them, in position order.
 - ``stacked``: the case has m client vectors or messages (the table shows m next to n).
