@@ -27,6 +27,7 @@ NAMES = {
     "read": "topk_compress <= 2.5x one read of the input at 1e8 and 1e9",
     "sparse": "sparse_add_batched_ >= 1.0x one index_add_",
     "adam": "MicroAdam step <= 1.0x AdamW(fused=True), 1e8 bf16",
+    "cudaadam": "CUDA C++ MicroAdam (forced) <= 1.0x AdamW(fused=True), 1e8 bf16",
     "median": "coordinate median / trimmed mean >= 10x at 64 x 1e6",
     "krum": "Krum and the iterative rules >= 2x",
     "round": "a round of 1000 clients >= 100x a client loop",
@@ -61,6 +62,14 @@ EDITS = {
     "read-none": (lambda rs: _find(rs, "topk_compress", 10**9).update(x_read=None), ("read",)),
     "sparse": (lambda rs: _find(rs, "sparse_add_batched_", 10**7).update(ratio=0.95), ("every",)),
     "adam": (lambda rs: _find(rs, "microadam_vs_adamw", 10**8, "bf16").update(ratio=0.99), ()),
+    "cudaadam": (
+        lambda rs: _find(rs, "microadam_cuda_vs_adamw", 10**8, "bf16").update(ratio=0.99),
+        (),
+    ),  # fmt: skip
+    "cudaadam-missing": (
+        lambda rs: rs.remove(_find(rs, "microadam_cuda_vs_adamw", 10**8, "bf16")),
+        ("cudaadam",),
+    ),  # fmt: skip
     "median": (lambda rs: _find(rs, "trimmed_mean", 10**6).update(ratio=9.0), ()),
     "median-skipped": (
         lambda rs: _find(rs, "coordinate_median", 10**6).update(status="skipped"),
