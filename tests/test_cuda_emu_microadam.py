@@ -80,7 +80,10 @@ def emu(libemu, monkeypatch, gen):
 
 
 def grad(kind, n, dtype, gen):
-    """normal; ties (many equal |a|, zeros of both signs); special (+-0, +-inf, NaN in 30%)."""
+    """normal; ties (many equal |a|, zeros of both signs); special (+-0, +-inf, NaN in 30%);
+    zeros (all +-0); equal (all 1.5)."""
+    if kind == "zeros":
+        return torch.where(torch.rand(n, generator=gen) < 0.5, 0.0, -0.0).to(dtype)
     if kind == "ties":
         g = torch.randint(-2, 3, (n,), generator=gen).double() * 0.5
         g[torch.rand(n, generator=gen) < 0.2] = -0.0
@@ -156,18 +159,33 @@ def test_k_and_buckets(emu, dtype, k, q, gen):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-def test_default_block(emu, dtype, gen):
-    """D = 4096 (256 threads of 16), k = 41: buckets of 8 (in a thread), 256 (16 threads) and
-    4096 (8 warps, through shared memory), a partial second block."""
-    for q in (8, 256, 4096):
-        run(emu, [(4096 + 1000, dtype)], 4096, 41, q, 2, 3, gen, kinds=("normal", "ties"))
+@pytest.mark.parametrize(
+    "k,q,kinds",
+    [(41, 256, ("normal", "special")), (41, 8, ("ties", "normal")), (4096, 4096, ("zeros", "ties")),
+     (1, 2, ("normal", "zeros"))],
+    ids=["k41-q256", "k41-q8", "kD-qD", "k1-q2"],
+)  # fmt: skip
+def test_default_block(emu, dtype, k, q, kinds, gen):
+    """D = 4096 (256 threads of 16): buckets of 2 and 8 (in a thread), 256 (16 threads) and 4096
+    (8 warps, through shared memory); k = 1, 41 and D; a partial second block next to a tensor of
+    exactly two blocks; all-zero gradients (every key ties at 0), +-inf and NaN."""
+    specs = [(4096 + 1000, dtype), (2 * 4096, dtype)]
+    run(emu, specs, 4096, k, q, 2, 3, gen, kinds=kinds)
 
 
 def test_large_block(emu, gen):
-    """D = 32768 (1024 threads of 32, moments in two 4096-element chunks here): one short block
-    per dtype, a bucket of D over 32 warps and small buckets."""
+    """D = 32768 (1024 threads of 32, the moments in 4096-element chunks: 9 for the first tensor,
+    2 for the short one): a bucket of D over 32 warps and small buckets, both dtypes."""
     for q, dtype in ((32768, F32), (64, BF16)):
-        run(emu, [(5000, dtype)], 32768, 300, q, 2, 2, gen, kinds=("ties", "normal"))
+        specs = [(32768 + 5000, dtype), (5000, dtype)]
+        run(emu, specs, 32768, 300, q, 2, 2, gen, kinds=("ties", "normal"))
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_window_lengths(emu, m, gen):
+    """m = 1 (the window is the row just written) and m = 4 over 9 steps (two wraps)."""
+    specs = [(150, F32), (150, BF16)]
+    run(emu, specs, 64, 6, 32, m, 9, gen, kinds=("normal", "ties", "normal", "special"))
 
 
 def test_unaligned_and_equal(emu, gen):

@@ -461,32 +461,42 @@ __device__ void step(const i64* tab, const int* owner, i64 w_off, i64 k, i64 m, 
   u8 codes[E / 2];
 #pragma unroll
   for (int e = 0; e < E / 2; ++e) codes[e] = 0;
-  if (Q <= E) {  // whole buckets in this thread
-    for (int s0 = 0; s0 < E; s0 += Q) {
-      float lo = 0.0f, scale = 0.0f;
-      if (j0 + s0 < L) {
-        float mn = __uint_as_float(0x7f800000u), mx = -mn;
-        for (int e = s0; e < s0 + Q; ++e) {
-          if (e < cnt) {
-            mn = min_nan(mn, r[e]);
-            mx = max_nan(mx, r[e]);
+  if (Q < E) {  // E / Q whole buckets in this thread: an in-register butterfly over each
+    float mn[E], mx[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      mn[e] = e < cnt ? r[e] : __uint_as_float(0x7f800000u);
+      mx[e] = e < cnt ? r[e] : -__uint_as_float(0x7f800000u);
+    }
+#pragma unroll
+    for (int o = 1; o < E; o <<= 1) {
+      if (o < Q) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          if ((e & o) == 0) {
+            const float lo = min_nan(mn[e], mn[e | o]), hi = max_nan(mx[e], mx[e | o]);
+            mn[e] = mn[e | o] = lo;
+            mx[e] = mx[e | o] = hi;
           }
-        }
-        lo = mn;
-        scale = div_rn(sub_rn(mx, lo), kLevels);
-      }
-      const i64 qi = (start + j0 + s0) / Q;
-      ef_min[qi] = lo;
-      ef_scale[qi] = scale;
-      if (scale > 0.0f) {
-        for (int e = s0; e < s0 + Q; ++e) {
-          float c = floor_rn(add_rn(div_rn(sub_rn(r[e], lo), scale), 0.5f));
-          c = c != c ? 0.0f : (c < 0.0f ? 0.0f : (c > kLevels ? kLevels : c));
-          if (e < cnt) codes[e / 2] |= (u8)((int)c << (4 * (e & 1)));
         }
       }
     }
-  } else {  // a bucket spans GT = Q / E threads
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int bs = j0 + e / Q * Q;  // the first local index of e's bucket
+      const float lo = bs < L ? mn[e] : 0.0f;
+      const float scale = bs < L ? div_rn(sub_rn(mx[e], lo), kLevels) : 0.0f;
+      if (e % Q == 0) {
+        ef_min[(start + bs) / Q] = lo;
+        ef_scale[(start + bs) / Q] = scale;
+      }
+      if (scale > 0.0f && e < cnt) {
+        float c = floor_rn(add_rn(div_rn(sub_rn(r[e], lo), scale), 0.5f));
+        c = c != c ? 0.0f : (c < 0.0f ? 0.0f : (c > kLevels ? kLevels : c));
+        codes[e / 2] |= (u8)((int)c << (4 * (e & 1)));
+      }
+    }
+  } else {  // a bucket spans GT = Q / E >= 1 threads
     const int GT = Q / E;
     float mn = __uint_as_float(0x7f800000u), mx = -mn;
 #pragma unroll
