@@ -137,13 +137,14 @@ def run(emulator, specs, D, K, Q, m, steps, gen, kinds=("normal",), wd=0.1, offs
 
 
 def test_many_tensors_both_dtypes(emu, gen):
-    """Five tensors of both dtypes in one call (n < D, n = D, n not a multiple of D, several
-    blocks): one launch per dtype over all their blocks; 5 steps wrap the m = 3 window."""
-    specs = [(1, F32), (37, BF16), (64, F32), (200, BF16), (261, F32), (130, BF16)]
+    """Seven tensors of both dtypes in one call (n < D, n = D, n not a multiple of D, several
+    blocks, a last block that ends where a bucket starts): one launch per dtype over all their
+    blocks; 5 steps wrap the m = 3 window."""
+    specs = [(1, F32), (37, BF16), (64, F32), (200, BF16), (261, F32), (130, BF16), (96, F32)]
     launches = run(emu, specs, 64, 5, 16, 3, 5, gen, kinds=("normal", "ties"))
     assert len(launches) == 10  # 2 per step
     want = {
-        ("fk_microadam_step_f32_d64", 1 + 1 + 5, 32),
+        ("fk_microadam_step_f32_d64", 1 + 1 + 5 + 2, 32),
         ("fk_microadam_step_bf16_d64", 1 + 4 + 3, 32),
     }
     assert set(launches) == want
