@@ -30,8 +30,9 @@
 //            iff key >> shift > P, or == P and fewer than r such ties come before it. One block
 //            scan of packed (greater, tie) counts in index order gives every slot,
 //            G(j) + min(E(j), r): the row comes out ascending with no sort.
-//   quantize bucket min/max by warp xor-shuffles (and a shared step when a bucket spans warps),
-//            scale by div.rn, the codes packed two per byte by the thread that owns them.
+//   quantize bucket min/max in the thread (Q < E: Q a template argument, so no local arrays), or
+//            by warp xor-shuffles over Q / E threads (and a shared step when a bucket spans
+//            warps); scale and codes by div.rn; the codes packed two per byte by their thread.
 //   moments  shared fp32 mom1/mom2 over a chunk of the block (the whole block for D <= 4096, else
 //            4096-element chunks, each re-reading the block's m*K window entries: 32 KiB static
 //            shared memory for every D): zeroed, then per age, newest first, each window entry
@@ -46,6 +47,12 @@
 // + written 1, ef_min/ef_scale 16/Q, the window m*K*4/D read (the block's rows, L2-resident for
 // the row just written) + K*4/D written. bf16 with D = 4096, K = 41, Q = 256, m = 10: ~7.5 bytes
 // (fused AdamW on bf16 moves 14); fp32: ~13.5.
+//
+// Resources (nvcc -arch=sm_90 --resource-usage, CUDA 13.0): __launch_bounds__ asks for 1024
+// resident threads per SM, i.e. <= 64 registers: D = 64..256 use 60-64 registers and no local
+// memory; D = 512..16384 64 registers with 8-16 bytes of spills; D = 4096: 256 threads, 64
+// registers, 33.9 KB static shared memory -> 4 resident blocks per SM (6 by shared memory).
+// D = 32768 (1024 threads of 32 elements) spills ~0.5-0.7 KB per thread to L1-cached local memory.
 //
 // Deterministic: integer atomics only (histograms), min/max are order-independent (NaN wins),
 // every float sum has a fixed order. Results equal the reference bit for bit, except NaN payloads
@@ -79,6 +86,8 @@ struct Cfg {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kCh = D < kChunk ? D : kChunk;
   static constexpr int kEu = kCh / kThreads;  // elements per thread in the update
+  // resident blocks asked of ptxas: 1024 threads per SM, i.e. at most 64 registers per thread
+  static constexpr int kMinBlocks = kThreads < 1024 ? 1024 / kThreads : 1;
   static_assert(kE >= 2 && kE % 2 == 0 && kEu >= 2, "runs of at least one ef byte");
 };
 
@@ -286,6 +295,42 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<u64>(p) & 15u) == 0;
 }
 
+// The 4-bit code of residual x in a bucket (lo, scale), scale > 0: clamp(floor((x - lo) / scale
+// + 0.5), 0, 15), NaN -> 0.
+__device__ __forceinline__ u32 quant_code(float x, float lo, float scale) {
+  float c = floor_rn(add_rn(div_rn(sub_rn(x, lo), scale), 0.5f));
+  c = c != c ? 0.0f : (c < 0.0f ? 0.0f : (c > kLevels ? kLevels : c));
+  return (u32)c;
+}
+
+// Buckets of QS < E elements, E / QS of them in the thread's run [j0, j0 + E) of the block.
+template <int QS, int E>
+__device__ __forceinline__ void quant_in_thread(const float (&r)[E], int cnt, int j0, int L,
+                                                i64 start, float* ef_min, float* ef_scale,
+                                                u8 (&codes)[E / 2]) {
+#pragma unroll
+  for (int s0 = 0; s0 < E; s0 += QS) {
+    float mn = __uint_as_float(0x7f800000u), mx = -mn;
+#pragma unroll
+    for (int e = s0; e < s0 + QS; ++e) {
+      if (e < cnt) {
+        mn = min_nan(mn, r[e]);
+        mx = max_nan(mx, r[e]);
+      }
+    }
+    const bool live = j0 + s0 < L;  // else a bucket past the tensor's end
+    const float lo = live ? mn : 0.0f;
+    const float scale = live ? div_rn(sub_rn(mx, lo), kLevels) : 0.0f;
+    ef_min[(start + j0 + s0) / QS] = lo;
+    ef_scale[(start + j0 + s0) / QS] = scale;
+    if (scale > 0.0f) {
+#pragma unroll
+      for (int e = s0; e < s0 + QS; ++e)
+        if (e < cnt) codes[e / 2] |= (u8)(quant_code(r[e], lo, scale) << (4 * (e & 1)));
+    }
+  }
+}
+
 // ---- block-wide exclusive scan of u32 over the threads (index order = thread order) ----------
 
 template <int NW>
@@ -461,41 +506,15 @@ __device__ void step(const i64* tab, const int* owner, i64 w_off, i64 k, i64 m, 
   u8 codes[E / 2];
 #pragma unroll
   for (int e = 0; e < E / 2; ++e) codes[e] = 0;
-  if (Q < E) {  // E / Q whole buckets in this thread: an in-register butterfly over each
-    float mn[E], mx[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      mn[e] = e < cnt ? r[e] : __uint_as_float(0x7f800000u);
-      mx[e] = e < cnt ? r[e] : -__uint_as_float(0x7f800000u);
-    }
-#pragma unroll
-    for (int o = 1; o < E; o <<= 1) {
-      if (o < Q) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          if ((e & o) == 0) {
-            const float lo = min_nan(mn[e], mn[e | o]), hi = max_nan(mx[e], mx[e | o]);
-            mn[e] = mn[e | o] = lo;
-            mx[e] = mx[e | o] = hi;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int bs = j0 + e / Q * Q;  // the first local index of e's bucket
-      const float lo = bs < L ? mn[e] : 0.0f;
-      const float scale = bs < L ? div_rn(sub_rn(mx[e], lo), kLevels) : 0.0f;
-      if (e % Q == 0) {
-        ef_min[(start + bs) / Q] = lo;
-        ef_scale[(start + bs) / Q] = scale;
-      }
-      if (scale > 0.0f && e < cnt) {
-        float c = floor_rn(add_rn(div_rn(sub_rn(r[e], lo), scale), 0.5f));
-        c = c != c ? 0.0f : (c < 0.0f ? 0.0f : (c > kLevels ? kLevels : c));
-        codes[e / 2] |= (u8)((int)c << (4 * (e & 1)));
-      }
-    }
+  if (Q < E) {  // E / Q whole buckets in this thread (Q as a template argument: no arrays)
+    if constexpr (E > 2)
+      if (Q == 2) quant_in_thread<2>(r, cnt, j0, L, start, ef_min, ef_scale, codes);
+    if constexpr (E > 4)
+      if (Q == 4) quant_in_thread<4>(r, cnt, j0, L, start, ef_min, ef_scale, codes);
+    if constexpr (E > 8)
+      if (Q == 8) quant_in_thread<8>(r, cnt, j0, L, start, ef_min, ef_scale, codes);
+    if constexpr (E > 16)
+      if (Q == 16) quant_in_thread<16>(r, cnt, j0, L, start, ef_min, ef_scale, codes);
   } else {  // a bucket spans GT = Q / E >= 1 threads
     const int GT = Q / E;
     float mn = __uint_as_float(0x7f800000u), mx = -mn;
@@ -538,9 +557,7 @@ __device__ void step(const i64* tab, const int* owner, i64 w_off, i64 k, i64 m, 
     if (scale > 0.0f) {
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        float c = floor_rn(add_rn(div_rn(sub_rn(r[e], lo), scale), 0.5f));
-        c = c != c ? 0.0f : (c < 0.0f ? 0.0f : (c > kLevels ? kLevels : c));
-        if (e < cnt) codes[e / 2] |= (u8)((int)c << (4 * (e & 1)));
+        if (e < cnt) codes[e / 2] |= (u8)(quant_code(r[e], lo, scale) << (4 * (e & 1)));
       }
     }
   }
@@ -595,12 +612,12 @@ __device__ void step(const i64* tab, const int* owner, i64 w_off, i64 k, i64 m, 
 // grid = the blocks of all tensors of one dtype, block = fkma::Cfg<D>::kThreads threads.
 // tab: int64 [tensors * kCols + 2 * m] (w1 then w2 at w_off); owner: int32 [grid].
 
-#define FK_MA_KERNEL(DT, T, D)                                                               \
-  extern "C" __global__ void __launch_bounds__(fkma::Cfg<D>::kThreads)                       \
-      fk_microadam_step_##DT##_d##D(const long long* tab, const int* owner, long long w_off, \
-                                    long long k, long long m, long long q, float decay,      \
-                                    float eps) {                                             \
-    fkma::step<T, D>(tab, owner, w_off, k, m, q, decay, eps);                                \
+#define FK_MA_KERNEL(DT, T, D)                                                                   \
+  extern "C" __global__ void __launch_bounds__(fkma::Cfg<D>::kThreads, fkma::Cfg<D>::kMinBlocks) \
+      fk_microadam_step_##DT##_d##D(const long long* tab, const int* owner, long long w_off,     \
+                                    long long k, long long m, long long q, float decay,          \
+                                    float eps) {                                                 \
+    fkma::step<T, D>(tab, owner, w_off, k, m, q, decay, eps);                                    \
   }
 
 // The loader builds one variant per module (-DFK_MA_BF16=<0|1> -DFK_MA_D=<D>); without these
