@@ -81,7 +81,9 @@ def emu(libemu, monkeypatch, gen):
 
 def grad(kind, n, dtype, gen):
     """normal; ties (many equal |a|, zeros of both signs); special (+-0, +-inf, NaN in 30%);
-    zeros (all +-0); equal (all 1.5)."""
+    zeros (all +-0); equal (all 1.5); denorm (subnormal, so are the residuals and scales)."""
+    if kind == "denorm":
+        return (torch.randn(n, generator=gen, dtype=torch.float64) * 1e-39).to(dtype)
     if kind == "zeros":
         return torch.where(torch.rand(n, generator=gen) < 0.5, 0.0, -0.0).to(dtype)
     if kind == "ties":
@@ -154,22 +156,22 @@ def test_many_tensors_both_dtypes(emu, gen):
 @pytest.mark.parametrize("k,q", [(1, 2), (256, 256), (7, 256), (40, 4)])
 def test_k_and_buckets(emu, dtype, k, q, gen):
     """D = 256 (32 threads of 8): k = 1 and k = D, buckets of 2 (four per thread), 4 and D (one
-    bucket over the whole block, reduced across the warp); ties, zeros, +-inf and NaN."""
+    bucket over the whole block, reduced across the warp); ties, zeros, +-inf, NaN, subnormals."""
     specs = [(3 * 256 - 17, dtype), (100, dtype)]
-    run(emu, specs, 256, k, q, 2, 3, gen, kinds=("ties", "special", "normal"))
+    run(emu, specs, 256, k, q, 2, 4, gen, kinds=("ties", "special", "denorm", "normal"))
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "k,q,kinds",
-    [(41, 256, ("normal", "special")), (41, 8, ("ties", "normal")), (4096, 4096, ("zeros", "ties")),
+    [(41, 256, ("normal", "special")), (41, 8, ("denorm", "ties")), (4096, 4096, ("zeros", "ties")),
      (1, 2, ("normal", "zeros"))],
     ids=["k41-q256", "k41-q8", "kD-qD", "k1-q2"],
 )  # fmt: skip
 def test_default_block(emu, dtype, k, q, kinds, gen):
     """D = 4096 (256 threads of 16): buckets of 2 and 8 (in a thread), 256 (16 threads) and 4096
     (8 warps, through shared memory); k = 1, 41 and D; a partial second block next to a tensor of
-    exactly two blocks; all-zero gradients (every key ties at 0), +-inf and NaN."""
+    exactly two blocks; all-zero gradients (every key ties at 0), +-inf, NaN and subnormals."""
     specs = [(4096 + 1000, dtype), (2 * 4096, dtype)]
     run(emu, specs, 4096, k, q, 2, 3, gen, kinds=kinds)
 

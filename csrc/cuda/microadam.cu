@@ -165,9 +165,25 @@ __device__ __forceinline__ u16 bf16_bits(float f) {
   return (u16)(u >> 16);
 }
 
+// Float tests on the bits: under CuPy's -ftz=true a float compare (setp.ftz) sees subnormals as
+// zero, which would change bucket minima and the scale > 0 test on tiny residuals.
+__device__ __forceinline__ bool is_nan(float v) {
+  return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u;
+}
+// The order of non-NaN floats as int (-0 just below +0; the residuals are never -0).
+__device__ __forceinline__ int ordered(float v) {
+  const int i = (int)__float_as_uint(v);
+  return i ^ ((i >> 31) & 0x7fffffff);
+}
 // min / max that return NaN if either operand is NaN (torch's amin / amax).
-__device__ __forceinline__ float min_nan(float a, float b) { return (b < a || b != b) ? b : a; }
-__device__ __forceinline__ float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+__device__ __forceinline__ float min_nan(float a, float b) {
+  return (is_nan(b) || (!is_nan(a) && ordered(b) < ordered(a))) ? b : a;
+}
+__device__ __forceinline__ float max_nan(float a, float b) {
+  return (is_nan(b) || (!is_nan(a) && ordered(b) > ordered(a))) ? b : a;
+}
+// scale > 0 (false for NaN), subnormals included.
+__device__ __forceinline__ bool positive(float v) { return __float_as_uint(v) - 1u < 0x7f800000u; }
 
 // ---- runs of E consecutive elements: vector loads / stores when aligned ---------------------
 
@@ -299,6 +315,7 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // + 0.5), 0, 15), NaN -> 0.
 __device__ __forceinline__ u32 quant_code(float x, float lo, float scale) {
   float c = floor_rn(add_rn(div_rn(sub_rn(x, lo), scale), 0.5f));
+  // c is NaN, +-inf or a whole number (no subnormal: the ftz compares below are exact)
   c = c != c ? 0.0f : (c < 0.0f ? 0.0f : (c > kLevels ? kLevels : c));
   return (u32)c;
 }
@@ -323,7 +340,7 @@ __device__ __forceinline__ void quant_in_thread(const float (&r)[E], int cnt, in
     const float scale = live ? div_rn(sub_rn(mx, lo), kLevels) : 0.0f;
     ef_min[(start + j0 + s0) / QS] = lo;
     ef_scale[(start + j0 + s0) / QS] = scale;
-    if (scale > 0.0f) {
+    if (positive(scale)) {
 #pragma unroll
       for (int e = s0; e < s0 + QS; ++e)
         if (e < cnt) codes[e / 2] |= (u8)(quant_code(r[e], lo, scale) << (4 * (e & 1)));
@@ -554,7 +571,7 @@ __device__ void step(const i64* tab, const int* owner, i64 w_off, i64 k, i64 m, 
       ef_min[qi] = lo;
       ef_scale[qi] = scale;
     }
-    if (scale > 0.0f) {
+    if (positive(scale)) {
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         if (e < cnt) codes[e / 2] |= (u8)(quant_code(r[e], lo, scale) << (4 * (e & 1)));
