@@ -48,6 +48,11 @@
 // the row just written) + K*4/D written. bf16 with D = 4096, K = 41, Q = 256, m = 10: ~7.5 bytes
 // (fused AdamW on bf16 moves 14); fp32: ~13.5.
 //
+// Untimed (no GPU when written). What to profile first: pass 1 of the selection, whose digit is
+// the exponent of |a| -- for smooth data most of a warp's 32 atomics land on a few bins and
+// serialise; if that dominates, lane-private copies of the histogram (in the moments' shared
+// memory, unused at that point) or warp aggregation (__match_any_sync) remove the conflicts.
+//
 // Resources (nvcc -arch=sm_90 --resource-usage, CUDA 13.0): __launch_bounds__ asks for 1024
 // resident threads per SM, i.e. <= 64 registers: D = 64..256 use 60-64 registers and no local
 // memory; D = 512..16384 64 registers with 8-16 bytes of spills; D = 4096: 256 threads, 64
