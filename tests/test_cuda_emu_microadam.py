@@ -99,16 +99,31 @@ def same(got, want):
     return same_bits(got, want)
 
 
+def dirty_window(state, n, D, K, gen):
+    """The unused slots of a last block shorter than K hold distinct indices >= its length (never
+    read as moments) and random values instead of -1 / 0: each step must overwrite its row's."""
+    L = n - (-(-n // D) - 1) * D
+    if L < K:
+        cols = slice(state["idx"].shape[1] - (K - L), state["idx"].shape[1])
+        state["idx"][:, cols] = torch.arange(L, K, dtype=torch.int16)
+        state["val"][:, cols] = torch.randn(state["idx"].shape[0], K - L, generator=gen).bfloat16()
+    return state
+
+
 def run(
-    emulator, specs, D, K, Q, m, steps, gen, kinds=("normal",), wd=0.1, offsets=None, ef_offset=0
-):
+    emulator, specs, D, K, Q, m, steps, gen, kinds=("normal",), wd=0.1, offsets=None, ef_offset=0,
+    p0="normal",
+):  # fmt: skip
     """specs: [(n, dtype)]; `steps` steps of all tensors in one call each (the step number t of
     tensor i is t + i, so that tensors sit at different window rows); the launcher against the
     reference from the same state, bit for bit, after every step. offsets[i]: tensor i's params and
-    grads start that many elements past a 16-byte boundary (scalar loads), ef that many bytes."""
+    grads start that many elements past a 16-byte boundary (scalar loads), ef that many bytes;
+    p0: the initial parameters, normal or zeros."""
     offsets = offsets or [0] * len(specs)
     params = [torch.randn(n, generator=gen).to(dt) for n, dt in specs]
-    states = [ref.new_state(n, D, K, Q, m, "cpu") for n, _ in specs]
+    if p0 == "zeros":
+        params = [torch.zeros_like(p) for p in params]
+    states = [dirty_window(ref.new_state(n, D, K, Q, m, "cpu"), n, D, K, gen) for n, _ in specs]
     mem = emulator.memory
     for t in range(1, steps + 1):
         kind = kinds[(t - 1) % len(kinds)]
@@ -200,6 +215,12 @@ def test_unaligned_and_equal(emu, gen):
     specs = [(300, F32), (300, BF16), (129, F32)]
     run(emu, specs, 64, 9, 8, 2, 4, gen, kinds=("equal", "normal"), offsets=[1, 1, 0])
     run(emu, [(5000, BF16)], 4096, 41, 256, 2, 2, gen, offsets=[3], ef_offset=1)
+
+
+def test_underflowing_moments(emu, gen):
+    """Zero parameters and subnormal gradients: v * v underflows, so mom2 = 0 where mom1 != 0 and
+    the update -(c1 * mom1) / eps must still be taken (the kernel skips it only if both are 0)."""
+    run(emu, [(100, F32), (100, BF16)], 64, 8, 16, 2, 3, gen, kinds=("denorm",), wd=0.0, p0="zeros")
 
 
 def test_planted_mutant(emu, gen):
