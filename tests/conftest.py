@@ -524,7 +524,8 @@ CUDA_SRC_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 @pytest.fixture(scope="session")
 def libemu(tmp_path_factory):
     """The emulator with csrc/cuda/topk.cu and microadam.cu as a shared library (ctypes), built with
-    g++ once per session (tests/cuda_emu/emu.cpp says which variants it registers)."""
+    g++ once per session (tests/cuda_emu/emu.cpp says which variants it registers). The alignment
+    sanitizer makes a misaligned vector access (a fault on the GPU) kill the run with SIGILL."""
     gxx = shutil.which("g++")
     why = None
     if sys.platform != "linux":
@@ -537,7 +538,8 @@ def libemu(tmp_path_factory):
         pytest.skip(f"the CPU emulation of the CUDA kernels {why}")
     lib = tmp_path_factory.mktemp("cuda_emu") / "libemu.so"
     cmd = [gxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Werror"]
-    cmd += ["-Wno-unknown-pragmas", f"-I{CUDA_SRC_DIR}", str(CUDA_EMU_DIR / "emu.cpp")]
+    cmd += ["-Wno-unknown-pragmas", "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error"]
+    cmd += [f"-I{CUDA_SRC_DIR}", str(CUDA_EMU_DIR / "emu.cpp")]
     cmd += ["-o", str(lib)]
     build = subprocess.run(cmd, capture_output=True, text=True)
     if build.returncode != 0:

@@ -112,14 +112,16 @@ def dirty_window(state, n, D, K, gen):
 
 def run(
     emulator, specs, D, K, Q, m, steps, gen, kinds=("normal",), wd=0.1, offsets=None, ef_offset=0,
-    p0="normal",
+    p0="normal", grad_offsets=None,
 ):  # fmt: skip
     """specs: [(n, dtype)]; `steps` steps of all tensors in one call each (the step number t of
     tensor i is t + i, so that tensors sit at different window rows); the launcher against the
     reference from the same state, bit for bit, after every step. offsets[i]: tensor i's params and
     grads start that many elements past a 16-byte boundary (scalar loads), ef that many bytes;
-    p0: the initial parameters, normal or zeros."""
+    grad_offsets: the gradients' own (default: offsets); p0: the initial parameters (normal,
+    zeros)."""
     offsets = offsets or [0] * len(specs)
+    grad_offsets = grad_offsets or offsets
     params = [torch.randn(n, generator=gen).to(dt) for n, dt in specs]
     if p0 == "zeros":
         params = [torch.zeros_like(p) for p in params]
@@ -137,7 +139,7 @@ def run(
                             D, K, Q)  # fmt: skip
 
         got_p = [mem.wrap(p, offset=o) for p, o in zip(params, offsets, strict=True)]
-        got_g = [mem.wrap(g, offset=o) for g, o in zip(grads, offsets, strict=True)]
+        got_g = [mem.wrap(g, offset=o) for g, o in zip(grads, grad_offsets, strict=True)]
         got_s = [{x: mem.wrap(s[x], offset=ef_offset * (x == "ef")) for x in STATE} for s in states]
         grads_before = [g.clone() for g in got_g]
         fm.microadam_step_(got_p, got_g, *[[s[x] for s in got_s] for x in STATE], *consts,
@@ -211,10 +213,13 @@ def test_window_lengths(emu, m, gen):
 def test_unaligned_and_equal(emu, gen):
     """Parameters and gradients one element past a 16-byte boundary (scalar loads and stores) next
     to aligned ones; all |g| equal (every key ties), then the wrapped window; at D = 4096 also
-    the error feedback off its alignment (byte loads)."""
+    the error feedback off its alignment (byte loads); then parameters and gradients aligned
+    differently. The emulator is built with -fsanitize=alignment: a vector access the GPU would
+    fault on aborts the run."""
     specs = [(300, F32), (300, BF16), (129, F32)]
     run(emu, specs, 64, 9, 8, 2, 4, gen, kinds=("equal", "normal"), offsets=[1, 1, 0])
     run(emu, [(5000, BF16)], 4096, 41, 256, 2, 2, gen, offsets=[3], ef_offset=1)
+    run(emu, specs, 64, 9, 8, 2, 2, gen, offsets=[0, 0, 1], grad_offsets=[1, 1, 0])
 
 
 def test_underflowing_moments(emu, gen):

@@ -2,10 +2,12 @@
 // microadam.cu compiled as host C++ against emu.h, and a registry of their kernels behind a C API
 // for ctypes (tests/test_cuda_emu*.py). Linux (ucontext). Built by the tests as
 //   g++ -std=c++17 -O2 -fPIC -shared -ffp-contract=off -Wall -Werror -Wno-unknown-pragmas
-//       -I<repo>/csrc/cuda emu.cpp -o libemu.so
+//       -fsanitize=alignment -fsanitize-undefined-trap-on-error -I<repo>/csrc/cuda emu.cpp
+//       -o libemu.so
 // (no FK_TOPK_* defines: every variant of topk.cu is built; of microadam.cu the D values below).
 // -ffp-contract=off keeps a*b+c two roundings, as the kernels' explicit mul.rn / add.rn PTX does
-// on the GPU.
+// on the GPU. The alignment sanitizer traps (SIGILL, a Python traceback from faulthandler) on a
+// vector load or store through a misaligned pointer, which the GPU would fault on and x86 allows.
 //
 // Scheduling: the threads of a block are ucontext fibers. A barrier phase runs the runnable fibers
 // in a random permutation, each until it blocks (barrier, shuffle) or returns; a fiber hands over

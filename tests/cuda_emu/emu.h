@@ -22,7 +22,8 @@
 // shared memory (it keeps the previous block's contents; the test poisons the launcher's global
 // buffers instead); the PTX arithmetic (add.rn / sub.rn / mul.rn are plain host float operations,
 // which round the same way, but FTZ or FMA contraction on the GPU is not seen); and anything about
-// the device compile (NVRTC, register and shared memory limits, performance).
+// the device compile (NVRTC, register and shared memory limits, performance). Misaligned vector
+// accesses are caught (emu.cpp is built with the alignment sanitizer), not reported as errors.
 #pragma once
 #include <cstdint>
 #include <cstring>
