@@ -8,7 +8,12 @@ failing to load is an error, not a skip, so a broken build cannot pass as skippe
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -527,3 +532,99 @@ def cancer_batch(cancer, n: int, l2: float = 0.05):
 
     A, y = cancer
     return ClientBatch(Problem(A, y, data.split(y, n, "label_sorted"), "logistic", l2), seed=3)
+
+
+# ---- the CPU emulator of the CUDA C++ kernels (tests/cuda_emu; tests/test_cuda_emu*.py) -------
+
+CUDA_EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+CUDA_SRC_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+
+@pytest.fixture(scope="session")
+def libemu(tmp_path_factory):
+    """The emulator with csrc/cuda/topk.cu and microadam.cu as a shared library (ctypes), built with
+    g++ once per session (tests/cuda_emu/emu.cpp says which variants it registers). The alignment
+    sanitizer makes a misaligned vector access (a fault on the GPU) kill the run with SIGILL."""
+    gxx = shutil.which("g++")
+    why = None
+    if sys.platform != "linux":
+        why = "needs Linux (ucontext)"
+    elif gxx is None:
+        why = "needs g++"
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the CPU emulation of the CUDA kernels {why}", pytrace=False)
+        pytest.skip(f"the CPU emulation of the CUDA kernels {why}")
+    lib = tmp_path_factory.mktemp("cuda_emu") / "libemu.so"
+    cmd = [gxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Werror"]
+    cmd += ["-Wno-unknown-pragmas", "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error"]
+    cmd += [f"-I{CUDA_SRC_DIR}", str(CUDA_EMU_DIR / "emu.cpp")]
+    cmd += ["-o", str(lib)]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)}\n{build.stdout}{build.stderr}", pytrace=False)
+    dll = ctypes.CDLL(str(lib))
+    dll.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]  # name, grid, block
+    dll.emu_launch.argtypes += [ctypes.POINTER(ctypes.c_uint64), ctypes.c_char_p]  # args, types
+    dll.emu_launch.argtypes += [ctypes.c_ulonglong]  # seed
+    dll.emu_launch.restype = ctypes.c_int
+    dll.emu_error.restype = ctypes.c_char_p
+    return dll
+
+
+def emu_launch(dll, func, grid, block, args, seed) -> None:
+    """Runs kernel ``func`` of the `libemu` library on a 1-D grid with the launcher's arguments
+    (fedkern.cuda.runtime.ptr / u64 / i64 / f32); ``seed`` drives block order and interleaving."""
+    assert len(grid) == 1 and len(block) == 1 and grid[0] >= 1
+    raw, types = [], ""
+    for a in args:
+        if isinstance(a, np.float32):
+            raw.append(int(np.array(a).view(np.uint32)))
+            types += "f"
+        elif isinstance(a, np.uint64 | np.int64):
+            raw.append(int(a) & (2**64 - 1))
+            types += "q"
+        else:
+            raise TypeError(f"{func}: argument of type {type(a)}")
+    arr = (ctypes.c_uint64 * len(raw))(*raw)
+    rc = dll.emu_launch(func.encode(), grid[0], block[0], arr, types.encode(), seed)
+    assert rc == 0, f"{func}: {dll.emu_error().decode()}"
+
+
+class GuardedTorch:
+    """Stands in for `torch` inside a launcher (fedkern.cuda.topk, .microadam). Its buffers from
+    empty() / zeros() lie between two guard zones of poison bytes, and empty() ones are poisoned
+    inside too: check() finds writes past either end (else silent heap corruption, or a crash
+    later), and a read of memory that no kernel wrote yields poison instead of whatever was there;
+    wrap() puts a copy of a test's own tensor between guard zones as well."""
+
+    GUARD = 256  # bytes on each side; a multiple of 16 keeps the launcher's alignment
+    POISON = 0xA5
+
+    def __init__(self):
+        self.buffers: list[tuple[torch.Tensor, int, int]] = []  # (bytes, first, end) of each
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, size, *, dtype, device=None):
+        assert torch.device(device).type == "cpu"
+        item = torch.empty((), dtype=dtype).element_size()
+        base = torch.full((size * item + 2 * self.GUARD,), self.POISON, dtype=torch.uint8)
+        self.buffers.append((base, self.GUARD, self.GUARD + size * item))
+        return base[self.GUARD : self.GUARD + size * item].view(dtype)
+
+    def zeros(self, size, *, dtype, device=None):
+        return self.empty(size, dtype=dtype, device=device).zero_()
+
+    def wrap(self, t, offset=0):
+        """A guarded copy of tensor t (same shape, dtype and values), checked with the rest;
+        offset: it starts that many elements past the buffer's 16-byte aligned start."""
+        out = self.empty(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:]
+        return out.copy_(t.reshape(-1)).view(t.shape)
+
+    def check(self, what):
+        for base, first, end in self.buffers:
+            bad = (base[:first] != self.POISON).sum() + (base[end:] != self.POISON).sum()
+            assert bad == 0, f"{what}: {int(bad)} bytes written out of a {end - first}-byte buffer"
+        self.buffers.clear()

@@ -16,53 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, oracle_topk, rand, same_bits
+from conftest import DTYPES, GuardedTorch, emu_launch, oracle_topk, rand, same_bits
 
 import fedkern.cuda.runtime as fc
 import fedkern.cuda.topk as ft
 
-EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
-CUDA_SRC_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 OPS = ["topk", "ef14", "ef21"]
 MODE_CAND, MODE_FULL = 1, 2  # ctrl[kMode] after pass 1 (topk.cu)
 LR = 0.37
-
-
-@pytest.fixture(scope="session")
-def libemu(tmp_path_factory):
-    """csrc/cuda/topk.cu + the emulator as a shared library, built with g++ for this session."""
-    gxx = shutil.which("g++")
-    why = None
-    if sys.platform != "linux":
-        why = "needs Linux (ucontext)"
-    elif gxx is None:
-        why = "needs g++"
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the CPU emulation of the CUDA kernels {why}", pytrace=False)
-        pytest.skip(f"the CPU emulation of the CUDA kernels {why}")
-    lib = tmp_path_factory.mktemp("cuda_emu") / "libemu.so"
-    cmd = [gxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Werror"]
-    cmd += ["-Wno-unknown-pragmas", f"-I{CUDA_SRC_DIR}", str(EMU_DIR / "emu.cpp"), "-o", str(lib)]
-    build = subprocess.run(cmd, capture_output=True, text=True)
-    if build.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)}\n{build.stdout}{build.stderr}", pytrace=False)
-    dll = ctypes.CDLL(str(lib))
-    dll.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]  # name, grid, block
-    dll.emu_launch.argtypes += [ctypes.POINTER(ctypes.c_uint64), ctypes.c_char_p]  # args, types
-    dll.emu_launch.argtypes += [ctypes.c_ulonglong]  # seed
-    dll.emu_launch.restype = ctypes.c_int
-    dll.emu_error.restype = ctypes.c_char_p
-    return dll
 
 
 class Emulator:
@@ -85,56 +49,11 @@ class Emulator:
         return lambda grid, block, args: self.launch(func, grid, block, args)
 
     def launch(self, func, grid, block, args):
-        assert len(grid) == 1 and len(block) == 1 and grid[0] >= 1
-        raw, types = [], ""
-        for a in args:  # fedkern.cuda.runtime.ptr / u64 / i64 / f32
-            if isinstance(a, np.float32):
-                raw.append(int(np.array(a).view(np.uint32)))
-                types += "f"
-            elif isinstance(a, np.uint64 | np.int64):
-                raw.append(int(a) & (2**64 - 1))
-                types += "q"
-            else:
-                raise TypeError(f"{func}: argument of type {type(a)}")
         self.seed += 1
-        arr = (ctypes.c_uint64 * len(raw))(*raw)
-        rc = self.dll.emu_launch(func.encode(), grid[0], block[0], arr, types.encode(), self.seed)
-        assert rc == 0, f"{func}: {self.dll.emu_error().decode()}"
+        emu_launch(self.dll, func, grid, block, args, self.seed)
         self.launches.append((func, grid[0]))
         if func.startswith("fk_topk_pass1_"):
             self.modes.append(ctypes.c_uint64.from_address(int(args[7])).value)
-
-
-class GuardedTorch:
-    """Stands in for `torch` inside fedkern.cuda.topk. Its buffers from empty() / zeros() lie
-    between two guard zones of poison bytes, and empty() ones are poisoned inside too: check()
-    finds writes past either end (else silent heap corruption, or a crash later), and a read of
-    memory that no kernel wrote yields poison instead of whatever was there."""
-
-    GUARD = 256  # bytes on each side; a multiple of 16 keeps the launcher's alignment
-    POISON = 0xA5
-
-    def __init__(self):
-        self.buffers: list[tuple[torch.Tensor, int, int]] = []  # (bytes, first, end) of each
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def empty(self, size, *, dtype, device=None):
-        assert torch.device(device).type == "cpu"
-        item = torch.empty((), dtype=dtype).element_size()
-        base = torch.full((size * item + 2 * self.GUARD,), self.POISON, dtype=torch.uint8)
-        self.buffers.append((base, self.GUARD, self.GUARD + size * item))
-        return base[self.GUARD : self.GUARD + size * item].view(dtype)
-
-    def zeros(self, size, *, dtype, device=None):
-        return self.empty(size, dtype=dtype, device=device).zero_()
-
-    def check(self, what):
-        for base, first, end in self.buffers:
-            bad = (base[:first] != self.POISON).sum() + (base[end:] != self.POISON).sum()
-            assert bad == 0, f"{what}: {int(bad)} bytes written out of a {end - first}-byte buffer"
-        self.buffers.clear()
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ IMPLS = {
         "reference": ref.microadam_step_,
         "cpu": _cpu_step,
         "triton": lazy("fedkern.kernels.microadam", "microadam_step_"),
+        "cuda": lazy("fedkern.cuda.microadam", "microadam_step_"),
     }
 }
 
@@ -231,8 +232,8 @@ def microadam_step_(
             per block, 1 <= k <= block_size; quant_bucket: elements per quantization bucket, a power
             of two in [2, block_size].
 
-    Dispatch: the C++ core on CPU, Triton on CUDA, the reference elsewhere or when forced. Every
-    argument is checked before anything is modified.
+    Dispatch: the C++ core on CPU, the CUDA C++ kernel on CUDA (Triton when CuPy is missing), the
+    reference elsewhere or when forced. Every argument is checked before anything is modified.
     """
     if not isinstance(state, (list, tuple)) or not all(isinstance(s, dict) for s in state):
         raise TypeError("state must be a list of dicts (one per parameter)")

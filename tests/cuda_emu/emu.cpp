@@ -1,10 +1,13 @@
-// CPU twin of the CUDA kernels (see emu.h): the emulator runtime, csrc/cuda/topk.cu compiled as
-// host C++ against emu.h, and a registry of its kernels behind a C API for ctypes
-// (tests/test_cuda_emu.py). Linux (ucontext). Built by the test as
+// CPU twin of the CUDA kernels (see emu.h): the emulator runtime, csrc/cuda/topk.cu and
+// microadam.cu compiled as host C++ against emu.h, and a registry of their kernels behind a C API
+// for ctypes (tests/test_cuda_emu*.py). Linux (ucontext). Built by the tests as
 //   g++ -std=c++17 -O2 -fPIC -shared -ffp-contract=off -Wall -Werror -Wno-unknown-pragmas
-//       -I<repo>/csrc/cuda emu.cpp -o libemu.so
-// (no FK_TOPK_* defines: every variant of topk.cu is built). -ffp-contract=off keeps a*b+c two
-// roundings, as the kernels' explicit mul.rn / add.rn PTX does on the GPU.
+//       -fsanitize=alignment -fsanitize-undefined-trap-on-error -I<repo>/csrc/cuda emu.cpp
+//       -o libemu.so
+// (no FK_TOPK_* defines: every variant of topk.cu is built; of microadam.cu the D values below).
+// -ffp-contract=off keeps a*b+c two roundings, as the kernels' explicit mul.rn / add.rn PTX does
+// on the GPU. The alignment sanitizer traps (SIGILL, a Python traceback from faulthandler) on a
+// vector load or store through a misaligned pointer, which the GPU would fault on and x86 allows.
 //
 // Scheduling: the threads of a block are ucontext fibers. A barrier phase runs the runnable fibers
 // in a random permutation, each until it blocks (barrier, shuffle) or returns; a fiber hands over
@@ -31,6 +34,11 @@ EmuDim3 threadIdx, blockIdx, blockDim, gridDim;
 
 #include "topk.cu"  // found through -I<repo>/csrc/cuda
 
+// microadam.cu: the block sizes the tests use (each D is its own template instance; all 20
+// variants would double the build time).
+#define FK_MA_WANT(bf, d) ((d) == 64 || (d) == 256 || (d) == 4096 || (d) == 32768)
+#include "microadam.cu"
+
 namespace emu {
 namespace {
 
@@ -44,7 +52,8 @@ struct Fiber {
   bool live = false;  // ctx is a usable context inside trampoline()
   State state = kDone;
   uint64_t xval = 0;  // shuffle: value in, result out
-  unsigned xd = 0;    // shuffle: delta
+  unsigned xd = 0;    // shuffle: delta (up) or lane mask (xor)
+  bool xxor = false;  // shuffle: xor, else up
 };
 
 std::vector<std::unique_ptr<Fiber>> fibers;
@@ -134,7 +143,10 @@ void run_block(unsigned nthreads) {
       for (unsigned l = 0; l < 32; ++l) in[l] = lanes[l]->xval;
       for (unsigned l = 0; l < 32; ++l) {
         Fiber& f = *lanes[l];
-        f.xval = l >= f.xd ? in[l - f.xd] : in[l];
+        if (f.xxor)
+          f.xval = in[l ^ f.xd];
+        else
+          f.xval = l >= f.xd ? in[l - f.xd] : in[l];
         f.state = kRun;
       }
       released = true;
@@ -184,6 +196,17 @@ uint64_t warp_shfl_up(uint64_t v, unsigned d) {
   Fiber& f = *fibers[cur];
   f.xval = v;
   f.xd = d;
+  f.xxor = false;
+  f.state = kWaitWarp;
+  switch_out();
+  return f.xval;
+}
+
+uint64_t warp_shfl_xor(uint64_t v, unsigned lane_mask) {
+  Fiber& f = *fibers[cur];
+  f.xval = v;
+  f.xd = lane_mask;
+  f.xxor = true;
   f.state = kWaitWarp;
   switch_out();
   return f.xval;
@@ -257,6 +280,14 @@ const std::map<std::string, Kernel>& registry() {
     EMU_REG_ALL(ef21, f32, 1);
     EMU_REG_ALL(ef21, bf16, 8);
     EMU_REG_ALL(ef21, bf16, 1);
+#define EMU_REG_MA(D)                  \
+  EMU_REG(fk_microadam_step_f32_d##D); \
+  EMU_REG(fk_microadam_step_bf16_d##D)
+    EMU_REG_MA(64);
+    EMU_REG_MA(256);
+    EMU_REG_MA(4096);
+    EMU_REG_MA(32768);
+#undef EMU_REG_MA
 #undef EMU_REG_ALL
 #undef EMU_REG
     return m;
