@@ -81,9 +81,9 @@ class MicroAdam(torch.optim.Optimizer):
     not advance). Gradients are read, never modified. All groups are validated before any
     parameter or state changes: sparse or complex gradients, a gradient of another shape, dtype
     or device, and out-of-range hyperparameters raise TypeError/ValueError. On CPU the step runs in
-    the C++ core (OpenMP over blocks), on CUDA in one CUDA C++ launch per device and dtype for all
-    tensors (two Triton launches when CuPy is missing), elsewhere (or under
-    ``fedkern.backend("reference")``) in plain PyTorch.
+    the C++ core (OpenMP over blocks), on CUDA in two Triton launches per device and dtype for all
+    tensors (one CUDA C++ launch under ``fedkern.backend("cuda")``, not yet the default: it has
+    not run on a GPU), elsewhere (or under ``fedkern.backend("reference")``) in plain PyTorch.
 
     ``state_dict()`` / ``load_state_dict()`` round-trip the state exactly, with the integer and
     bfloat16 state dtypes preserved (torch's default load would cast them to the parameter's

@@ -232,8 +232,10 @@ def microadam_step_(
             per block, 1 <= k <= block_size; quant_bucket: elements per quantization bucket, a power
             of two in [2, block_size].
 
-    Dispatch: the C++ core on CPU, the CUDA C++ kernel on CUDA (Triton when CuPy is missing), the
-    reference elsewhere or when forced. Every argument is checked before anything is modified.
+    Dispatch: the C++ core on CPU; on CUDA the Triton kernel (or the CUDA C++ kernel when Triton is
+    missing, or under ``fedkern.backend("cuda")``: not yet run on a GPU, so ``auto`` keeps Triton
+    first, ``fedkern.ops._dispatch.AUTO_ORDER``); the reference elsewhere or when forced. Every
+    argument is checked before anything is modified.
     """
     if not isinstance(state, (list, tuple)) or not all(isinstance(s, dict) for s in state):
         raise TypeError("state must be a list of dicts (one per parameter)")
