@@ -5,8 +5,8 @@ is torch-free and needs a C++17 compiler, never CUDA. Besides the extension it
 
 * installs the top-level ``kernels/`` directory (Triton kernels) as the subpackage
   ``fedkern.kernels``;
-* ships ``csrc/cuda/*.cu`` as package data under ``fedkern/cuda/src/`` in regular installs (an
-  editable install reads them from the repository).
+* ships ``csrc/cuda/*.cu`` and their ``*.cuh`` helpers as package data under
+  ``fedkern/cuda/src/`` in regular installs (an editable install reads them from the repository).
 
 Environment: FEDKERN_BUILD_JOBS sets the build parallelism (default 2); FEDKERN_CMAKE_ARGS adds
 extra ``-D...`` arguments (space separated) to the CMake configure step.
@@ -89,16 +89,22 @@ class CMakeBuild(build_ext):
         )
 
 
+def _cuda_sources() -> list[Path]:
+    """The CUDA C++ kernel sources and their shared headers (NVRTC compiles them at first use)."""
+    cuda = ROOT / "csrc" / "cuda"
+    return sorted([*cuda.glob("*.cu"), *cuda.glob("*.cuh")])
+
+
 class BuildPy(build_py):
-    """build_py that also copies csrc/cuda/*.cu to fedkern/cuda/src/ (not for editable installs,
-    which read csrc/cuda directly)."""
+    """build_py that also copies csrc/cuda/*.cu and *.cuh to fedkern/cuda/src/ (not for editable
+    installs, which read csrc/cuda directly)."""
 
     def run(self) -> None:
         super().run()
         if getattr(self, "editable_mode", False):
             return
         dest = Path(self.build_lib) / "fedkern" / "cuda" / "src"
-        for src in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        for src in _cuda_sources():
             dest.mkdir(parents=True, exist_ok=True)
             self.copy_file(str(src), str(dest / src.name))
 
@@ -106,7 +112,7 @@ class BuildPy(build_py):
         outputs = super().get_outputs(include_bytecode)
         if not getattr(self, "editable_mode", False):
             dest = Path(self.build_lib) / "fedkern" / "cuda" / "src"
-            outputs += [str(dest / p.name) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
+            outputs += [str(dest / p.name) for p in _cuda_sources()]
         return outputs
 
 

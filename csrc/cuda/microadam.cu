@@ -1,5 +1,6 @@
 // fedkern MicroAdam fused step (fedkern/reference/microadam.py is the spec), compiled at first use
-// by NVRTC through CuPy (fedkern/cuda/microadam.py launches it). Self-contained: no headers.
+// by NVRTC through CuPy (fedkern/cuda/microadam.py launches it). No CUDA headers; the shared
+// integer types, bf16 and IEEE fp32 helpers come from fk_common.cuh.
 //
 // Math, per tensor (n elements, blocks of D, K kept per block, buckets of Q, a window of m rows):
 //   1. a    = float(g) + (ef_min[q] + code * ef_scale[q])            code: the 4-bit error feedback
@@ -64,17 +65,12 @@
 // (the GPU's add.rn returns the canonical NaN, the CPU keeps the operand's payload: keys of NaNs
 // with different payloads may rank differently).
 
+#include "fk_common.cuh"
+
 namespace fkma {
 
-typedef unsigned int u32;
-typedef unsigned long long u64;
-typedef long long i64;
-typedef unsigned short u16;
-typedef unsigned char u8;
-
-struct bf16 {
-  u16 bits;
-};
+// integer types, bf16, add_rn / sub_rn / mul_rn / div_rn / sqrt_rn / floor_rn, to_f32, bf16_bits
+using namespace fkcuda;
 
 // Columns of the per-tensor table (int64; floats as their float32 bits).
 enum : int { kP = 0, kG, kEF, kMin, kScale, kIdx, kVal, kN, kFirst, kRow, kC1, kC2, kCols };
@@ -96,79 +92,9 @@ struct Cfg {
   static_assert(kE >= 2 && kE % 2 == 0 && kEu >= 2, "runs of at least one ef byte");
 };
 
-// ---- fp32 arithmetic, IEEE, no FMA, no flush to zero ------------------------------------------
-
-__device__ __forceinline__ float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return a + b;
-#endif
-}
-
-__device__ __forceinline__ float sub_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return a - b;
-#endif
-}
-
-__device__ __forceinline__ float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return a * b;
-#endif
-}
-
-__device__ __forceinline__ float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return a / b;
-#endif
-}
-
-__device__ __forceinline__ float sqrt_rn(float a) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-#else
-  return __builtin_sqrtf(a);
-#endif
-}
-
-__device__ __forceinline__ float floor_rn(float a) {  // exact: cvt.rmi without .ftz
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("cvt.rmi.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-#else
-  return __builtin_floorf(a);
-#endif
-}
+// ---- float bits (the IEEE arithmetic is fk_common.cuh's) ---------------------------------------
 
 __device__ __forceinline__ float f32_of(u32 bits) { return __uint_as_float(bits); }
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float((u32)v.bits << 16); }
-
-// fp32 -> bf16 bits, round to nearest even (NaN -> 0x7fc0, as torch's conversion).
-__device__ __forceinline__ u16 bf16_bits(float f) {
-  u32 u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (u16)(u >> 16);
-}
 
 // Float tests on the bits: under CuPy's -ftz=true a float compare (setp.ftz) sees subnormals as
 // zero, which would change bucket minima and the scale > 0 test on tiny residuals.

@@ -1,5 +1,6 @@
 // fedkern top-k selection kernels (SPEC.md ops 1-3), compiled at first use by NVRTC through CuPy
-// (fedkern/cuda/topk.py launches them). Self-contained: no headers, NVRTC needs no CUDA toolkit.
+// (fedkern/cuda/topk.py launches them). No CUDA headers (NVRTC needs no CUDA toolkit); the shared
+// integer types, bf16 and IEEE fp32 helpers come from fk_common.cuh.
 //
 // Math. key(v) = bits(fp32 v) & 0x7fffffff, and 0x7f800001 for every NaN: the key orders |v|,
 // -0 == +0 and all NaNs tie above +inf. select(key, k) = the k positions with the largest key,
@@ -38,16 +39,11 @@
 // Fast path: 2 full reads + O(M) work, M ~ k + one 1/16-octave bucket; slow path: 4 full reads.
 // Only integer counting and integer atomics: the result is deterministic.
 
+#include "fk_common.cuh"
+
 namespace fktopk {
 
-typedef unsigned int u32;
-typedef unsigned long long u64;
-typedef long long i64;
-typedef unsigned short u16;
-
-struct bf16 {
-  u16 bits;
-};
+using namespace fkcuda;  // integer types, bf16, add_rn / sub_rn / mul_rn, to_f32, bf16_bits
 
 constexpr int kBlock = 256;  // threads per block in every kernel
 constexpr int kWarps = kBlock / 32;
@@ -79,40 +75,7 @@ constexpr u64 kModeCand = 1, kModeFull = 2;
 
 __device__ __forceinline__ i64 min64(i64 a, i64 b) { return a < b ? a : b; }
 
-// ---- fp32 arithmetic (no FMA, no flush to zero) and dtype conversions --------------------------
-
-__device__ __forceinline__ float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return a + b;
-#endif
-}
-
-__device__ __forceinline__ float sub_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return a - b;
-#endif
-}
-
-__device__ __forceinline__ float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return a * b;
-#endif
-}
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float((u32)v.bits << 16); }
+// ---- dtype conversions (the IEEE fp32 arithmetic is fk_common.cuh's) ---------------------------
 
 template <typename T>
 __device__ __forceinline__ T round_to(float f);
@@ -125,14 +88,8 @@ __device__ __forceinline__ float round_to<float>(float f) {
 // fp32 -> bf16, round to nearest even on the bits (NaN -> 0x7fc0, as torch's CPU conversion).
 template <>
 __device__ __forceinline__ bf16 round_to<bf16>(float f) {
-  u32 u = __float_as_uint(f);
   bf16 r;
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    r.bits = 0x7fc0;
-    return r;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  r.bits = (u16)(u >> 16);
+  r.bits = bf16_bits(f);
   return r;
 }
 

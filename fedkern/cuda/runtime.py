@@ -1,11 +1,12 @@
 """The CuPy runtime of the CUDA C++ kernels of csrc/cuda, compiled at first use by NVRTC.
 
-A source ``<name>.cu`` holds self-contained ``extern "C" __global__`` kernels (no headers). It is
-found next to the installed package (``fedkern/cuda/src/<name>.cu``) or in a repository checkout
-(``<repo>/csrc/cuda/<name>.cu``) and compiled with ``cupy.RawModule`` for the architecture of the
-device in use (CuPy adds ``-arch=sm_XY`` for the current device). Modules are cached per (name,
-device index, defines); CuPy also caches the binaries on disk. Kernels run on PyTorch's current
-stream of the tensors' device and take raw device pointers (``ptr``), 64-bit integers
+A source ``<name>.cu`` holds ``extern "C" __global__`` kernels and includes no CUDA headers, only
+csrc/cuda's own ``.cuh`` helpers, which ``source`` pastes in (NVRTC gets one self-contained text).
+It is found next to the installed package (``fedkern/cuda/src/<name>.cu``) or in a repository
+checkout (``<repo>/csrc/cuda/<name>.cu``) and compiled with ``cupy.RawModule`` for the architecture
+of the device in use (CuPy adds ``-arch=sm_XY`` for the current device). Modules are cached per
+(name, device index, defines); CuPy also caches the binaries on disk. Kernels run on PyTorch's
+current stream of the tensors' device and take raw device pointers (``ptr``), 64-bit integers
 (``i64``/``u64``) and fp32 scalars (``f32``): numpy scalars of the exact parameter width.
 
 Numerics: CuPy appends ``-ftz=true`` to every NVRTC compile and the last flag wins, so it cannot be
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import logging
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,9 +40,11 @@ _streams: dict[tuple[int, int], Any] = {}
 _available: tuple[bool, str] | None = None
 
 
-def source(name: str) -> str:
-    """Text of the kernel source ``<name>.cu``: the installed copy, else the repository's."""
-    fname = f"{name}.cu"
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([A-Za-z0-9_]+\.cuh)"[ \t]*$', re.M)
+
+
+def _read(fname: str) -> str:
+    """Text of ``fname`` (a .cu or .cuh of csrc/cuda): the installed copy, else the repository's."""
     try:
         res = importlib.resources.files("fedkern.cuda").joinpath("src", fname)
         if res.is_file():
@@ -51,6 +55,22 @@ def source(name: str) -> str:
     if repo.is_file():
         return repo.read_text(encoding="utf-8")
     raise FileNotFoundError(f"CUDA kernel source {fname} not found (fedkern/cuda/src or csrc/cuda)")
+
+
+def source(name: str) -> str:
+    """Text of the kernel source ``<name>.cu`` as NVRTC compiles it: the installed copy, else the
+    repository's, with every ``#include "<header>.cuh"`` of csrc/cuda replaced by the header's
+    text (once per header: NVRTC is given no include path)."""
+    seen: set[str] = set()
+
+    def paste(match: re.Match) -> str:
+        header = match.group(1)
+        if header in seen:
+            return ""
+        seen.add(header)
+        return _INCLUDE.sub(paste, _read(header))
+
+    return _INCLUDE.sub(paste, _read(f"{name}.cu"))
 
 
 def available() -> tuple[bool, str]:
