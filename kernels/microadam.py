@@ -38,10 +38,11 @@ a cached int32 block -> tensor map; grid = all blocks of the dtype's tensors.
 
 import contextlib
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from fedkern.reference.microadam import TABLE_COLS, block_owners, launch_tables
 
 from ._common import load_f32, round_to, store_f32
 
@@ -275,24 +276,6 @@ def _window_scratch_kernel(
         blk += tl.num_programs(0)
 
 
-def _f32_bits(xs):
-    return np.asarray(xs, dtype=np.float32).view(np.int32).astype(np.int64)
-
-
-_OWNERS = {}  # (device, blocks per tensor) -> int32 block -> tensor map
-
-
-def _owners(nbs, device):
-    key = (str(device), tuple(nbs))
-    out = _OWNERS.get(key)
-    if out is None:
-        if len(_OWNERS) > 64:
-            _OWNERS.clear()
-        out = torch.from_numpy(np.repeat(np.arange(len(nbs), dtype=np.int32), nbs)).to(device)
-        _OWNERS[key] = out
-    return out
-
-
 #: Launch choices (bench/microadam_sweep.py times the alternatives on a GPU):
 #: bits: threshold bits found per block-wide count in the selection (1 or 2), or 8 for a radix
 #: select by histograms of 8 bits; warps_select: warps of the selection kernel (None: by D);
@@ -327,25 +310,16 @@ def microadam_step_(
     """
     device = params[0].device
     D, Q, m = block_size, quant_bucket, len(w1)
-    for dtype in dict.fromkeys(p.dtype for p in params):
-        group = [i for i, p in enumerate(params) if p.dtype == dtype]
-        nbs = [triton.cdiv(params[i].numel(), D) for i in group]
-        first = np.concatenate(([0], np.cumsum(nbs)[:-1]))
-        table = np.empty((len(group), 12), dtype=np.int64)
-        for j, i in enumerate(group):
-            tensors = (params[i], grads[i], ef[i], ef_min[i], ef_scale[i], idx[i], val[i])
-            table[j, :7] = [t.data_ptr() for t in tensors]
-            table[j, 7:10] = [params[i].numel(), first[j], rows[i]]
-        table[:, 10] = _f32_bits([c1[i] for i in group])
-        table[:, 11] = _f32_bits([c2[i] for i in group])
-        tab = torch.from_numpy(np.concatenate((table.reshape(-1), _f32_bits(list(w1) + list(w2)))))
+    tables = launch_tables(params, grads, ef, ef_min, ef_scale, idx, val, rows, c1, c2, w1, w2, D)
+    for dtype, nbs, host in tables:
+        tab = torch.from_numpy(host)
         grid = (int(sum(nbs)),)
         bf16 = dtype == torch.bfloat16
         ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         with ctx:
             if device.type == "cuda":  # pinned + non_blocking: no host sync with queued work
                 tab = tab.pin_memory().to(device, non_blocking=True)
-            owners = _owners(nbs, device)
+            owners = block_owners(nbs, device)
             _select_quantize_kernel[grid](
                 tab, owners, k, bf16, D, Q, TUNING["bits"],
                 num_warps=TUNING["warps_select"] or _num_warps(D), enable_fp_fusion=False,
@@ -353,7 +327,7 @@ def microadam_step_(
             programs = min(grid[0], _programs(device))
             scratch = torch.zeros(programs * 2 * D, dtype=torch.float32, device=device)
             _window_scratch_kernel[(programs,)](
-                tab, owners, scratch, grid[0], k, m, table.size, float(decay), float(eps), bf16,
-                D, min(64, triton.next_power_of_2(k)), min(D, 1024),
+                tab, owners, scratch, grid[0], k, m, len(nbs) * TABLE_COLS, float(decay),
+                float(eps), bf16, D, min(64, triton.next_power_of_2(k)), min(D, 1024),
                 num_warps=TUNING["warps_window"], enable_fp_fusion=False,
             )  # fmt: skip

@@ -74,7 +74,7 @@ def emu(libemu, monkeypatch, gen):
     monkeypatch.setattr(fc, "kernel", emulator.kernel)
     monkeypatch.setattr(fc, "on_torch_stream", lambda device: contextlib.nullcontext(0))
     monkeypatch.setattr(fm, "torch", emulator.memory)
-    monkeypatch.setattr(fm, "_OWNERS", {})  # block maps are built (and guarded) in each test
+    monkeypatch.setattr(ref, "_OWNERS", {})  # block maps are built (and guarded) in each test
     monkeypatch.setattr(ref, "torch", ExactSqrtTorch())
     return emulator
 

@@ -18,31 +18,12 @@ import numpy as np
 import torch
 
 from fedkern.cuda import runtime as _cuda
-
-_COLS = 12  # fkma::kCols
-_OWNERS: dict = {}  # (device, blocks per tensor) -> int32 block -> tensor map
+from fedkern.reference.microadam import TABLE_COLS, block_owners, launch_tables
 
 
 def threads(block_size: int) -> int:
     """Threads per CUDA block for block size D (fkma::Cfg<D>::kThreads)."""
     return min(1024, max(32, block_size // 16))
-
-
-def _f32_bits(xs) -> np.ndarray:
-    return np.asarray(xs, dtype=np.float32).view(np.int32).astype(np.int64)
-
-
-def _owners(nbs: list[int], device: torch.device) -> torch.Tensor:
-    key = (str(device), tuple(nbs))
-    out = _OWNERS.get(key)
-    if out is None:
-        if len(_OWNERS) > 64:
-            _OWNERS.clear()
-        host = np.repeat(np.arange(len(nbs), dtype=np.int32), nbs)
-        out = torch.empty(host.size, dtype=torch.int32, device=device)
-        out.copy_(torch.from_numpy(host))  # once per distinct set of tensors
-        _OWNERS[key] = out
-    return out
 
 
 def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -71,24 +52,19 @@ def microadam_step_(
     """
     device = params[0].device
     D, m = block_size, len(w1)
-    for dtype in dict.fromkeys(p.dtype for p in params):
-        group = [i for i, p in enumerate(params) if p.dtype == dtype]
-        nbs = [-(-params[i].numel() // D) for i in group]
-        first = np.concatenate(([0], np.cumsum(nbs)[:-1]))
-        table = np.empty((len(group), _COLS), dtype=np.int64)
-        for j, i in enumerate(group):
-            tensors = (params[i], grads[i], ef[i], ef_min[i], ef_scale[i], idx[i], val[i])
-            table[j, :7] = [t.data_ptr() for t in tensors]
-            table[j, 7:10] = [params[i].numel(), first[j], rows[i]]
-        table[:, 10] = _f32_bits([c1[i] for i in group])
-        table[:, 11] = _f32_bits([c2[i] for i in group])
-        host = np.concatenate((table.reshape(-1), _f32_bits(list(w1) + list(w2))))
+    tables = launch_tables(params, grads, ef, ef_min, ef_scale, idx, val, rows, c1, c2, w1, w2, D)
+
+    def empty(size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int32, device=device)
+
+    for dtype, nbs, host in tables:
         bf16 = dtype == torch.bfloat16
         defines = (f"-DFK_MA_BF16={int(bf16)}", f"-DFK_MA_D={D}")
         name = f"fk_microadam_step_{'bf16' if bf16 else 'f32'}_d{D}"
         with _cuda.on_torch_stream(device) as dev:
             tab = _to_device(host, device)
-            owners = _owners(nbs, device)
-            args = (_cuda.ptr(tab), _cuda.ptr(owners), _cuda.i64(table.size), _cuda.i64(k))
+            owners = block_owners(nbs, device, empty)
+            args = (_cuda.ptr(tab), _cuda.ptr(owners), _cuda.i64(len(nbs) * TABLE_COLS))
+            args += (_cuda.i64(k),)
             args += (_cuda.i64(m), _cuda.i64(quant_bucket), _cuda.f32(decay), _cuda.f32(eps))
             _cuda.kernel("microadam", name, dev, defines)((int(sum(nbs)),), (threads(D),), args)

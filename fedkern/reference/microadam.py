@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -140,3 +141,60 @@ def microadam_step_(
             p, grads[i], ef[i], ef_min[i], ef_scale[i], idx[i], val[i], rows[i], c1[i], c2[i],
             decay, eps, w1, w2, block_size, k, quant_bucket,
         )  # fmt: skip
+
+
+# ---- the launch layout of the GPU kernels (host side; Triton and CUDA C++ share it) -------------
+
+#: Columns of a tensor's row of the launch table: the data pointers of p, g, ef, ef_min, ef_scale,
+#: idx and val, then n, the tensor's first block in the launch, its window row, c1 and c2 (as
+#: float32 bits).
+TABLE_COLS = 12
+_OWNERS: dict = {}  # (device, blocks per tensor) -> the device copy of the block -> tensor map
+
+
+def _f32_bits(xs) -> np.ndarray:
+    return np.asarray(xs, dtype=np.float32).view(np.int32).astype(np.int64)
+
+
+def launch_tables(params, grads, ef, ef_min, ef_scale, idx, val, rows, c1, c2, w1, w2,
+                  block_size: int) -> list[tuple[torch.dtype, list[int], np.ndarray]]:  # fmt: skip
+    """The host side of one GPU launch per parameter dtype (arguments as ``microadam_step_``).
+
+    Returns, per dtype present (in order of first appearance), ``(dtype, nbs, table)``: the
+    blocks of each of its tensors (``nbs``) and the int64 table the kernels read, TABLE_COLS
+    columns per tensor followed by w1 and w2 as float32 bits (1-D, ``len(nbs) * TABLE_COLS +
+    2 m`` entries)."""
+    out = []
+    for dtype in dict.fromkeys(p.dtype for p in params):
+        group = [i for i, p in enumerate(params) if p.dtype == dtype]
+        nbs = [-(-params[i].numel() // block_size) for i in group]
+        first = np.concatenate(([0], np.cumsum(nbs)[:-1]))
+        table = np.empty((len(group), TABLE_COLS), dtype=np.int64)
+        for j, i in enumerate(group):
+            tensors = (params[i], grads[i], ef[i], ef_min[i], ef_scale[i], idx[i], val[i])
+            table[j, :7] = [t.data_ptr() for t in tensors]
+            table[j, 7:10] = [params[i].numel(), first[j], rows[i]]
+        table[:, 10] = _f32_bits([c1[i] for i in group])
+        table[:, 11] = _f32_bits([c2[i] for i in group])
+        out.append((dtype, nbs, np.concatenate((table.reshape(-1), _f32_bits([*w1, *w2])))))
+    return out
+
+
+def block_owners(nbs: list[int], device, empty=None) -> torch.Tensor:
+    """The block -> tensor map of a launch, int32 [sum(nbs)] on ``device``: block b belongs to
+    tensor t when sum(nbs[:t]) <= b < sum(nbs[:t+1]). Cached per (device, nbs), so a training
+    loop over the same tensors copies it once. ``empty(size)`` allocates the int32 buffer it is
+    copied into (default ``torch.empty`` on ``device``)."""
+    key = (str(device), tuple(nbs))
+    out = _OWNERS.get(key)
+    if out is None:
+        if len(_OWNERS) > 64:
+            _OWNERS.clear()
+        host = torch.from_numpy(np.repeat(np.arange(len(nbs), dtype=np.int32), nbs))
+        if empty is None:
+            out = torch.empty(host.numel(), dtype=torch.int32, device=device)
+        else:
+            out = empty(host.numel())
+        out.copy_(host)
+        _OWNERS[key] = out
+    return out
